@@ -1,1 +1,255 @@
-//! placeholder
+//! `rbee-hive`: the agent on every machine that runs models.
+//!
+//! It connects to NATS, makes sure the streams and buckets exist, and claims
+//! inference jobs from the shared `rbee-infer` pull consumer, never more than
+//! its free slots ([`claimer`]). Each job runs in its own task ([`job`]): it is
+//! validated, its model found in the redb catalog ([`catalog`]), a worker
+//! process leased from the pool ([`pool`], [`worker_proc`]) — started on a
+//! cold start, reused on a warm one — and the worker's tokens are published as
+//! the job's events ([`events`]). The hive heartbeats into the `rbee-hives`
+//! bucket ([`heartbeat`]).
+//!
+//! Concurrency: one claimer task, one task per job (tracked), one heartbeat
+//! task, and a handful of tasks per worker process. Shutdown (SIGTERM/Ctrl-C):
+//! stop claiming, let running jobs finish within the drain timeout, hand the
+//! rest back to the queue, stop the workers, remove the heartbeat, drain the
+//! NATS connection.
+
+pub mod catalog;
+pub mod claimer;
+pub mod events;
+pub mod heartbeat;
+pub mod job;
+pub mod pool;
+pub mod worker_proc;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use clap::Parser;
+use rbee_schemas::hive::HiveInfo;
+use rbee_schemas::subjects;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// rbee's per-machine agent: claims inference jobs from NATS JetStream and runs them on worker processes.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rbee-hive", version)]
+pub struct HiveArgs {
+    /// NATS server to attach to.
+    #[arg(long, env = "RBEE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// This hive's id (default: the host name, dots replaced by dashes). Unique per machine.
+    #[arg(long, env = "RBEE_HIVE_ID")]
+    pub hive_id: Option<String>,
+    /// Data directory: catalog and models (default: $RBEE_HOME, else ~/.local/share/rbee).
+    #[arg(long, env = "RBEE_HOME")]
+    pub data_dir: Option<PathBuf>,
+    /// Where model files live (default: <data dir>/models).
+    #[arg(long, env = "RBEE_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Jobs this hive runs at once.
+    #[arg(long, env = "RBEE_HIVE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub slots: u32,
+    /// The rbee-worker binary (default: next to rbee-hive).
+    #[arg(long, env = "RBEE_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+    /// Compute backend for workers.
+    #[arg(long, env = "RBEE_BACKEND", default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
+    pub backend: String,
+    /// GPU index for cuda and metal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Compute threads per worker (default: all cores).
+    #[arg(long, env = "RBEE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Attempts a job gets when its worker keeps dying.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    /// On shutdown, how long running jobs may take to finish before they are handed back.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// How long a worker may take to load its model.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub load_timeout: Duration,
+}
+
+/// Logs to stderr; `RBEE_LOG` sets the filter (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RBEE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter)
+        .try_init();
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C (SIGINT).
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("interrupted: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+fn hostname() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+fn default_worker_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("rbee-worker")))
+        .unwrap_or_else(|| PathBuf::from("rbee-worker"))
+}
+
+async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    let started = Instant::now();
+    loop {
+        let opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(3))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::SlowConsumer(sid) => tracing::warn!(sid, "slow consumer: messages dropped"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            });
+        match opts.connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                return Err(e).with_context(|| format!("cannot reach NATS at {url} (is nats-server running? set --nats-url or RBEE_NATS_URL)"))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "NATS not reachable yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Runs the hive until `shutdown` is cancelled, then shuts down in order.
+pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let hive_id = args.hive_id.clone().unwrap_or_else(rbee_broker::default_hive_id);
+    anyhow::ensure!(
+        rbee_schemas::job::is_valid_job_id(&hive_id),
+        "hive id {hive_id:?} may only contain A-Z a-z 0-9 _ - (set --hive-id)"
+    );
+    let home = args.data_dir.clone().unwrap_or_else(rbee_broker::rbee_home);
+    let models_dir = args.models_dir.clone().unwrap_or_else(|| home.join("models"));
+    let catalog_path = home.join("hives").join(&hive_id).join("catalog.redb");
+    let catalog = Arc::new(catalog::Catalog::open(&catalog_path, &models_dir).map_err(anyhow::Error::msg)?);
+
+    let client = connect(&args.nats_url, &format!("rbee-hive {hive_id}")).await?;
+    let js = jetstream::new(client.clone());
+    let broker = rbee_broker::ensure(&js, &rbee_broker::Limits::default()).await?;
+    let mut infer = broker.infer.clone();
+    let ack_wait = infer.info().await.map(|i| i.config.ack_wait).unwrap_or(Duration::from_secs(30));
+
+    let pool = pool::Pool::new(pool::PoolConfig {
+        hive_id: hive_id.clone(),
+        worker_bin: args.worker_bin.clone().unwrap_or_else(default_worker_bin),
+        backend: args.backend.clone(),
+        device: args.device,
+        threads: args.worker_threads,
+        load_timeout: args.load_timeout,
+    });
+    let slots = Arc::new(Semaphore::new(args.slots as usize));
+    let hand_back = CancellationToken::new();
+    let ctx = Arc::new(job::JobCtx {
+        hive_id: hive_id.clone(),
+        client: client.clone(),
+        records: broker.job_records.clone(),
+        events: broker.events.clone(),
+        catalog,
+        pool: pool.clone(),
+        ack_wait,
+        max_attempts: args.max_attempts,
+        hand_back: hand_back.clone(),
+    });
+
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let heartbeat = heartbeat::Heartbeat {
+        store: broker.hives.clone(),
+        base: HiveInfo {
+            v: rbee_schemas::PROTOCOL_VERSION,
+            hive_id: hive_id.clone(),
+            version: rbee_schemas::RBEE_VERSION.to_owned(),
+            protocol: rbee_schemas::PROTOCOL_VERSION,
+            hostname: hostname(),
+            pid: std::process::id(),
+            started_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            slots: args.slots,
+            busy: 0,
+            backends: vec![args.backend.clone()],
+            workers: vec![],
+        },
+        pool: pool.clone(),
+        slots: slots.clone(),
+    };
+    let beat_stop = CancellationToken::new();
+    let beats = tokio::spawn(heartbeat.clone().run(beat_stop.clone()));
+
+    let tracker = TaskTracker::new();
+    let claimer = claimer::Claimer {
+        client: client.clone(),
+        js: js.clone(),
+        stream: subjects::JOBS_STREAM.to_owned(),
+        consumer: subjects::INFER_CONSUMER.to_owned(),
+        slots,
+        freed: Arc::new(Notify::new()),
+    };
+    let jobs = tracker.clone();
+    let job_ctx = ctx.clone();
+    let claiming = tokio::spawn(claimer.run(shutdown.clone(), move |msg, slot| {
+        jobs.spawn(job::handle(job_ctx.clone(), msg, slot));
+    }));
+    tracing::info!(hive = %hive_id, nats = %args.nats_url, slots = args.slots, "hive ready");
+
+    shutdown.cancelled().await;
+    tracing::info!(timeout = ?args.drain_timeout, "draining: no new jobs; waiting for running ones");
+    let drained = tokio::time::timeout(args.drain_timeout, async {
+        match claiming.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "claimer stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "claimer task failed"),
+            Ok(Ok(())) => {}
+        }
+        tracker.close();
+        tracker.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("drain timeout: handing running jobs back to the queue");
+        hand_back.cancel();
+        tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+            tracing::error!("jobs did not hand back in time; their messages return after ack_wait");
+        }
+    }
+    pool.shutdown(Duration::from_secs(5)).await;
+    beat_stop.cancel();
+    let _ = beats.await;
+    client.drain().await.context("draining the NATS connection")?;
+    tracing::info!("hive stopped");
+    Ok(())
+}

@@ -49,7 +49,7 @@ pub struct ChatMessage {
 }
 
 /// The strict job body. Unknown fields are an error that names them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferRequest {
     /// Protocol version; absent means 1.
@@ -145,10 +145,30 @@ fn out_of_range<T: std::fmt::Display>(field: &str, value: T, lo: T, hi: T) -> Jo
     JobError::invalid(format!("{field} must be between {lo} and {hi} (got {value})"))
 }
 
+impl Default for InferRequest {
+    fn default() -> Self {
+        Self {
+            v: crate::PROTOCOL_VERSION,
+            id: None,
+            model: None,
+            prompt: None,
+            messages: None,
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            repeat_penalty: None,
+            seed: None,
+            stop: None,
+            reply_to: None,
+        }
+    }
+}
+
 impl InferRequest {
     /// A plain-prompt job with every other field at its default.
     pub fn prompt(prompt: impl Into<String>) -> Self {
-        Self { v: crate::PROTOCOL_VERSION, prompt: Some(prompt.into()), ..Self::default() }
+        Self { prompt: Some(prompt.into()), ..Self::default() }
     }
 
     /// Checks every documented limit and applies defaults. `default_seed` is

@@ -1,1 +1,21 @@
-//! placeholder
+//! `rbee-worker`: the inference process. One process serves one loaded model.
+//!
+//! A hive agent starts it with the model's path and drives it over a pipe (see
+//! [`rbee_schemas::worker`]): `Generate` frames in on stdin, `Token`,
+//! `Finished` and `Failed` frames out on the protocol pipe. The worker never
+//! talks to NATS; its hive publishes the events, so each job's event sequence
+//! has exactly one writer.
+//!
+//! Threads: the main thread loads the model and then runs jobs one at a time
+//! (generation is synchronous candle code); a reader thread decodes frames from
+//! stdin, hands jobs over a channel and flips cancel flags. When stdin closes
+//! (the hive exited or was killed) the worker exits at once, so a worker never
+//! outlives its hive.
+
+pub mod chat;
+pub mod engine;
+pub mod process;
+pub mod stream;
+pub mod tokenizer;
+
+pub use engine::Engine;
