@@ -49,6 +49,7 @@ if [ ! -f "$src/CMakeLists.txt" ]; then
     echo "error: no vendor/llama.cpp in the llama-cpp-python==$version sdist" >&2
     exit 1
   fi
+  rm -f "$vend/.git" # a dangling git-submodule link; build info becomes "unknown"
   rm -rf "$dir/src/llama-cpp-python-$version"
   mkdir -p "$(dirname "$src")"
   mv "$vend" "$src"
@@ -88,6 +89,7 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DBUILD_SHARED_LIBS=OFF \
     -DGGML_NATIVE=ON \
     -DGGML_OPENMP=ON \
+    -DGGML_CCACHE=OFF \
     -DGGML_BACKEND_DL=OFF \
     -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \

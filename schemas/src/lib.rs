@@ -23,6 +23,9 @@ pub mod record;
 pub mod subjects;
 pub mod worker;
 
+#[cfg(test)]
+mod json_schema;
+
 /// The protocol version this build speaks. A message without `v` is version 1.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -116,6 +116,14 @@ impl Engine {
         &self.tokenizer
     }
 
+    /// Runs `tokens` at positions `index_pos..` through the model (extending its
+    /// KV cache; position 0 starts afresh) and returns the logits after the last one.
+    pub fn logits(&mut self, tokens: &[u32], index_pos: usize) -> Result<Vec<f32>, JobError> {
+        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0)).map_err(internal)?;
+        let logits = self.model.forward(&input, index_pos).and_then(|l| l.squeeze(0)).map_err(internal)?;
+        logits.to_dtype(candle_core::DType::F32).and_then(|l| l.to_vec1()).map_err(internal)
+    }
+
     /// The exact text the model is given for `input`.
     pub fn render(&self, input: &PromptInput) -> Result<String, JobError> {
         match input {

@@ -1,0 +1,218 @@
+//! Inference through the bus: round trip, warm start, any client, bad input,
+//! a worker killed mid-job.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rbee_schemas::codec::Encoding;
+use rbee_schemas::error::ErrorCode;
+use rbee_schemas::event::{Event, EventBody, StopReason};
+use rbee_schemas::job::InferRequest;
+use rbee_schemas::subjects;
+use rustix::process::{kill_process, Pid, Signal};
+
+use crate::engine::{generate, user};
+use crate::harness::*;
+
+const MODEL: &str = "smollm2-135m";
+
+async fn run(client: &rbee::Client, req: InferRequest) -> Vec<Event> {
+    let mut job = client.submit(MODEL, req, Default::default()).await.expect("submit");
+    let mut events = Vec::new();
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    while let Some(e) = tokio::time::timeout_at(deadline.into(), job.next()).await.expect("job finishes in time") {
+        events.push(e.expect("event"));
+    }
+    events
+}
+
+fn done(events: &[Event]) -> &rbee_schemas::event::Done {
+    match &events.last().expect("events").body {
+        EventBody::Done(d) => d,
+        other => panic!("expected done, got {other:?} in {events:?}"),
+    }
+}
+
+fn started(e: &Event) -> &rbee_schemas::event::Started {
+    match &e.body {
+        EventBody::Started(s) => s,
+        other => panic!("expected started, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_streams_tokens_equal_to_the_engine_in_process() {
+    let broker = Broker::start();
+    let hive = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let nats = broker.client().await;
+    let client = rbee::Client::from_nats(nats.clone());
+    let req = InferRequest {
+        messages: Some(user("Write a haiku about bees")),
+        max_tokens: Some(24),
+        temperature: Some(0.7),
+        top_p: Some(0.9),
+        seed: Some(42),
+        ..Default::default()
+    };
+    let events = run(&client, req.clone()).await;
+    assert_well_formed(&events);
+    let s = started(&events[0]);
+    assert_eq!((s.hive.as_str(), s.model.as_str(), s.cold, s.attempt), (hive.id.as_str(), MODEL, true, 1));
+    assert!(events[1..events.len() - 1].iter().all(|e| matches!(e.body, EventBody::Token(_))));
+    let d = done(&events);
+    assert_eq!(d.seed, 42);
+    assert!(d.usage.prompt_tokens > 10 && d.usage.completion_tokens >= 1);
+    assert!(d.timings.ttft_ms > 0.0 && d.timings.total_ms >= d.timings.ttft_ms);
+
+    let (expected, outcome) = generate(&req.validate(0).unwrap()).unwrap();
+    assert_eq!(text_of(&events), expected);
+    assert_eq!(d.usage, outcome.usage);
+    assert_eq!(d.stop_reason, outcome.stop_reason);
+    assert_queue_drains(&nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_job_reuses_the_warm_worker() {
+    let broker = Broker::start();
+    let hive = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let client = rbee::Client::from_nats(broker.client().await);
+    let req = InferRequest { prompt: Some("The bee".into()), max_tokens: Some(4), seed: Some(1), ..Default::default() };
+
+    let t0 = Instant::now();
+    let first = run(&client, req.clone()).await;
+    let first_ms = t0.elapsed();
+    let workers = hive.worker_pids();
+    assert_eq!(workers.len(), 1, "one worker after the first job");
+
+    let t1 = Instant::now();
+    let second = run(&client, req).await;
+    let second_ms = t1.elapsed();
+    assert_well_formed(&first);
+    assert_well_formed(&second);
+    assert!(started(&first[0]).cold);
+    assert!(!started(&second[0]).cold);
+    assert_eq!(hive.worker_pids(), workers, "no second worker process");
+    let (cold, warm) = (done(&first).timings, done(&second).timings);
+    assert!(warm.ttft_ms < cold.ttft_ms, "warm ttft {} ms !< cold {} ms", warm.ttft_ms, cold.ttft_ms);
+    assert_eq!(warm.load_ms, 0.0);
+    assert!(cold.load_ms > 0.0);
+    assert!(second_ms < first_ms, "warm job {second_ms:?} !< cold {first_ms:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_json_and_msgpack_jobs_from_any_client_complete() {
+    let broker = Broker::start();
+    let _hive = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let nats = broker.client().await;
+    let subject = subjects::infer_subject(MODEL);
+
+    // JSON, exactly as `nats pub` would send it.
+    let id = unique("json");
+    let mut events = Events::subscribe(&nats, &subjects::events_subject(&id), Encoding::Json).await;
+    publish_raw(&nats, &subject, &[("Nats-Msg-Id", &id)], br#"{"prompt":"Hello","max_tokens":8}"#).await;
+    let got = events.until_terminal().await;
+    assert_well_formed(&got);
+    assert_eq!(done(&got).usage.completion_tokens, 8);
+    assert!(!text_of(&got).is_empty());
+
+    // MessagePack, built from a plain map, with the id in the body and a custom reply subject.
+    let id = unique("mp");
+    let reply = format!("my.app.replies.{id}");
+    let body = serde_json::json!({"id": id, "reply_to": reply, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6});
+    let mut events = Events::subscribe(&nats, &reply, Encoding::Msgpack).await;
+    publish_raw(&nats, &subject, &[("Content-Type", "application/msgpack")], &rmp_serde::to_vec_named(&body).unwrap()).await;
+    let got = events.until_terminal().await;
+    assert_well_formed(&got);
+    assert!(got.iter().all(|e| e.job_id == id));
+    assert!(matches!(done(&got).stop_reason, StopReason::MaxTokens | StopReason::Eos));
+    assert_queue_drains(&nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_get_one_error_each_and_leave_nothing_in_the_queue() {
+    let broker = Broker::start();
+    let hive = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let nats = broker.client().await;
+    let demo = subjects::infer_subject(MODEL);
+    let cases: Vec<(&str, String, &[u8], ErrorCode, &str)> = vec![
+        ("malformed", demo.clone(), br#"{"prompt": "Hel"#, ErrorCode::InvalidRequest, "invalid job body"),
+        ("no-prompt", demo.clone(), br#"{"max_tokens": 8}"#, ErrorCode::InvalidRequest, "missing prompt"),
+        ("range", demo.clone(), br#"{"prompt":"x","max_tokens":100000}"#, ErrorCode::InvalidRequest, "max_tokens must be between 1 and 8192"),
+        ("typo", demo.clone(), br#"{"prompt":"x","max_token":8}"#, ErrorCode::InvalidRequest, "unknown field `max_token`"),
+        ("unknown-model", subjects::infer_subject("no-such-model"), br#"{"prompt":"x"}"#, ErrorCode::UnknownModel, "no model \"no-such-model\""),
+        ("mismatch", demo.clone(), br#"{"prompt":"x","model":"other"}"#, ErrorCode::InvalidRequest, "does not match the subject"),
+        ("version", demo.clone(), br#"{"v":2,"prompt":"x"}"#, ErrorCode::UnsupportedVersion, "protocol v2; this hive"),
+        ("not-json", demo.clone(), b"\xff\xfe", ErrorCode::InvalidRequest, "invalid job body"),
+    ];
+    for (name, subject, body, code, needle) in cases {
+        let id = unique(name);
+        let mut events = Events::subscribe(&nats, &subjects::events_subject(&id), Encoding::Json).await;
+        publish_raw(&nats, &subject, &[("Nats-Msg-Id", &id)], body).await;
+        let got = events.until_terminal().await;
+        assert_eq!(got.len(), 1, "{name}: exactly one event: {got:?}");
+        match &got[0].body {
+            EventBody::Error(e) => {
+                assert_eq!(e.code, code, "{name}: {}", e.message);
+                assert!(e.message.contains(needle), "{name}: {:?} lacks {needle:?}", e.message);
+            }
+            other => panic!("{name}: expected an error, got {other:?}"),
+        }
+        events.assert_silent(Duration::from_millis(200)).await;
+    }
+    // Terminated, not redelivered: the queue is empty and the hive still serves.
+    assert_queue_drains(&nats).await;
+    let client = rbee::Client::from_nats(nats.clone());
+    let ok = run(&client, InferRequest { prompt: Some("Hi".into()), max_tokens: Some(2), ..Default::default() }).await;
+    assert_well_formed(&ok);
+    done(&ok);
+    assert!(!hive.log().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_is_replaced_and_the_job_completes() {
+    let broker = Broker::start();
+    let mut hive = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let nats = broker.client().await;
+    let id = unique("kill");
+    let mut sub = Events::subscribe(&nats, &subjects::events_subject(&id), Encoding::Json).await;
+    let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0.0});
+    publish_raw(&nats, &subjects::infer_subject(MODEL), &[("Nats-Msg-Id", &id)], body.to_string().as_bytes()).await;
+
+    // Wait for the first token, then kill the worker.
+    let victim = loop {
+        let pids = hive.worker_pids();
+        if let [pid] = pids[..] {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &Event| matches!(e.body, EventBody::Token(_))) {
+        seen.extend(sub.next_event().await);
+    }
+    kill_process(Pid::from_raw(victim as i32).unwrap(), Signal::KILL).unwrap();
+    seen.extend(sub.until_terminal().await);
+
+    assert_well_formed(&seen);
+    let restarted = seen.iter().position(|e| matches!(e.body, EventBody::Restarted(_))).expect("a restarted event");
+    let EventBody::Restarted(r) = &seen[restarted].body else { unreachable!() };
+    assert_eq!(r.attempt, 1);
+    assert!(r.reason.contains("signal: 9"), "{}", r.reason);
+    let again = started(&seen[restarted + 1]);
+    assert_eq!((again.attempt, again.cold), (2, true));
+    let d = done(&seen);
+    assert_eq!(d.usage.completion_tokens, 48);
+
+    // The greedy text of the second attempt is the whole answer.
+    let (expected, _) = generate(&InferRequest { prompt: Some("Once upon a time".into()), max_tokens: Some(48), temperature: Some(0.0), ..Default::default() }.validate(0).unwrap()).unwrap();
+    assert_eq!(text_of(&seen), expected);
+    assert_queue_drains(&nats).await;
+
+    // The killed worker is gone, its replacement serves; after the hive stops, nothing is left.
+    let workers = hive.worker_pids();
+    assert_eq!(workers.len(), 1);
+    assert_ne!(workers[0], victim);
+    hive.signal(Signal::TERM);
+    assert_eq!(hive.wait(Duration::from_secs(30)), Some(0));
+    eventually(Duration::from_secs(5), "worker processes exit with their hive", || hive.worker_pids().is_empty()).await;
+}
