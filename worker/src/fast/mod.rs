@@ -1,0 +1,32 @@
+//! The fast CPU inference path for llama-architecture GGUF models.
+//!
+//! candle's `quantized_llama` is general but slow on CPU (scalar Q4_1 dot
+//! products, a tensor allocation per op). This module runs the same math with
+//! its own kernels: activations quantized per 32-block like llama.cpp, AVX2
+//! dot products over several activation columns at once (so batched sequences
+//! and prompt tokens share one pass over the weights), preallocated scratch,
+//! f16 key/value caches, and a small spin pool for the ~150 parallel sections
+//! of each step.
+//!
+//! - [`load`]: GGUF → weights (raw blocks, read once).
+//! - [`quant`], [`simd`]: block formats and kernels (the only SIMD `unsafe`).
+//! - [`matmul`]: parallel matrix × columns; [`attention`]: causal GQA attention.
+//! - [`pool`]: the threads; [`model`]: the forward pass and the public API.
+//!
+//! Concurrency: see [`model`] (one driver thread per `FastModel`, weights
+//! shared read-only) and [`pool`] (how a section is spread over threads).
+
+pub mod attention;
+pub mod load;
+pub mod matmul;
+pub mod model;
+pub mod pool;
+pub mod quant;
+pub mod simd;
+
+pub use load::Config;
+pub use model::{FastConfig, FastModel, Sequence};
+pub use pool::PoolKind;
+
+#[cfg(test)]
+mod tests;

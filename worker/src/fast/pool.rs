@@ -1,0 +1,341 @@
+//! The threads that run the forward pass's parallel sections.
+//!
+//! A forward step is ~150 short sections per token (each matmul, each
+//! attention), so the cost of starting and joining a section matters as much as
+//! the work in it. [`Pool::run`] hands `n` tasks to the calling thread plus
+//! `threads - 1` persistent workers, which claim task indices from one shared
+//! atomic counter (so a thread that is preempted on a busy machine simply takes
+//! fewer tasks) and returns when every task is done.
+//!
+//! Concurrency: the spin pool's workers wait on an epoch counter, spinning
+//! briefly, then yielding, then sleeping on a condvar, so an idle model costs
+//! no CPU. One `run` at a time (`&mut self` is not needed because the caller
+//! is the only submitter: `Pool` is `Send` but not `Sync`). The rayon variant
+//! exists only to measure against (see `examples/bench_engine.rs`).
+//!
+//! `unsafe` here: the job closure borrows the caller's stack, and workers see
+//! it through a lifetime-erased pointer. `run` does not return (or unwind)
+//! before every worker has finished with it, which is what makes that sound.
+#![allow(unsafe_code)]
+
+use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// Which implementation runs the parallel sections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PoolKind {
+    /// Persistent workers on an atomic epoch (spin, then yield, then sleep).
+    #[default]
+    Spin,
+    /// A dedicated rayon pool, `install` + `par_iter` per section.
+    Rayon,
+}
+
+/// The thread count the fast path uses by default: `RAYON_NUM_THREADS` if set,
+/// else the machine's available parallelism.
+pub fn default_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs batches of independent tasks on a fixed set of threads.
+#[derive(Debug)]
+pub struct Pool {
+    threads: usize,
+    inner: Inner,
+    /// Makes `Pool` `!Sync`: `run` assumes a single submitter.
+    _not_sync: std::marker::PhantomData<Cell<()>>,
+}
+
+enum Inner {
+    Serial,
+    Spin(SpinPool),
+    Rayon(rayon::ThreadPool),
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Inner::Serial => "Serial",
+            Inner::Spin(_) => "Spin",
+            Inner::Rayon(_) => "Rayon",
+        })
+    }
+}
+
+impl Pool {
+    /// A pool of `threads` threads in all, the caller included.
+    pub fn new(threads: usize, kind: PoolKind) -> Result<Self, String> {
+        let threads = threads.max(1);
+        let inner = if threads == 1 {
+            Inner::Serial
+        } else {
+            match kind {
+                PoolKind::Spin => Inner::Spin(SpinPool::new(threads - 1)?),
+                PoolKind::Rayon => Inner::Rayon(
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(|i| format!("rbee-fast-{i}"))
+                        .build()
+                        .map_err(|e| format!("cannot start {threads} threads: {e}"))?,
+                ),
+            }
+        };
+        Ok(Self { threads, inner, _not_sync: std::marker::PhantomData })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Calls `f(t)` once for every `t` in `0..n`, spread over the pool's
+    /// threads; returns when all calls have returned. A panic in any task is
+    /// re-raised here after all threads are done.
+    pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        match &self.inner {
+            _ if n <= 1 => (0..n).for_each(f),
+            Inner::Serial => (0..n).for_each(f),
+            Inner::Spin(p) => p.run(n, f),
+            Inner::Rayon(p) => {
+                use rayon::prelude::*;
+                p.install(|| (0..n).into_par_iter().with_min_len(1).for_each(f))
+            }
+        }
+    }
+
+    /// Splits `data` into consecutive chunks of `chunk` elements (the last may
+    /// be shorter) and calls `f(i, chunk_i)` for each, in parallel.
+    pub fn run_chunks<T: Send>(&self, data: &mut [T], chunk: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+        let chunk = chunk.max(1);
+        let len = data.len();
+        let base = SendPtr(data.as_mut_ptr());
+        let base = &base;
+        self.run(len.div_ceil(chunk), &|i| {
+            let start = i * chunk;
+            let end = (start + chunk).min(len);
+            // SAFETY: task `i` is run exactly once, and chunk `i` covers
+            // `start..end`, disjoint from every other chunk and inside `data`,
+            // which stays mutably borrowed (by us) until `run` returns.
+            let part = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
+            f(i, part)
+        });
+    }
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: only used by `run_chunks`, which hands out disjoint chunks.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// The job being run: a lifetime-erased pointer to the caller's closure.
+#[derive(Clone, Copy)]
+struct Job {
+    f: *const (dyn Fn(usize) + Sync + 'static),
+    n: usize,
+}
+
+struct Shared {
+    /// Bumped once per job; workers start a job when they see it change.
+    epoch: AtomicU64,
+    /// Written by the submitter only while no worker reads it (before the
+    /// epoch bump, after all workers finished the previous job).
+    job: UnsafeCell<Job>,
+    next: AtomicUsize,
+    /// Workers that have not yet finished the current job.
+    pending: AtomicUsize,
+    panicked: AtomicBool,
+    quit: AtomicBool,
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is only written while no worker reads it (see its doc); all
+// other fields are atomics or sync primitives.
+unsafe impl Sync for Shared {}
+// SAFETY: as above; the raw pointer in `job` is only dereferenced during `run`.
+unsafe impl Send for Shared {}
+
+struct SpinPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// Spins before yielding, and yields before sleeping (~tens of µs, then ~1 ms).
+const SPINS: u32 = 20_000;
+const YIELDS: u32 = 200;
+
+fn noop(_: usize) {}
+
+impl SpinPool {
+    fn new(workers: usize) -> Result<Self, String> {
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: UnsafeCell::new(Job { f: &noop as &(dyn Fn(usize) + Sync), n: 0 }),
+            next: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            quit: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut handles = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let s = Arc::clone(&shared);
+            let h = std::thread::Builder::new()
+                .name(format!("rbee-fast-{}", i + 1))
+                .spawn(move || worker(&s))
+                .map_err(|e| format!("cannot start worker thread: {e}"))?;
+            handles.push(h);
+        }
+        Ok(Self { shared, workers: handles })
+    }
+
+    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        let s = &*self.shared;
+        // SAFETY: erases the closure's lifetime. Workers only call it between
+        // the epoch bump below and their `pending` decrement, and we wait for
+        // `pending == 0` before returning or unwinding (panics in our share of
+        // the tasks are caught and re-raised after the wait).
+        let f_static: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        // SAFETY: no worker reads `job` now: all finished the previous job
+        // (pending == 0) and none starts before the epoch bump.
+        unsafe { *s.job.get() = Job { f: f_static, n } };
+        s.next.store(0, Ordering::Relaxed);
+        s.pending.store(self.workers.len(), Ordering::Relaxed);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim(s, f, n)));
+        let mut spins = 0u32;
+        while s.pending.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < SPINS {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, Ordering::Relaxed) {
+            panic!("a fast-path worker thread panicked (see its message above)");
+        }
+    }
+}
+
+fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync), n: usize) {
+    loop {
+        let t = s.next.fetch_add(1, Ordering::Relaxed);
+        if t >= n {
+            break;
+        }
+        f(t);
+    }
+}
+
+fn worker(s: &Shared) {
+    let mut seen = 0u64;
+    loop {
+        let mut spins = 0u32;
+        loop {
+            let e = s.epoch.load(Ordering::Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            if s.quit.load(Ordering::Relaxed) {
+                return;
+            }
+            spins += 1;
+            if spins < SPINS {
+                std::hint::spin_loop();
+            } else if spins < SPINS + YIELDS {
+                std::thread::yield_now();
+            } else {
+                let g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
+                if s.epoch.load(Ordering::SeqCst) == seen && !s.quit.load(Ordering::SeqCst) {
+                    drop(s.wake.wait(g).unwrap_or_else(|e| e.into_inner()));
+                } else {
+                    drop(g);
+                }
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
+                spins = 0;
+            }
+        }
+        if s.quit.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: the epoch we saw was bumped after `job` was written (Release
+        // / Acquire), and the submitter keeps the closure alive until we
+        // decrement `pending` below.
+        let job = unsafe { *s.job.get() };
+        let f = unsafe { &*job.f };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim(s, f, job.n))).is_err() {
+            s.panicked.store(true, Ordering::Relaxed);
+        }
+        s.pending.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Drop for SpinPool {
+    fn drop(&mut self) {
+        self.shared.quit.store(true, Ordering::SeqCst);
+        {
+            let _g = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_on_both_kinds() {
+        for kind in [PoolKind::Spin, PoolKind::Rayon] {
+            for threads in [1, 2, 3] {
+                let pool = Pool::new(threads, kind).expect("pool");
+                for n in [0, 1, 2, 7, 100] {
+                    let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                    for _ in 0..50 {
+                        pool.run(n, &|t| {
+                            hits[t].fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                    assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 50), "{kind:?} {threads} {n}");
+                }
+                let mut data = vec![0usize; 103];
+                pool.run_chunks(&mut data, 10, &|i, part| part.iter_mut().for_each(|v| *v += i + 1));
+                assert!(data.iter().enumerate().all(|(j, &v)| v == j / 10 + 1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_panicking_task_is_reraised_and_the_pool_survives() {
+        let pool = Pool::new(2, PoolKind::Spin).expect("pool");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(64, &|t| assert!(t != 40, "task 40 fails"));
+        }));
+        assert!(r.is_err());
+        let count = AtomicUsize::new(0);
+        pool.run(64, &|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 64);
+    }
+}
