@@ -172,6 +172,25 @@ fn bench_llama_cpp(a: &Args) -> Option<((f64, f64), (f64, f64))> {
     Some((pp?, tg?))
 }
 
+/// Median time of one parallel section of `threads * 4` near-empty tasks.
+fn section_overhead(threads: usize, kind: PoolKind) -> f64 {
+    let pool = rbee_worker::fast::pool::Pool::new(threads, kind).expect("pool");
+    let sink = std::sync::atomic::AtomicUsize::new(0);
+    let mut per: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..2000 {
+                pool.run(threads * 4, &|i| {
+                    sink.fetch_add(i, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+            t.elapsed().as_secs_f64() / 2000.0 * 1e6
+        })
+        .collect();
+    per.sort_by(f64::total_cmp);
+    per[per.len() / 2]
+}
+
 fn main() {
     let a = parse();
     // candle sizes its matmul threads from this; set before anything starts rayon.
@@ -199,6 +218,14 @@ fn main() {
         let (pp, tg, batched) = bench_fast(&a, &mut r);
         row("fast (rayon pool)", Some(pp), Some(tg));
         row(&format!("fast (rayon), {} batched (sum)", a.batch), None, Some(batched));
+    }
+    if a.rayon {
+        println!(
+            "one parallel section of {} empty tasks: spin pool {:.2} µs, rayon {:.2} µs",
+            a.threads * 4,
+            section_overhead(a.threads, PoolKind::Spin),
+            section_overhead(a.threads, PoolKind::Rayon)
+        );
     }
     drop(fast);
     match bench_llama_cpp(&a) {

@@ -9,7 +9,9 @@
 //!
 //! Concurrency: the spin pool's workers wait on an epoch counter, spinning
 //! briefly, then yielding, then sleeping on a condvar, so an idle model costs
-//! no CPU. One `run` at a time (`&mut self` is not needed because the caller
+//! no CPU. Workers *join* a job; the submitter waits only for those that did,
+//! so on an oversubscribed machine a descheduled worker costs nothing (the
+//! submitter runs its tasks) instead of a scheduler time slice per section. One `run` at a time (`&mut self` is not needed because the caller
 //! is the only submitter: `Pool` is `Send` but not `Sync`). The rayon variant
 //! exists only to measure against (see `examples/bench_engine.rs`).
 //!
@@ -22,6 +24,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Which implementation runs the parallel sections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -138,15 +141,23 @@ struct Job {
     n: usize,
 }
 
+/// `ctl` layout: job epoch in the high 32 bits, the CLOSED flag, and in the
+/// low bits the number of workers that joined the job and have not finished.
+const CLOSED: u64 = 1 << 31;
+const COUNT: u64 = CLOSED - 1;
+const EPOCH: u64 = 1 << 32;
+
 struct Shared {
-    /// Bumped once per job; workers start a job when they see it change.
-    epoch: AtomicU64,
-    /// Written by the submitter only while no worker reads it (before the
-    /// epoch bump, after all workers finished the previous job).
+    /// See the constants above. A worker may only read `job` after joining
+    /// (incrementing the count while the epoch is current and not closed);
+    /// the submitter closes the job once every task is claimed and then waits
+    /// only for the workers that joined. So a worker the OS has not scheduled
+    /// never holds up a section: the submitter just runs its share.
+    ctl: AtomicU64,
+    /// Written by the submitter only while no worker can have joined (before
+    /// the new epoch is published).
     job: UnsafeCell<Job>,
     next: AtomicUsize,
-    /// Workers that have not yet finished the current job.
-    pending: AtomicUsize,
     panicked: AtomicBool,
     quit: AtomicBool,
     sleepers: AtomicUsize,
@@ -154,10 +165,11 @@ struct Shared {
     wake: Condvar,
 }
 
-// SAFETY: `job` is only written while no worker reads it (see its doc); all
+// SAFETY: `job` is only written while no worker can read it (see its doc); all
 // other fields are atomics or sync primitives.
 unsafe impl Sync for Shared {}
-// SAFETY: as above; the raw pointer in `job` is only dereferenced during `run`.
+// SAFETY: as above; the raw pointer in `job` is only dereferenced by workers
+// that joined a job, which `run` waits for.
 unsafe impl Send for Shared {}
 
 struct SpinPool {
@@ -165,19 +177,18 @@ struct SpinPool {
     workers: Vec<JoinHandle<()>>,
 }
 
-/// Spins before yielding, and yields before sleeping (~tens of µs, then ~1 ms).
-const SPINS: u32 = 20_000;
-const YIELDS: u32 = 200;
+/// How long an idle worker spins, then yields, before it sleeps on the condvar.
+const SPIN_FOR: Duration = Duration::from_micros(50);
+const YIELD_FOR: Duration = Duration::from_micros(500);
 
 fn noop(_: usize) {}
 
 impl SpinPool {
     fn new(workers: usize) -> Result<Self, String> {
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
+            ctl: AtomicU64::new(CLOSED),
             job: UnsafeCell::new(Job { f: &noop as &(dyn Fn(usize) + Sync), n: 0 }),
             next: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             quit: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
@@ -198,30 +209,34 @@ impl SpinPool {
 
     fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         let s = &*self.shared;
-        // SAFETY: erases the closure's lifetime. Workers only call it between
-        // the epoch bump below and their `pending` decrement, and we wait for
-        // `pending == 0` before returning or unwinding (panics in our share of
-        // the tasks are caught and re-raised after the wait).
+        // SAFETY: erases the closure's lifetime. Workers only call it after
+        // joining this job, and we wait for every joined worker to leave
+        // before returning or unwinding (a panic in our own share of the tasks
+        // is caught and re-raised after the wait).
         let f_static: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
-        // SAFETY: no worker reads `job` now: all finished the previous job
-        // (pending == 0) and none starts before the epoch bump.
+        let epoch = (s.ctl.load(Ordering::Relaxed) & !(CLOSED | COUNT)).wrapping_add(EPOCH);
+        // SAFETY: the previous job is closed and its joined workers have left
+        // (we waited), and nobody can join before the store below publishes
+        // the new epoch.
         unsafe { *s.job.get() = Job { f: f_static, n } };
         s.next.store(0, Ordering::Relaxed);
-        s.pending.store(self.workers.len(), Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        s.ctl.store(epoch, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
         let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim(s, f, n)));
+        // Every task is claimed: close the job and wait for the joined workers.
+        let mut ctl = s.ctl.fetch_or(CLOSED, Ordering::AcqRel) | CLOSED;
         let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
+        while ctl & COUNT != 0 {
             spins += 1;
-            if spins < SPINS {
+            if spins < 256 {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
+            ctl = s.ctl.load(Ordering::Acquire);
         }
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
@@ -242,48 +257,71 @@ fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync), n: usize) {
     }
 }
 
-fn worker(s: &Shared) {
-    let mut seen = 0u64;
+/// Joins the current job if it is still open; returns whether we did.
+fn join(s: &Shared, mut ctl: u64) -> bool {
     loop {
+        if ctl & CLOSED != 0 {
+            return false;
+        }
+        match s.ctl.compare_exchange_weak(ctl, ctl + 1, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(now) if now & !(CLOSED | COUNT) == ctl & !(CLOSED | COUNT) => ctl = now,
+            Err(_) => return false, // a newer job; the outer loop will see it
+        }
+    }
+}
+
+fn worker(s: &Shared) {
+    let mut seen = s.ctl.load(Ordering::Acquire) & !(CLOSED | COUNT);
+    loop {
+        let idle_since = Instant::now();
         let mut spins = 0u32;
-        loop {
-            let e = s.epoch.load(Ordering::Acquire);
-            if e != seen {
-                seen = e;
-                break;
+        let ctl = loop {
+            let ctl = s.ctl.load(Ordering::Acquire);
+            if ctl & !(CLOSED | COUNT) != seen {
+                break ctl;
             }
             if s.quit.load(Ordering::Relaxed) {
                 return;
             }
-            spins += 1;
-            if spins < SPINS {
+            spins = spins.wrapping_add(1);
+            if spins % 64 != 0 {
                 std::hint::spin_loop();
-            } else if spins < SPINS + YIELDS {
+                continue;
+            }
+            let idle = idle_since.elapsed();
+            if idle < SPIN_FOR {
+                std::hint::spin_loop();
+            } else if idle < YIELD_FOR {
                 std::thread::yield_now();
             } else {
                 let g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
-                if s.epoch.load(Ordering::SeqCst) == seen && !s.quit.load(Ordering::SeqCst) {
+                let now = s.ctl.load(Ordering::SeqCst);
+                if now & !(CLOSED | COUNT) == seen && !s.quit.load(Ordering::SeqCst) {
                     drop(s.wake.wait(g).unwrap_or_else(|e| e.into_inner()));
                 } else {
                     drop(g);
                 }
                 s.sleepers.fetch_sub(1, Ordering::SeqCst);
-                spins = 0;
             }
-        }
+        };
+        seen = ctl & !(CLOSED | COUNT);
         if s.quit.load(Ordering::Acquire) {
             return;
         }
-        // SAFETY: the epoch we saw was bumped after `job` was written (Release
-        // / Acquire), and the submitter keeps the closure alive until we
-        // decrement `pending` below.
+        if !join(s, ctl) {
+            continue;
+        }
+        // SAFETY: we joined the job, so `job` was written before its epoch was
+        // published (SeqCst store / Acquire CAS) and the submitter keeps the
+        // closure alive until we leave below.
         let job = unsafe { *s.job.get() };
         let f = unsafe { &*job.f };
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim(s, f, job.n))).is_err() {
             s.panicked.store(true, Ordering::Relaxed);
         }
-        s.pending.fetch_sub(1, Ordering::Release);
+        s.ctl.fetch_sub(1, Ordering::Release);
     }
 }
 
