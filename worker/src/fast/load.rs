@@ -12,7 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use candle_core::quantized::gguf_file::{Content, Value};
 
 use super::matmul::Matrix;
-use super::quant::{dequantize_row, WType, QK};
+use super::quant::{dequantize_gguf_row, WType, QK};
 
 /// The model's shape and numerics, as candle's `quantized_llama` reads them.
 #[derive(Clone, Debug, PartialEq)]
@@ -154,13 +154,13 @@ fn read_raw<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, dims: &[usize])
 
 fn matrix<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, rows: usize, cols: usize) -> Result<Matrix, String> {
     let (t, bytes) = read_raw(ct, r, name, &[rows, cols])?;
-    Matrix::new(t, rows, cols, bytes).map_err(|e| format!("{name}: {e}"))
+    Matrix::from_gguf(t, rows, cols, &bytes).map_err(|e| format!("{name}: {e}"))
 }
 
 fn vector<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, len: usize) -> Result<Vec<f32>, String> {
     let (t, bytes) = read_raw(ct, r, name, &[len])?;
     let mut out = vec![0f32; len];
-    dequantize_row(t, &bytes, &mut out);
+    dequantize_gguf_row(t, &bytes, &mut out);
     Ok(out)
 }
 

@@ -9,11 +9,11 @@
 #![allow(unsafe_code)]
 
 use super::pool::Pool;
-use super::quant::{Q8Block, WType, QK};
+use super::quant::{pack, Q8View, WType, QK};
 use super::simd;
 
 /// One weight matrix: `rows` output features × `cols` input features, each row
-/// stored as GGUF blocks of type `t`.
+/// of type `t` in the packed layout (see [`super::quant`]).
 #[derive(Debug)]
 pub struct Matrix {
     pub t: WType,
@@ -24,7 +24,8 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    pub fn new(t: WType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
+    /// Takes `rows` GGUF rows and repacks them.
+    pub fn from_gguf(t: WType, rows: usize, cols: usize, data: &[u8]) -> Result<Self, String> {
         if !cols.is_multiple_of(t.block_elems()) || !cols.is_multiple_of(QK) {
             return Err(format!("a {rows}×{cols} {t:?} matrix: {cols} is not a multiple of {QK}"));
         }
@@ -32,7 +33,7 @@ impl Matrix {
         if data.len() != rows * row_bytes {
             return Err(format!("a {rows}×{cols} {t:?} matrix needs {} bytes, got {}", rows * row_bytes, data.len()));
         }
-        Ok(Self { t, rows, cols, row_bytes, data })
+        Ok(Self { t, rows, cols, row_bytes, data: pack(t, data, rows, cols) })
     }
 
     pub fn row(&self, r: usize) -> &[u8] {
@@ -45,7 +46,7 @@ impl Matrix {
 #[derive(Clone, Copy, Debug)]
 pub struct Acts<'a> {
     pub f: &'a [f32],
-    pub q: &'a [Q8Block],
+    pub q: Q8View<'a>,
     pub n: usize,
     pub k: usize,
 }
@@ -176,7 +177,7 @@ pub fn matmul_swiglu(
 mod tests {
     use super::super::pool::PoolKind;
     use super::super::quant::testing::*;
-    use super::super::quant::{dequantize_row, quantize_q8_scalar};
+    use super::super::quant::{dequantize_row, quantize_q8_scalar, Q8Buf};
     use super::*;
 
     #[test]
@@ -187,21 +188,21 @@ mod tests {
             let pool = Pool::new(threads, PoolKind::Spin).expect("pool");
             let mut plan = Plan::default();
             for t in [WType::Q4_1, WType::Q8_0, WType::F16] {
-                let a = Matrix::new(t, 70, k, random_weights(t, 70, k, &mut rng)).expect("a");
-                let b = Matrix::new(t, 33, k, random_weights(t, 33, k, &mut rng)).expect("b");
+                let a = Matrix::from_gguf(t, 70, k, &random_weights(t, 70, k, &mut rng)).expect("a");
+                let b = Matrix::from_gguf(t, 33, k, &random_weights(t, 33, k, &mut rng)).expect("b");
                 for n in [1, 3, 9] {
                     let xf = rng.vec(n * k);
-                    let mut xq = vec![Q8Block::default(); n * k / QK];
+                    let mut xq = Q8Buf::default();
                     quantize_q8_scalar(&xf, &mut xq);
-                    let x = Acts { f: &xf, q: &xq, n, k };
+                    let x = Acts { f: &xf, q: xq.view(n * k / QK), n, k };
                     let (mut oa, mut ob) = (vec![0f32; n * 70], vec![0f32; n * 33]);
                     matmul(&pool, &mut plan, &[&a, &b], &mut [&mut oa, &mut ob], x);
                     // Exact reference: dequantized weights × the activations
                     // the kernel sees (quantized ones for quantized weights).
                     let mut xs = xf.clone();
                     if t != WType::F16 {
-                        for (o, b) in xs.chunks_mut(QK).zip(&xq) {
-                            o.iter_mut().zip(&b.qs).for_each(|(v, &q)| *v = b.d * q as f32);
+                        for (i, v) in xs.iter_mut().enumerate() {
+                            *v = xq.d[i / QK] * xq.qs[i] as f32;
                         }
                     }
                     let mut wrow = vec![0f32; k];

@@ -9,7 +9,8 @@
 //! of each step.
 //!
 //! - [`load`]: GGUF → weights (raw blocks, read once).
-//! - [`quant`], [`simd`]: block formats and kernels (the only SIMD `unsafe`).
+//! - [`quant`]: block formats, the packed row layout, scalar kernels.
+//! - [`simd`]: the kernels' safe API; `avx2` (x86-64 only): their SIMD code.
 //! - [`matmul`]: parallel matrix × columns; [`attention`]: causal GQA attention.
 //! - [`pool`]: the threads; [`model`]: the forward pass and the public API.
 //!
@@ -17,6 +18,8 @@
 //! shared read-only) and [`pool`] (how a section is spread over threads).
 
 pub mod attention;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+mod avx2;
 pub mod load;
 pub mod matmul;
 pub mod model;

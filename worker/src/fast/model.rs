@@ -21,7 +21,7 @@ use super::attention::{attend, KvView};
 use super::load::{Config, Weights};
 use super::matmul::{matmul, matmul_swiglu, Acts, Plan};
 use super::pool::{default_threads, Pool, PoolKind};
-use super::quant::{dequantize_row, Q8Block, QK};
+use super::quant::{dequantize_row, Q8Buf, QK};
 use super::simd::quantize_q8;
 
 /// Rows (tokens) per step: longer prompts are processed in chunks this big,
@@ -101,7 +101,7 @@ struct Row {
 struct Scratch {
     x: Vec<f32>,
     xn: Vec<f32>,
-    xq: Vec<Q8Block>,
+    xq: Q8Buf,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -109,7 +109,7 @@ struct Scratch {
     tmp: Vec<f32>,
     h: Vec<f32>,
     h2: Vec<f32>,
-    hq: Vec<Q8Block>,
+    hq: Q8Buf,
     /// Per row, `head_dim / 2` (cos, sin) pairs for its position.
     rope: Vec<(f32, f32)>,
     logits: Vec<f32>,
@@ -255,7 +255,7 @@ impl FastModel {
         let (dim, qd, kvd, ffn, hd) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn, cfg.head_dim);
         let x = grow(&mut s.x, n * dim);
         let xn = grow(&mut s.xn, n * dim);
-        let xq = grow(&mut s.xq, n * dim.max(qd) / QK);
+        let xq = &mut s.xq;
         let q = grow(&mut s.q, n * qd);
         let k = grow(&mut s.k, n * kvd);
         let v = grow(&mut s.v, n * kvd);
@@ -263,7 +263,7 @@ impl FastModel {
         let tmp = grow(&mut s.tmp, n * dim);
         let h = grow(&mut s.h, n * ffn);
         let h2 = grow(&mut s.h2, n * ffn);
-        let hq = grow(&mut s.hq, n * ffn / QK);
+        let hq = &mut s.hq;
         let rope = grow(&mut s.rope, n * hd / 2);
         let rows = &s.rows;
         let plan = &mut s.plan;
@@ -280,8 +280,8 @@ impl FastModel {
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
             rms_norm(x, &l.attn_norm, cfg.eps, xn, dim);
-            quantize_q8(xn, &mut xq[..n * dim / QK]);
-            let xa = Acts { f: xn, q: &xq[..n * dim / QK], n, k: dim };
+            quantize_q8(xn, xq);
+            let xa = Acts { f: xn, q: xq.view(n * dim / QK), n, k: dim };
             matmul(pool, plan, &[&l.wq, &l.wk, &l.wv], &mut [&mut *q, &mut *k, &mut *v], xa);
             for i in 0..n {
                 let cs = &rope[i * hd / 2..(i + 1) * hd / 2];
@@ -304,18 +304,18 @@ impl FastModel {
                 let qg = &q_ro[i * qd + g * group * hd..][..group * hd];
                 attend(qg, kv, g * hd, r.pos + 1, hd, scale, out);
             });
-            quantize_q8(att, &mut xq[..n * qd / QK]);
-            let xa = Acts { f: att, q: &xq[..n * qd / QK], n, k: qd };
+            quantize_q8(att, xq);
+            let xa = Acts { f: att, q: xq.view(n * qd / QK), n, k: qd };
             matmul(pool, plan, &[&l.wo], &mut [&mut *tmp], xa);
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
 
             // Feed-forward block.
             rms_norm(x, &l.ffn_norm, cfg.eps, xn, dim);
-            quantize_q8(xn, &mut xq[..n * dim / QK]);
-            let xa = Acts { f: xn, q: &xq[..n * dim / QK], n, k: dim };
+            quantize_q8(xn, xq);
+            let xa = Acts { f: xn, q: xq.view(n * dim / QK), n, k: dim };
             matmul_swiglu(pool, plan, (&l.gate, &l.up), h, h2, xa);
             quantize_q8(h, hq);
-            let ha = Acts { f: h, q: hq, n, k: ffn };
+            let ha = Acts { f: h, q: hq.view(n * ffn / QK), n, k: ffn };
             matmul(pool, plan, &[&l.down], &mut [&mut *tmp], ha);
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
         }
@@ -330,10 +330,10 @@ impl FastModel {
             let dst = &mut xn[o * dim..(o + 1) * dim];
             rms_norm_row(src, &w.norm, cfg.eps, dst);
         }
-        quantize_q8(&xn[..no * dim], &mut xq[..no * dim / QK]);
+        quantize_q8(&xn[..no * dim], xq);
         let out_m = w.output();
         let logits = grow(&mut s.logits, no * out_m.rows);
-        let xa = Acts { f: &xn[..no * dim], q: &xq[..no * dim / QK], n: no, k: dim };
+        let xa = Acts { f: &xn[..no * dim], q: xq.view(no * dim / QK), n: no, k: dim };
         matmul(pool, plan, &[out_m], &mut [logits], xa);
     }
 }

@@ -1,9 +1,19 @@
-//! Block formats: the GGUF weight types the fast path reads, the quantized
-//! activation block it multiplies them with, and plain scalar kernels for both.
+//! Block formats: the weight types the fast path reads, the row layout it
+//! repacks them into, the quantized activations it multiplies them with, and
+//! plain scalar kernels for all of these.
 //!
 //! The scalar kernels are the portable fallback (used where AVX2 is missing,
 //! e.g. on aarch64) and the reference the SIMD kernels are tested against.
 //! Everything here is pure functions over slices; no state, no threads.
+//!
+//! # Packed rows
+//! GGUF stores a quantized row as blocks of `scale(s) + quants`. At load time
+//! each row is repacked (same size, so the same memory traffic) into
+//! `[d; nb] [m; nb] (Q4_1 only) [quants]`: all scales of the row first, so a
+//! kernel converts 8 block scales with one instruction; and for 4-bit types
+//! the quants of blocks `2p` and `2p+1` share 32 bytes (low / high nibbles),
+//! so one load and two masks unpack 64 weights. An odd last block keeps
+//! GGUF's 16-byte nibble order.
 
 use half::f16;
 
@@ -60,21 +70,65 @@ impl WType {
     pub fn row_bytes(self, n: usize) -> usize {
         n / self.block_elems() * self.block_bytes()
     }
+
+    /// Where a packed row's quants start (after its scale arrays), for `nb` blocks.
+    pub fn quants_at(self, nb: usize) -> usize {
+        match self {
+            Self::Q4_1 => 4 * nb,
+            Self::Q4_0 | Self::Q8_0 => 2 * nb,
+            Self::F32 | Self::F16 => 0,
+        }
+    }
 }
 
-/// One 32-element block of a quantized activation: `x ≈ d * qs`, and
-/// `s = d * Σ qs` (which lets weights with an offset, Q4_0 and Q4_1, fold it
-/// in with one multiply per block). Like llama.cpp's Q8_1, with f32 scales.
+/// Quantized activations, block `i` being elements `32i..32i+32` of the
+/// (column after column) input: `x ≈ d[i] * qs[32i..]`, and `s[i] = d[i] * Σ qs`
+/// (which folds the offset of Q4_0 / Q4_1 weights in with one multiply per
+/// block). Like llama.cpp's Q8_1, with f32 scales, stored as arrays so kernels
+/// load 8 block scales at once.
 ///
 /// `s` deliberately sums the *quantized* values: the exact `Σ x` looks more
 /// precise but is measurably worse, because then the offset no longer cancels
 /// against the quantization error of the centred part of the weights.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Q8Block {
-    pub qs: [i8; QK],
-    pub d: f32,
-    pub s: f32,
+#[derive(Clone, Debug, Default)]
+pub struct Q8Buf {
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+}
+
+impl Q8Buf {
+    /// Makes room for at least `blocks` blocks (never shrinks).
+    pub fn reserve_blocks(&mut self, blocks: usize) {
+        if self.d.len() < blocks {
+            self.qs.resize(blocks * QK, 0);
+            self.d.resize(blocks, 0.0);
+            self.s.resize(blocks, 0.0);
+        }
+    }
+
+    /// The first `blocks` blocks.
+    pub fn view(&self, blocks: usize) -> Q8View<'_> {
+        Q8View { qs: &self.qs[..blocks * QK], d: &self.d[..blocks], s: &self.s[..blocks] }
+    }
+}
+
+/// A borrowed run of activation blocks (see [`Q8Buf`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Q8View<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+}
+
+impl<'a> Q8View<'a> {
+    pub fn blocks(&self) -> usize {
+        self.d.len()
+    }
+    /// Blocks `b0..b0 + n`.
+    pub fn range(&self, b0: usize, n: usize) -> Q8View<'a> {
+        Q8View { qs: &self.qs[b0 * QK..(b0 + n) * QK], d: &self.d[b0..b0 + n], s: &self.s[b0..b0 + n] }
+    }
 }
 
 #[inline]
@@ -82,64 +136,105 @@ pub fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Quantizes `x` (a multiple of 32 long) block by block. Scalar reference.
-pub fn quantize_q8_scalar(x: &[f32], out: &mut [Q8Block]) {
-    debug_assert_eq!(x.len(), out.len() * QK);
-    for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
+/// Quantizes `x` (a multiple of 32 long) into `out`'s first blocks. Scalar reference.
+pub fn quantize_q8_scalar(x: &[f32], out: &mut Q8Buf) {
+    out.reserve_blocks(x.len() / QK);
+    for (i, xb) in x.chunks_exact(QK).enumerate() {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
-        for (q, &v) in ob.qs.iter_mut().zip(xb) {
+        for (q, &v) in out.qs[i * QK..(i + 1) * QK].iter_mut().zip(xb) {
             // Ties to even, like the AVX2 path (`_mm256_round_ps` nearest).
             *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
-        ob.d = d;
-        ob.s = d * sum as f32;
+        out.d[i] = d;
+        out.s[i] = d * sum as f32;
     }
 }
 
-/// Dot product of one weight block (`wb`, `t.block_bytes()` bytes) with an
-/// activation block. Scalar reference for the quantized types.
-pub fn dot_block_scalar(t: WType, wb: &[u8], y: &Q8Block) -> f32 {
-    match t {
-        WType::Q4_0 => {
-            let d = f16_at(wb, 0);
-            let mut sum = 0i32;
-            for j in 0..16 {
-                let b = wb[2 + j];
-                sum += (b & 0x0F) as i32 * y.qs[j] as i32 + (b >> 4) as i32 * y.qs[j + 16] as i32;
+/// Repacks `rows` GGUF rows of `cols` elements into the kernel layout (see the
+/// module doc). Float types are returned unchanged.
+pub fn pack(t: WType, gguf: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let (rb, bb) = (t.row_bytes(cols), t.block_bytes());
+    if matches!(t, WType::F32 | WType::F16) {
+        return gguf[..rows * rb].to_vec();
+    }
+    let nb = cols / QK;
+    let qa = t.quants_at(nb);
+    let mut out = vec![0u8; rows * rb];
+    for (src, dst) in gguf.chunks_exact(rb).zip(out.chunks_exact_mut(rb)).take(rows) {
+        for (b, blk) in src.chunks_exact(bb).enumerate() {
+            dst[2 * b..2 * b + 2].copy_from_slice(&blk[..2]);
+            match t {
+                WType::Q8_0 => dst[qa + 32 * b..qa + 32 * (b + 1)].copy_from_slice(&blk[2..34]),
+                _ => {
+                    if t == WType::Q4_1 {
+                        dst[2 * nb + 2 * b..2 * nb + 2 * b + 2].copy_from_slice(&blk[2..4]);
+                    }
+                    let qs = &blk[bb - 16..];
+                    if b == nb - 1 && nb % 2 == 1 {
+                        dst[qa + 16 * b..qa + 16 * (b + 1)].copy_from_slice(qs);
+                    } else {
+                        let pair = &mut dst[qa + 32 * (b / 2)..qa + 32 * (b / 2 + 1)];
+                        let shift = if b % 2 == 0 { 0 } else { 4 };
+                        for j in 0..16 {
+                            pair[j] |= (qs[j] & 0x0F) << shift;
+                            pair[j + 16] |= (qs[j] >> 4) << shift;
+                        }
+                    }
+                }
             }
-            // Σ (q - 8) y = Σ q y - 8 Σ y
-            d * (y.d * sum as f32 - 8.0 * y.s)
         }
-        WType::Q4_1 => {
-            let d = f16_at(wb, 0);
-            let m = f16_at(wb, 2);
-            let mut sum = 0i32;
-            for j in 0..16 {
-                let b = wb[4 + j];
-                sum += (b & 0x0F) as i32 * y.qs[j] as i32 + (b >> 4) as i32 * y.qs[j + 16] as i32;
-            }
-            d * y.d * sum as f32 + m * y.s
+    }
+    out
+}
+
+/// Element `j` (0..32) of 4-bit block `b` of a packed row's quants `q`.
+#[inline]
+fn nibble(q: &[u8], nb: usize, b: usize, j: usize) -> u8 {
+    if b == nb - 1 && nb % 2 == 1 {
+        let byte = q[16 * b + j % 16];
+        if j < 16 {
+            byte & 0x0F
+        } else {
+            byte >> 4
         }
-        WType::Q8_0 => {
-            let d = f16_at(wb, 0);
-            let mut sum = 0i32;
-            for j in 0..QK {
-                sum += (wb[2 + j] as i8) as i32 * y.qs[j] as i32;
-            }
-            d * y.d * sum as f32
+    } else {
+        let byte = q[32 * (b / 2) + j];
+        if b % 2 == 0 {
+            byte & 0x0F
+        } else {
+            byte >> 4
         }
-        WType::F32 | WType::F16 => unreachable!("float weights are multiplied in f32"),
     }
 }
 
-/// Dot product of one quantized weight row with a quantized activation row. Scalar.
-pub fn dot_row_scalar(t: WType, w: &[u8], y: &[Q8Block]) -> f32 {
-    let bb = t.block_bytes();
-    w.chunks_exact(bb).zip(y).map(|(wb, yb)| dot_block_scalar(t, wb, yb)).sum()
+/// Dot product of one packed quantized row (`nb` blocks) with one column of
+/// activation blocks. Scalar reference.
+pub fn dot_row_scalar(t: WType, row: &[u8], y: Q8View<'_>) -> f32 {
+    let nb = y.blocks();
+    let q = &row[t.quants_at(nb)..];
+    let mut total = 0f32;
+    for b in 0..nb {
+        let d = f16_at(row, 2 * b);
+        let yq = &y.qs[b * QK..(b + 1) * QK];
+        match t {
+            WType::Q8_0 => {
+                let sum: i32 = (0..QK).map(|j| (q[32 * b + j] as i8) as i32 * yq[j] as i32).sum();
+                total += d * y.d[b] * sum as f32;
+            }
+            WType::Q4_0 | WType::Q4_1 => {
+                let sum: i32 = (0..QK).map(|j| nibble(q, nb, b, j) as i32 * yq[j] as i32).sum();
+                // Q4_0: Σ (q - 8) y = Σ q y - 8 Σ y; Q4_1: Σ (d q + m) y.
+                let m = if t == WType::Q4_1 { f16_at(row, 2 * nb + 2 * b) } else { -8.0 * d };
+                total += d * y.d[b] * sum as f32 + m * y.s[b];
+            }
+            WType::F32 | WType::F16 => unreachable!("float weights are multiplied in f32"),
+        }
+    }
+    total
 }
 
 /// Dot product of one float weight row (F32 or F16 bytes) with f32 activations.
@@ -155,8 +250,29 @@ pub fn dot_row_float(t: WType, w: &[u8], x: &[f32]) -> f32 {
     }
 }
 
-/// Expands one weight row into f32 (`out.len()` elements).
-pub fn dequantize_row(t: WType, w: &[u8], out: &mut [f32]) {
+/// Expands one packed weight row into f32 (`out.len()` elements).
+pub fn dequantize_row(t: WType, row: &[u8], out: &mut [f32]) {
+    match t {
+        WType::F32 | WType::F16 => dequantize_gguf_row(t, row, out),
+        _ => {
+            let nb = out.len() / QK;
+            let q = &row[t.quants_at(nb)..];
+            for (b, ob) in out.chunks_exact_mut(QK).enumerate() {
+                let d = f16_at(row, 2 * b);
+                for (j, o) in ob.iter_mut().enumerate() {
+                    *o = match t {
+                        WType::Q8_0 => d * (q[32 * b + j] as i8) as f32,
+                        WType::Q4_0 => d * (nibble(q, nb, b, j) as f32 - 8.0),
+                        _ => d * nibble(q, nb, b, j) as f32 + f16_at(row, 2 * nb + 2 * b),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Expands one row in GGUF's own layout into f32 (`out.len()` elements).
+pub fn dequantize_gguf_row(t: WType, w: &[u8], out: &mut [f32]) {
     match t {
         WType::F32 => {
             for (o, b) in out.iter_mut().zip(w.chunks_exact(4)) {
@@ -250,37 +366,44 @@ mod tests {
     fn quantize_roundtrip_is_within_half_a_step() {
         let mut rng = Rng(7);
         let x = rng.vec(256);
-        let mut q = vec![Q8Block::default(); 8];
+        let mut q = Q8Buf::default();
         quantize_q8_scalar(&x, &mut q);
-        for (xb, qb) in x.chunks(QK).zip(&q) {
+        for (i, xb) in x.chunks(QK).enumerate() {
             let mut sum = 0i32;
-            for (v, &qi) in xb.iter().zip(&qb.qs) {
-                assert!((v - qb.d * qi as f32).abs() <= qb.d * 0.5 + 1e-6);
+            for (v, &qi) in xb.iter().zip(&q.qs[i * QK..]) {
+                assert!((v - q.d[i] * qi as f32).abs() <= q.d[i] * 0.5 + 1e-6);
                 sum += qi as i32;
             }
-            assert!((qb.s - qb.d * sum as f32).abs() < 1e-5);
+            assert!((q.s[i] - q.d[i] * sum as f32).abs() < 1e-5);
         }
     }
 
+    /// Packing keeps every weight (odd and even block counts), and the scalar
+    /// dot product equals the dot product of the dequantized vectors.
     #[test]
-    fn scalar_block_dot_matches_dequantized_dot() {
+    fn packed_rows_hold_the_same_weights_and_dot_products() {
         let mut rng = Rng(11);
         for t in [WType::Q4_0, WType::Q4_1, WType::Q8_0] {
-            let w = random_weights(t, 1, 128, &mut rng);
-            let x = rng.vec(128);
-            let mut q = vec![Q8Block::default(); 4];
-            quantize_q8_scalar(&x, &mut q);
-            let mut xd = vec![0f32; 128];
-            for (o, b) in xd.chunks_mut(QK).zip(&q) {
-                for (v, &qi) in o.iter_mut().zip(&b.qs) {
-                    *v = b.d * qi as f32;
+            for nb in [1, 2, 3, 8, 9, 18] {
+                let k = nb * QK;
+                let (rows, rb) = (3, t.row_bytes(k));
+                let w = random_weights(t, rows, k, &mut rng);
+                let packed = pack(t, &w, rows, k);
+                assert_eq!(packed.len(), w.len());
+                let x = rng.vec(k);
+                let mut q = Q8Buf::default();
+                quantize_q8_scalar(&x, &mut q);
+                let xd: Vec<f32> = (0..k).map(|i| q.d[i / QK] * q.qs[i] as f32).collect();
+                for r in 0..rows {
+                    let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+                    dequantize_gguf_row(t, &w[r * rb..(r + 1) * rb], &mut a);
+                    dequantize_row(t, &packed[r * rb..(r + 1) * rb], &mut b);
+                    assert_eq!(a, b, "{t:?} nb={nb}");
+                    let want: f32 = a.iter().zip(&xd).map(|(p, q)| p * q).sum();
+                    let got = dot_row_scalar(t, &packed[r * rb..(r + 1) * rb], q.view(nb));
+                    assert!((want - got).abs() < 1e-3 * (1.0 + want.abs()), "{t:?} nb={nb}: {want} vs {got}");
                 }
             }
-            let mut wd = vec![0f32; 128];
-            dequantize_row(t, &w, &mut wd);
-            let want: f32 = wd.iter().zip(&xd).map(|(a, b)| a * b).sum();
-            let got = dot_row_scalar(t, &w, &q);
-            assert!((want - got).abs() < 1e-3 * (1.0 + want.abs()), "{t:?}: {want} vs {got}");
         }
     }
 }
