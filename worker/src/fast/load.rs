@@ -1,6 +1,7 @@
 //! Reading a llama-architecture GGUF into the fast path's weights: the
 //! hyper-parameters from the metadata (parsed by candle) and each tensor's raw
-//! bytes, read straight from the file at the offsets candle's parser found.
+//! bytes, read straight from the file at the offsets candle's parser found and
+//! repacked into one [`Arena`] in reading order.
 //!
 //! Anything the fast path cannot run exactly like candle's `quantized_llama`
 //! (another architecture, mixture of experts, an unsupported weight type, odd
@@ -8,11 +9,13 @@
 //! Runs once, on the caller's thread.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 
+use super::arena::{Arena, Bytes};
 use super::matmul::Matrix;
-use super::quant::{dequantize_gguf_row, WType, QK};
+use super::quant::{dequantize_gguf_row, pack_into, WType, QK};
 
 /// The model's shape and numerics, as candle's `quantized_llama` reads them.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,9 +137,10 @@ fn config(ct: &Content) -> Result<Config, String> {
     })
 }
 
-/// Reads tensor `name`'s bytes; checks its shape is `dims` (candle's order:
-/// outermost first, so a matrix is `[rows, cols]`).
-fn read_raw<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, dims: &[usize]) -> Result<(WType, Vec<u8>), String> {
+/// Checks tensor `name` has shape `dims` (candle's order: outermost first,
+/// so a matrix is `[rows, cols]`) and a supported type; returns the type,
+/// the file offset and the byte size.
+fn locate(ct: &Content, name: &str, dims: &[usize]) -> Result<(WType, u64, usize), String> {
     let info = ct.tensor_infos.get(name).ok_or_else(|| format!("tensor {name} is missing"))?;
     if info.shape.dims() != dims {
         return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", info.shape.dims()));
@@ -146,52 +150,98 @@ fn read_raw<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, dims: &[usize])
     if !elems.is_multiple_of(t.block_elems()) {
         return Err(format!("tensor {name}: {elems} elements do not fill whole {t:?} blocks"));
     }
-    let mut bytes = vec![0u8; elems / t.block_elems() * t.block_bytes()];
-    r.seek(SeekFrom::Start(ct.tensor_data_offset + info.offset)).map_err(|e| format!("seeking to {name}: {e}"))?;
-    r.read_exact(&mut bytes).map_err(|e| format!("reading {name}: {e}"))?;
-    Ok((t, bytes))
+    Ok((t, ct.tensor_data_offset + info.offset, elems / t.block_elems() * t.block_bytes()))
 }
 
-fn matrix<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, rows: usize, cols: usize) -> Result<Matrix, String> {
-    let (t, bytes) = read_raw(ct, r, name, &[rows, cols])?;
-    Matrix::from_gguf(t, rows, cols, &bytes).map_err(|e| format!("{name}: {e}"))
+fn read_at<R: Read + Seek>(r: &mut R, name: &str, at: u64, out: &mut [u8]) -> Result<(), String> {
+    r.seek(SeekFrom::Start(at)).map_err(|e| format!("seeking to {name}: {e}"))?;
+    r.read_exact(out).map_err(|e| format!("reading {name}: {e}"))
 }
 
 fn vector<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, len: usize) -> Result<Vec<f32>, String> {
-    let (t, bytes) = read_raw(ct, r, name, &[len])?;
+    let (t, at, size) = locate(ct, name, &[len])?;
+    let mut bytes = vec![0u8; size];
+    read_at(r, name, at, &mut bytes)?;
     let mut out = vec![0f32; len];
     dequantize_gguf_row(t, &bytes, &mut out);
     Ok(out)
 }
 
-/// Reads every weight the llama forward pass uses.
+/// One matrix to place in the arena.
+struct Slot {
+    name: String,
+    rows: usize,
+    cols: usize,
+    t: WType,
+    file_at: u64,
+    arena_at: usize,
+    len: usize,
+}
+
+/// Reads every weight the llama forward pass uses: the matrices, repacked,
+/// into one arena in the order a forward step reads them; the norms as f32.
 pub fn load<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Weights, String> {
     let cfg = config(ct)?;
-    let (d, f, kv) = (cfg.dim, cfg.ffn, cfg.kv_dim());
+    let (d, f, kv, qd) = (cfg.dim, cfg.ffn, cfg.kv_dim(), cfg.q_dim());
     if !d.is_multiple_of(QK) || !f.is_multiple_of(QK) {
         return Err(format!("embedding {d} or feed-forward {f} size is not a multiple of {QK}"));
     }
-    let embd = matrix(ct, r, "token_embd.weight", cfg.vocab, d)?;
-    let output = if ct.tensor_infos.contains_key("output.weight") {
-        Some(matrix(ct, r, "output.weight", cfg.vocab, d)?)
-    } else {
-        None
-    };
+    let mut shapes: Vec<(String, usize, usize)> = Vec::new();
+    for i in 0..cfg.n_layer {
+        let p = format!("blk.{i}");
+        shapes.push((format!("{p}.attn_q.weight"), qd, d));
+        shapes.push((format!("{p}.attn_k.weight"), kv, d));
+        shapes.push((format!("{p}.attn_v.weight"), kv, d));
+        shapes.push((format!("{p}.attn_output.weight"), d, qd));
+        shapes.push((format!("{p}.ffn_up.weight"), f, d));
+        shapes.push((format!("{p}.ffn_gate.weight"), f, d));
+        shapes.push((format!("{p}.ffn_down.weight"), d, f));
+    }
+    let tied = !ct.tensor_infos.contains_key("output.weight");
+    if !tied {
+        shapes.push(("output.weight".to_owned(), cfg.vocab, d));
+    }
+    shapes.push(("token_embd.weight".to_owned(), cfg.vocab, d));
+    let mut slots = Vec::with_capacity(shapes.len());
+    let mut size = 0usize;
+    for (name, rows, cols) in shapes {
+        let (t, file_at, len) = locate(ct, &name, &[rows, cols])?;
+        Matrix::check(t, rows, cols, len).map_err(|e| format!("{name}: {e}"))?;
+        slots.push(Slot { name, rows, cols, t, file_at, arena_at: size, len });
+        size = (size + len).next_multiple_of(64);
+    }
+    let mut arena = Arena::new(size);
+    let mut gguf = Vec::new();
+    for s in &slots {
+        gguf.resize(s.len, 0);
+        read_at(r, &s.name, s.file_at, &mut gguf)?;
+        pack_into(s.t, &gguf, s.rows, s.cols, &mut arena.bytes_mut()[s.arena_at..s.arena_at + s.len]);
+    }
+    let arena = Arc::new(arena);
+    let mut mats = slots.iter().map(|s| {
+        Matrix::packed(s.t, s.rows, s.cols, Bytes::new(Arc::clone(&arena), s.arena_at, s.len))
+            .map_err(|e| format!("{}: {e}", s.name))
+    });
+    let mut next = || mats.next().unwrap_or_else(|| Err("internal: too few matrices".to_owned()));
     let mut layers = Vec::with_capacity(cfg.n_layer);
     for i in 0..cfg.n_layer {
         let p = format!("blk.{i}");
+        let (wq, wk, wv, wo) = (next()?, next()?, next()?, next()?);
+        let (up, gate, down) = (next()?, next()?, next()?);
         layers.push(Layer {
             attn_norm: vector(ct, r, &format!("{p}.attn_norm.weight"), d)?,
-            wq: matrix(ct, r, &format!("{p}.attn_q.weight"), cfg.q_dim(), d)?,
-            wk: matrix(ct, r, &format!("{p}.attn_k.weight"), kv, d)?,
-            wv: matrix(ct, r, &format!("{p}.attn_v.weight"), kv, d)?,
-            wo: matrix(ct, r, &format!("{p}.attn_output.weight"), d, cfg.q_dim())?,
+            wq,
+            wk,
+            wv,
+            wo,
             ffn_norm: vector(ct, r, &format!("{p}.ffn_norm.weight"), d)?,
-            gate: matrix(ct, r, &format!("{p}.ffn_gate.weight"), f, d)?,
-            up: matrix(ct, r, &format!("{p}.ffn_up.weight"), f, d)?,
-            down: matrix(ct, r, &format!("{p}.ffn_down.weight"), d, f)?,
+            gate,
+            up,
+            down,
         });
     }
+    let output = if tied { None } else { Some(next()?) };
+    let embd = next()?;
     let norm = vector(ct, r, "output_norm.weight", d)?;
     Ok(Weights { cfg, embd, layers, norm, output })
 }

@@ -8,6 +8,7 @@
 //! which is the one `unsafe` claim in this module.
 #![allow(unsafe_code)]
 
+use super::arena::Bytes;
 use super::pool::Pool;
 use super::quant::{pack, Q8View, WType, QK};
 use super::simd;
@@ -20,20 +21,31 @@ pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     pub row_bytes: usize,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 impl Matrix {
-    /// Takes `rows` GGUF rows and repacks them.
+    /// Takes `rows` GGUF rows and repacks them into their own buffer.
     pub fn from_gguf(t: WType, rows: usize, cols: usize, data: &[u8]) -> Result<Self, String> {
+        Self::check(t, rows, cols, data.len())?;
+        Ok(Self { t, rows, cols, row_bytes: t.row_bytes(cols), data: Bytes::copy_of(&pack(t, data, rows, cols)) })
+    }
+
+    /// A matrix whose packed rows are already in `data` (a range of the weight arena).
+    pub fn packed(t: WType, rows: usize, cols: usize, data: Bytes) -> Result<Self, String> {
+        Self::check(t, rows, cols, data.len())?;
+        Ok(Self { t, rows, cols, row_bytes: t.row_bytes(cols), data })
+    }
+
+    /// Whether a `rows × cols` matrix of type `t` can be stored in `len` bytes.
+    pub fn check(t: WType, rows: usize, cols: usize, len: usize) -> Result<(), String> {
         if !cols.is_multiple_of(t.block_elems()) || !cols.is_multiple_of(QK) {
             return Err(format!("a {rows}×{cols} {t:?} matrix: {cols} is not a multiple of {QK}"));
         }
-        let row_bytes = t.row_bytes(cols);
-        if data.len() != rows * row_bytes {
-            return Err(format!("a {rows}×{cols} {t:?} matrix needs {} bytes, got {}", rows * row_bytes, data.len()));
+        if len != rows * t.row_bytes(cols) {
+            return Err(format!("a {rows}×{cols} {t:?} matrix needs {} bytes, got {len}", rows * t.row_bytes(cols)));
         }
-        Ok(Self { t, rows, cols, row_bytes, data: pack(t, data, rows, cols) })
+        Ok(())
     }
 
     pub fn row(&self, r: usize) -> &[u8] {

@@ -8,7 +8,7 @@
 //! f16 key/value caches, and a small spin pool for the ~150 parallel sections
 //! of each step.
 //!
-//! - [`load`]: GGUF → weights (raw blocks, read once).
+//! - [`load`]: GGUF → weights, repacked once into one [`arena`] (huge pages).
 //! - [`quant`]: block formats, the packed row layout, scalar kernels.
 //! - [`simd`]: the kernels' safe API; `avx2` (x86-64 only): their SIMD code.
 //! - [`matmul`]: parallel matrix × columns; [`attention`]: causal GQA attention.
@@ -17,6 +17,7 @@
 //! Concurrency: see [`model`] (one driver thread per `FastModel`, weights
 //! shared read-only) and [`pool`] (how a section is spread over threads).
 
+pub mod arena;
 pub mod attention;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 mod avx2;

@@ -157,14 +157,23 @@ pub fn quantize_q8_scalar(x: &[f32], out: &mut Q8Buf) {
 /// Repacks `rows` GGUF rows of `cols` elements into the kernel layout (see the
 /// module doc). Float types are returned unchanged.
 pub fn pack(t: WType, gguf: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let mut out = vec![0u8; rows * t.row_bytes(cols)];
+    pack_into(t, gguf, rows, cols, &mut out);
+    out
+}
+
+/// [`pack`] into `out` (`rows * row_bytes` long, zeroed).
+pub fn pack_into(t: WType, gguf: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
     let (rb, bb) = (t.row_bytes(cols), t.block_bytes());
+    assert!(gguf.len() >= rows * rb && out.len() >= rows * rb, "pack: buffers shorter than {rows} rows");
     if matches!(t, WType::F32 | WType::F16) {
-        return gguf[..rows * rb].to_vec();
+        out[..rows * rb].copy_from_slice(&gguf[..rows * rb]);
+        return;
     }
     let nb = cols / QK;
     let qa = t.quants_at(nb);
-    let mut out = vec![0u8; rows * rb];
     for (src, dst) in gguf.chunks_exact(rb).zip(out.chunks_exact_mut(rb)).take(rows) {
+        dst.fill(0);
         for (b, blk) in src.chunks_exact(bb).enumerate() {
             dst[2 * b..2 * b + 2].copy_from_slice(&blk[..2]);
             match t {
@@ -188,7 +197,6 @@ pub fn pack(t: WType, gguf: &[u8], rows: usize, cols: usize) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// Element `j` (0..32) of 4-bit block `b` of a packed row's quants `q`.
