@@ -41,6 +41,17 @@ fn main() {
                     tokens += 4;
                 }
             }
+            "decode-long" => {
+                // Decode speed at ~1000 tokens of context (attention-heavy).
+                let mut s = m.new_sequence(1100);
+                let p: Vec<u32> = (0..1000).map(|i| 100 + i * 7 % 40000).collect();
+                m.forward(&mut s, &p).expect("prefill");
+                let t0 = Instant::now();
+                for i in 0..64 {
+                    m.forward(&mut s, &[1 + i]).expect("decode");
+                }
+                println!("decode at 1000: {:.1} tokens/s", 64.0 / t0.elapsed().as_secs_f64());
+            }
             _ => {
                 let mut s = m.new_sequence(64);
                 for i in 0..64 {

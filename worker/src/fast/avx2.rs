@@ -380,3 +380,91 @@ pub unsafe fn axpy_f16(y: *mut f32, a: f32, v: *const u8, n: usize) {
         i += 1;
     }
 }
+
+/// `e^x` for 8 lanes (Cephes' single-precision polynomial, ~1 ulp; inputs
+/// clamped to ±88.38, so `-inf` gives ~1e-38, not 0).
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.376_26)), _mm256_set1_ps(88.376_26));
+    let fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+    }
+    let y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0));
+    let pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n))
+}
+
+/// `s[i] = e^(s[i] - m)`; returns `Σ s[i]`. SAFETY: `s` points at `n` writable floats.
+pub unsafe fn exp_shift_sum(s: *mut f32, n: usize, m: f32) -> f32 {
+    let mv = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.add(i)), mv));
+        _mm256_storeu_ps(s.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+        i += 8;
+    }
+    let mut sum = hsum(acc);
+    while i < n {
+        let e = (*s.add(i) - m).exp();
+        *s.add(i) = e;
+        sum += e;
+        i += 1;
+    }
+    sum
+}
+
+/// `out[j] = scale · q·k_j` for `n` f16 key rows `stride` elements apart;
+/// `q` is `8 · HD8` floats. Four keys at a time, one combined reduction.
+/// SAFETY: `q` points at `8 · HD8` floats, `k` at `n` rows of `stride` f16
+/// (each with `8 · HD8` readable), `out` at `n` writable floats.
+#[inline(always)]
+pub unsafe fn scores_f16<const HD8: usize>(q: *const f32, k: *const u8, stride: usize, n: usize, scale: f32, out: *mut f32) {
+    let qv: [__m256; HD8] = std::array::from_fn(|d| _mm256_loadu_ps(q.add(8 * d)));
+    let kat = |j: usize, d: usize| _mm256_cvtph_ps(_mm_loadu_si128(k.add(2 * (j * stride + 8 * d)) as *const __m128i));
+    let sv = _mm_set1_ps(scale);
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut a = [_mm256_setzero_ps(); 4];
+        for d in 0..HD8 {
+            for (i, ai) in a.iter_mut().enumerate() {
+                *ai = _mm256_fmadd_ps(qv[d], kat(j + i, d), *ai);
+            }
+        }
+        let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        _mm_storeu_ps(out.add(j), _mm_mul_ps(s, sv));
+        j += 4;
+    }
+    while j < n {
+        let mut a = _mm256_setzero_ps();
+        for d in 0..HD8 {
+            a = _mm256_fmadd_ps(qv[d], kat(j, d), a);
+        }
+        *out.add(j) = hsum(a) * scale;
+        j += 1;
+    }
+}
+
+/// `o += Σ_j p[j] · v_j` for `n` f16 value rows `stride` elements apart; `o`
+/// is `8 · HD8` floats, kept in registers across the rows.
+/// SAFETY: as [`scores_f16`], with `o` writable and `p` `n` floats.
+#[inline(always)]
+pub unsafe fn accumulate_f16<const HD8: usize>(o: *mut f32, p: *const f32, v: *const u8, stride: usize, n: usize) {
+    let mut acc: [__m256; HD8] = std::array::from_fn(|d| _mm256_loadu_ps(o.add(8 * d)));
+    for j in 0..n {
+        let pj = _mm256_broadcast_ss(&*p.add(j));
+        for (d, a) in acc.iter_mut().enumerate() {
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(2 * (j * stride + 8 * d)) as *const __m128i));
+            *a = _mm256_fmadd_ps(pj, vv, *a);
+        }
+    }
+    for (d, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(o.add(8 * d), *a);
+    }
+}

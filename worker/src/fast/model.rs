@@ -17,7 +17,7 @@ use std::sync::Arc;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::attention::{attend, KvView};
+use super::attention::{attend_partial, merge, partial_len, KvView};
 use super::load::{Config, Weights};
 use super::matmul::{matmul, matmul_swiglu, Acts, Plan};
 use super::pool::{default_threads, Pool, PoolKind};
@@ -113,6 +113,8 @@ struct Scratch {
     /// Per row, `head_dim / 2` (cos, sin) pairs for its position.
     rope: Vec<(f32, f32)>,
     logits: Vec<f32>,
+    /// Attention partial states, `rows × kv heads × splits × group × (hd + 2)`.
+    parts: Vec<f32>,
     rows: Vec<Row>,
     /// Rows whose logits are wanted, with the output slot each fills.
     outs: Vec<(usize, usize)>,
@@ -277,6 +279,7 @@ impl FastModel {
         }
         let scale = 1.0 / (hd as f32).sqrt();
         let group = cfg.group();
+        let splits = key_splits(rows, cfg.n_kv_head, pool.threads());
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
             rms_norm(x, &l.attn_norm, cfg.eps, xn, dim);
@@ -294,16 +297,30 @@ impl FastModel {
                 append_f16(&mut sq.k[li], &k[i * kvd..(i + 1) * kvd]);
                 append_f16(&mut sq.v[li], &v[i * kvd..(i + 1) * kvd]);
             }
+            // One task per (row, kv head, key range); long contexts with few
+            // rows are split so every thread has work, then merged.
             let seqs_ro: &[&mut Sequence] = seqs;
             let q_ro: &[f32] = q;
-            pool.run_chunks(att, group * hd, &|t, out| {
-                let (i, g) = (t / cfg.n_kv_head, t % cfg.n_kv_head);
+            let nkv = cfg.n_kv_head;
+            let pl = partial_len(hd);
+            let parts = grow(&mut s.parts, n * nkv * splits * group * pl);
+            pool.run_chunks(parts, group * pl, &|t, out| {
+                let (i, g, sp) = (t / (nkv * splits), t / splits % nkv, t % splits);
                 let r = rows[i];
+                let keys = r.pos + 1;
+                let (k0, k1) = (keys * sp / splits, keys * (sp + 1) / splits);
                 let sq = &*seqs_ro[r.seq];
                 let kv = KvView { k: &sq.k[li], v: &sq.v[li], kv_dim: kvd };
                 let qg = &q_ro[i * qd + g * group * hd..][..group * hd];
-                attend(qg, kv, g * hd, r.pos + 1, hd, scale, out);
+                attend_partial(qg, kv, g * hd, k0..k1, hd, scale, out);
             });
+            for (i, row_out) in att.chunks_exact_mut(qd).enumerate() {
+                for (h, o) in row_out.chunks_exact_mut(hd).enumerate() {
+                    let (g, j) = (h / group, h % group);
+                    let base = (i * nkv + g) * splits;
+                    merge((0..splits).map(|sp| &parts[((base + sp) * group + j) * pl..][..pl]), o);
+                }
+            }
             quantize_q8(att, xq);
             let xa = Acts { f: att, q: xq.view(n * qd / QK), n, k: qd };
             matmul(pool, plan, &[&l.wo], &mut [&mut *tmp], xa);
@@ -336,6 +353,18 @@ impl FastModel {
         let xa = Acts { f: &xn[..no * dim], q: xq.view(no * dim / QK), n: no, k: dim };
         matmul(pool, plan, &[out_m], &mut [logits], xa);
     }
+}
+
+/// Key ranges per (row, kv head): 1, unless there are fewer such tasks than
+/// twice the threads and the longest context is long enough (≥ 256 keys per
+/// range) to be worth splitting.
+fn key_splits(rows: &[Row], n_kv: usize, threads: usize) -> usize {
+    let tasks = rows.len() * n_kv;
+    let longest = rows.iter().map(|r| r.pos + 1).max().unwrap_or(1);
+    if threads == 1 || tasks >= 2 * threads {
+        return 1;
+    }
+    (2 * threads).div_ceil(tasks).min(longest / 256).max(1)
 }
 
 fn append_f16(cache: &mut Vec<f16>, src: &[f32]) {

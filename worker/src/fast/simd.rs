@@ -89,6 +89,7 @@ pub fn gemm_f<F: FnMut(usize, usize, f32)>(
 }
 
 /// `Σ a[i] * b[i]` over f32 and f16 (`a.len() == b.len()`).
+#[inline]
 pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot_f16: length mismatch");
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
@@ -99,6 +100,7 @@ pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
 }
 
 /// `y[i] += a * v[i]` with f16 `v` (`y.len() == v.len()`).
+#[inline]
 pub fn axpy_f16(y: &mut [f32], a: f32, v: &[f16]) {
     assert_eq!(y.len(), v.len(), "axpy_f16: length mismatch");
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
@@ -110,6 +112,67 @@ pub fn axpy_f16(y: &mut [f32], a: f32, v: &[f16]) {
     for (o, x) in y.iter_mut().zip(v) {
         *o += a * x.to_f32();
     }
+}
+
+/// Attention scores: `out[j] = scale · q·k_j` where key `j` is
+/// `k[j * stride..][..q.len()]`, for `j < out.len()`.
+#[inline]
+pub fn scores_f16(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+    let (hd, n) = (q.len(), out.len());
+    assert!(n == 0 || (n - 1) * stride + hd <= k.len(), "scores_f16: keys out of range");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    {
+        let (qp, kp, op) = (q.as_ptr(), k.as_ptr() as *const u8, out.as_mut_ptr());
+        // SAFETY: lengths checked above; each arm matches `hd`.
+        unsafe {
+            match hd {
+                64 => return super::avx2::scores_f16::<8>(qp, kp, stride, n, scale, op),
+                128 => return super::avx2::scores_f16::<16>(qp, kp, stride, n, scale, op),
+                _ => {}
+            }
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_f16(q, &k[j * stride..j * stride + hd]) * scale;
+    }
+}
+
+/// Attention values: `o += Σ_j p[j] · v_j` where value `j` is
+/// `v[j * stride..][..o.len()]`, for `j < p.len()`.
+#[inline]
+pub fn accumulate_f16(o: &mut [f32], p: &[f32], v: &[f16], stride: usize) {
+    let (hd, n) = (o.len(), p.len());
+    assert!(n == 0 || (n - 1) * stride + hd <= v.len(), "accumulate_f16: values out of range");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    {
+        let (op, pp, vp) = (o.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u8);
+        // SAFETY: lengths checked above; each arm matches `hd`.
+        unsafe {
+            match hd {
+                64 => return super::avx2::accumulate_f16::<8>(op, pp, vp, stride, n),
+                128 => return super::avx2::accumulate_f16::<16>(op, pp, vp, stride, n),
+                _ => {}
+            }
+        }
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        axpy_f16(o, pj, &v[j * stride..j * stride + hd]);
+    }
+}
+
+/// `s[i] = e^(s[i] - m)` in place; returns the sum (softmax's numerators).
+#[inline]
+pub fn exp_shift_sum(s: &mut [f32], m: f32) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    // SAFETY: the pointer and length come from one slice.
+    return unsafe { super::avx2::exp_shift_sum(s.as_mut_ptr(), s.len(), m) };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    s.iter_mut()
+        .map(|v| {
+            *v = (*v - m).exp();
+            *v
+        })
+        .sum()
 }
 
 #[cfg(test)]
@@ -188,5 +251,13 @@ mod tests {
         for i in 0..75 {
             assert!((y[i] - (a[i] + 0.5 * b[i].to_f32())).abs() < 1e-6);
         }
+        // Softmax numerators over the range attention scores take (and beyond).
+        let mut s: Vec<f32> = (0..203).map(|i| (i as f32 - 150.0) * 0.7).collect();
+        let want: Vec<f32> = s.iter().map(|v| (v - 3.0f32).exp()).collect();
+        let sum = exp_shift_sum(&mut s, 3.0);
+        for (g, w) in s.iter().zip(&want) {
+            assert!((g - w).abs() <= 2e-7 * w.abs() + 1e-37, "{g} vs {w}");
+        }
+        assert!((sum - want.iter().sum::<f32>()).abs() <= 1e-6 * sum);
     }
 }
