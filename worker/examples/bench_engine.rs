@@ -172,19 +172,26 @@ fn bench_llama_cpp(a: &Args) -> Option<((f64, f64), (f64, f64))> {
     Some((pp?, tg?))
 }
 
-/// Median time of one parallel section of `threads * 4` near-empty tasks.
-fn section_overhead(threads: usize, kind: PoolKind) -> f64 {
+/// Median time (µs) of one parallel section of `threads * 4` small tasks
+/// (a few µs of arithmetic each, like a decode step's matmul tasks).
+fn section_time(threads: usize, kind: PoolKind) -> f64 {
     let pool = rbee_worker::fast::pool::Pool::new(threads, kind).expect("pool");
-    let sink = std::sync::atomic::AtomicUsize::new(0);
+    let data: Vec<f32> = (0..4096).map(|i| i as f32 * 1e-3).collect();
+    let sink = std::sync::Mutex::new(0f32);
+    let task = |i: usize| {
+        let mut acc = 0f32;
+        for r in 0..4 {
+            acc += data.iter().map(|v| v * (r + i) as f32).sum::<f32>();
+        }
+        *sink.lock().unwrap_or_else(|e| e.into_inner()) += acc;
+    };
     let mut per: Vec<f64> = (0..7)
         .map(|_| {
             let t = Instant::now();
-            for _ in 0..2000 {
-                pool.run(threads * 4, &|i| {
-                    sink.fetch_add(i, std::sync::atomic::Ordering::Relaxed);
-                });
+            for _ in 0..1000 {
+                pool.run(threads * 4, &task);
             }
-            t.elapsed().as_secs_f64() / 2000.0 * 1e6
+            t.elapsed().as_secs_f64() / 1000.0 * 1e6
         })
         .collect();
     per.sort_by(f64::total_cmp);
@@ -220,11 +227,14 @@ fn main() {
         row(&format!("fast (rayon), {} batched (sum)", a.batch), None, Some(batched));
     }
     if a.rayon {
+        let serial = section_time(1, PoolKind::Spin);
         println!(
-            "one parallel section of {} empty tasks: spin pool {:.2} µs, rayon {:.2} µs",
+            "one section of {} small tasks: {serial:.1} µs on 1 thread (ideal on {}: {:.1}); spin pool {:.1} µs, rayon {:.1} µs",
             a.threads * 4,
-            section_overhead(a.threads, PoolKind::Spin),
-            section_overhead(a.threads, PoolKind::Rayon)
+            a.threads,
+            serial / a.threads as f64,
+            section_time(a.threads, PoolKind::Spin),
+            section_time(a.threads, PoolKind::Rayon)
         );
     }
     drop(fast);

@@ -4,7 +4,7 @@
 //! `cargo run --release -p rbee-worker --example bench_kernels`
 use std::time::Instant;
 
-use rbee_worker::fast::quant::{pack, Q8Buf, WType, QK};
+use rbee_worker::fast::quant::{pack, Q8Buf, Src, WType, QK};
 use rbee_worker::fast::simd::{gemm_q, quantize_q8};
 
 fn main() {
@@ -24,7 +24,12 @@ fn main() {
         }
         let rb = t.row_bytes(k);
         let w: Vec<u8> = (0..rows * rb).map(|i| (i * 2654435761usize >> 7) as u8 & 0x3F).collect();
-        let w = pack(t, &w, rows, k);
+        let src = match t {
+            WType::Q4_1 => Src::Q4_1,
+            WType::Q4_0 => Src::Q4_0,
+            _ => Src::Q8_0,
+        };
+        let w = pack(src, &w, rows, k);
         for ncols in [1, 2, 4, 8, 16] {
             if only_c.is_some_and(|o| o != ncols) {
                 continue;

@@ -13,6 +13,8 @@ use super::quant::{Q8View, WType, QK};
 
 /// Blocks whose scales one vector holds.
 const G: usize = 8;
+/// Per-block scale slots of a group (Q8_16 has two scales per block).
+const S: usize = 2 * G;
 
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -91,9 +93,22 @@ unsafe fn group_scales<const R: usize, const C: usize>(
     (nb, g): (usize, usize),
     y: &Cols<C>,
     acc: &mut [[__m256; C]; R],
-) -> [[[f32; G]; C]; R] {
-    let mut scale = [[[0f32; G]; C]; R];
+) -> [[[f32; S]; C]; R] {
+    let mut scale = [[[0f32; S]; C]; R];
     let dy: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(y.d[c].add(g)));
+    if t == WType::Q8_16 {
+        // Scales of blocks g..g+4 (two each), then g+4..g+8, times each block's d_y.
+        let (lo, hi) = (_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+        for r in 0..R {
+            let sc = w.add(r * row_bytes + 4 * g);
+            let (s0, s1) = (_mm256_cvtph_ps(_mm_loadu_si128(sc as *const __m128i)), _mm256_cvtph_ps(_mm_loadu_si128(sc.add(16) as *const __m128i)));
+            for c in 0..C {
+                _mm256_storeu_ps(scale[r][c].as_mut_ptr(), _mm256_mul_ps(s0, _mm256_permutevar8x32_ps(dy[c], lo)));
+                _mm256_storeu_ps(scale[r][c].as_mut_ptr().add(G), _mm256_mul_ps(s1, _mm256_permutevar8x32_ps(dy[c], hi)));
+            }
+        }
+        return scale;
+    }
     for r in 0..R {
         let row = w.add(r * row_bytes);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(row.add(2 * g) as *const __m128i));
@@ -124,12 +139,18 @@ unsafe fn tail_scales<const R: usize, const C: usize>(
     (nb, g, n): (usize, usize, usize),
     y: &Cols<C>,
     acc: &mut [[__m256; C]; R],
-) -> [[[f32; G]; C]; R] {
+) -> [[[f32; S]; C]; R] {
     let f16 = |p: *const u8| half::f16::from_bits(std::ptr::read_unaligned(p as *const u16)).to_f32();
-    let mut scale = [[[0f32; G]; C]; R];
+    let mut scale = [[[0f32; S]; C]; R];
     for r in 0..R {
         let row = w.add(r * row_bytes);
         for c in 0..C {
+            if t == WType::Q8_16 {
+                for k in 0..2 * n {
+                    scale[r][c][k] = f16(row.add(4 * g + 2 * k)) * *y.d[c].add(g + k / 2);
+                }
+                continue;
+            }
             let mut offset = 0f32;
             for k in 0..n {
                 let d = f16(row.add(2 * (g + k)));
@@ -156,7 +177,7 @@ unsafe fn pair_q4<const R: usize, const C: usize>(
     b: usize,
     k: usize,
     y: &Cols<C>,
-    scale: &[[[f32; G]; C]; R],
+    scale: &[[[f32; S]; C]; R],
     acc: &mut [[__m256; C]; R],
 ) {
     let mask = _mm256_set1_epi8(0x0F);
@@ -175,14 +196,16 @@ unsafe fn pair_q4<const R: usize, const C: usize>(
 }
 
 /// One 8-bit block `b` of R rows against C columns; `k` as in [`pair_q4`].
+/// `HALVES`: Q8_16, whose two 16-element halves have their own scales.
 #[inline(always)]
-unsafe fn block_q8<const R: usize, const C: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_q8<const R: usize, const C: usize, const HALVES: bool>(
     q: *const u8,
     row_bytes: usize,
     b: usize,
     k: usize,
     y: &Cols<C>,
-    scale: &[[[f32; G]; C]; R],
+    scale: &[[[f32; S]; C]; R],
     acc: &mut [[__m256; C]; R],
 ) {
     for r in 0..R {
@@ -191,7 +214,19 @@ unsafe fn block_q8<const R: usize, const C: usize>(
         let ax = _mm256_sign_epi8(x, x);
         for c in 0..C {
             let yv = _mm256_loadu_si256(y.q[c].add(QK * b) as *const __m256i);
-            acc[r][c] = block_fma(ax, _mm256_sign_epi8(yv, x), &scale[r][c][k], acc[r][c]);
+            if HALVES {
+                // Lanes 0-3 sum elements 0-15, lanes 4-7 elements 16-31.
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(yv, x)), _mm256_set1_epi16(1));
+                let s = &scale[r][c];
+                let sv = _mm256_insertf128_ps(
+                    _mm256_castps128_ps256(_mm_broadcast_ss(&s[2 * k])),
+                    _mm_broadcast_ss(&s[2 * k + 1]),
+                    1,
+                );
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[r][c]);
+            } else {
+                acc[r][c] = block_fma(ax, _mm256_sign_epi8(yv, x), &scale[r][c][k], acc[r][c]);
+            }
         }
     }
 }
@@ -216,7 +251,11 @@ unsafe fn tile<const R: usize, const C: usize>(
         let scale = group_scales::<R, C>(t, w, row_bytes, (nb, g), y, &mut acc);
         if t == WType::Q8_0 {
             for k in 0..G {
-                block_q8::<R, C>(q, row_bytes, g + k, k, y, &scale, &mut acc);
+                block_q8::<R, C, false>(q, row_bytes, g + k, k, y, &scale, &mut acc);
+            }
+        } else if t == WType::Q8_16 {
+            for k in 0..G {
+                block_q8::<R, C, true>(q, row_bytes, g + k, k, y, &scale, &mut acc);
             }
         } else {
             for k in (0..G).step_by(2) {
@@ -230,7 +269,11 @@ unsafe fn tile<const R: usize, const C: usize>(
         let scale = tail_scales::<R, C>(t, w, row_bytes, (nb, g, n), y, &mut acc);
         if t == WType::Q8_0 {
             for k in 0..n {
-                block_q8::<R, C>(q, row_bytes, g + k, k, y, &scale, &mut acc);
+                block_q8::<R, C, false>(q, row_bytes, g + k, k, y, &scale, &mut acc);
+            }
+        } else if t == WType::Q8_16 {
+            for k in 0..n {
+                block_q8::<R, C, true>(q, row_bytes, g + k, k, y, &scale, &mut acc);
             }
         } else {
             let mut k = 0;
@@ -293,6 +336,7 @@ fn rows_cols<const R: usize, const C: usize, F: FnMut(usize, usize, f32)>(
                     // Separate instances per type, so `t` is a constant inside.
                     WType::Q4_1 => tile::<R, C>(WType::Q4_1, wp, row_bytes, nb, &cols),
                     WType::Q4_0 => tile::<R, C>(WType::Q4_0, wp, row_bytes, nb, &cols),
+                    WType::Q8_16 => tile::<R, C>(WType::Q8_16, wp, row_bytes, nb, &cols),
                     _ => tile::<R, C>(WType::Q8_0, wp, row_bytes, nb, &cols),
                 };
                 for (i, orow) in o.iter().enumerate() {
@@ -304,6 +348,7 @@ fn rows_cols<const R: usize, const C: usize, F: FnMut(usize, usize, f32)>(
                 let o: [[f32; C]; 1] = match t {
                     WType::Q4_1 => tile::<1, C>(WType::Q4_1, wp, row_bytes, nb, &cols),
                     WType::Q4_0 => tile::<1, C>(WType::Q4_0, wp, row_bytes, nb, &cols),
+                    WType::Q8_16 => tile::<1, C>(WType::Q8_16, wp, row_bytes, nb, &cols),
                     _ => tile::<1, C>(WType::Q8_0, wp, row_bytes, nb, &cols),
                 };
                 for (c, &v) in o[0].iter().enumerate() {

@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use super::arena::{Arena, Bytes};
 use super::matmul::Matrix;
-use super::quant::{dequantize_gguf_row, pack_into, WType, QK};
+use super::quant::{dequantize_gguf_row, pack_into, Src, QK};
 
 /// The model's shape and numerics, as candle's `quantized_llama` reads them.
 #[derive(Clone, Debug, PartialEq)]
@@ -140,16 +140,17 @@ fn config(ct: &Content) -> Result<Config, String> {
 /// Checks tensor `name` has shape `dims` (candle's order: outermost first,
 /// so a matrix is `[rows, cols]`) and a supported type; returns the type,
 /// the file offset and the byte size.
-fn locate(ct: &Content, name: &str, dims: &[usize]) -> Result<(WType, u64, usize), String> {
+fn locate(ct: &Content, name: &str, dims: &[usize]) -> Result<(Src, u64, usize), String> {
     let info = ct.tensor_infos.get(name).ok_or_else(|| format!("tensor {name} is missing"))?;
     if info.shape.dims() != dims {
         return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", info.shape.dims()));
     }
-    let t = WType::from_ggml(info.ggml_dtype).map_err(|e| format!("{name}: {e}"))?;
-    let elems: usize = dims.iter().product();
-    if !elems.is_multiple_of(t.block_elems()) {
-        return Err(format!("tensor {name}: {elems} elements do not fill whole {t:?} blocks"));
+    let t = Src::from_ggml(info.ggml_dtype).map_err(|e| format!("{name}: {e}"))?;
+    // Blocks run along the innermost dimension (a row).
+    if !dims.last().is_some_and(|&n| n.is_multiple_of(t.block_elems())) {
+        return Err(format!("tensor {name}: rows of {dims:?} do not fill whole {t:?} blocks"));
     }
+    let elems: usize = dims.iter().product();
     Ok((t, ct.tensor_data_offset + info.offset, elems / t.block_elems() * t.block_bytes()))
 }
 
@@ -172,8 +173,9 @@ struct Slot {
     name: String,
     rows: usize,
     cols: usize,
-    t: WType,
+    src: Src,
     file_at: u64,
+    file_len: usize,
     arena_at: usize,
     len: usize,
 }
@@ -205,21 +207,22 @@ pub fn load<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Weights, String> 
     let mut slots = Vec::with_capacity(shapes.len());
     let mut size = 0usize;
     for (name, rows, cols) in shapes {
-        let (t, file_at, len) = locate(ct, &name, &[rows, cols])?;
-        Matrix::check(t, rows, cols, len).map_err(|e| format!("{name}: {e}"))?;
-        slots.push(Slot { name, rows, cols, t, file_at, arena_at: size, len });
+        let (src, file_at, file_len) = locate(ct, &name, &[rows, cols])?;
+        let len = rows * src.packed().row_bytes(cols);
+        Matrix::check(src.packed(), rows, cols, len).map_err(|e| format!("{name}: {e}"))?;
+        slots.push(Slot { name, rows, cols, src, file_at, file_len, arena_at: size, len });
         size = (size + len).next_multiple_of(64);
     }
     let mut arena = Arena::new(size);
     let mut gguf = Vec::new();
     for s in &slots {
-        gguf.resize(s.len, 0);
+        gguf.resize(s.file_len, 0);
         read_at(r, &s.name, s.file_at, &mut gguf)?;
-        pack_into(s.t, &gguf, s.rows, s.cols, &mut arena.bytes_mut()[s.arena_at..s.arena_at + s.len]);
+        pack_into(s.src, &gguf, s.rows, s.cols, &mut arena.bytes_mut()[s.arena_at..s.arena_at + s.len]);
     }
     let arena = Arc::new(arena);
     let mut mats = slots.iter().map(|s| {
-        Matrix::packed(s.t, s.rows, s.cols, Bytes::new(Arc::clone(&arena), s.arena_at, s.len))
+        Matrix::packed(s.src.packed(), s.rows, s.cols, Bytes::new(Arc::clone(&arena), s.arena_at, s.len))
             .map_err(|e| format!("{}: {e}", s.name))
     });
     let mut next = || mats.next().unwrap_or_else(|| Err("internal: too few matrices".to_owned()));

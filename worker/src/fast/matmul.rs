@@ -10,7 +10,7 @@
 
 use super::arena::Bytes;
 use super::pool::Pool;
-use super::quant::{pack, Q8View, WType, QK};
+use super::quant::{pack, Q8View, Src, WType, QK};
 use super::simd;
 
 /// One weight matrix: `rows` output features × `cols` input features, each row
@@ -25,10 +25,14 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// Takes `rows` GGUF rows and repacks them into their own buffer.
-    pub fn from_gguf(t: WType, rows: usize, cols: usize, data: &[u8]) -> Result<Self, String> {
-        Self::check(t, rows, cols, data.len())?;
-        Ok(Self { t, rows, cols, row_bytes: t.row_bytes(cols), data: Bytes::copy_of(&pack(t, data, rows, cols)) })
+    /// Takes `rows` GGUF rows of type `src` and repacks them into their own buffer.
+    pub fn from_gguf(src: Src, rows: usize, cols: usize, data: &[u8]) -> Result<Self, String> {
+        let t = src.packed();
+        if data.len() != rows * src.row_bytes(cols) {
+            return Err(format!("a {rows}×{cols} {src:?} tensor needs {} bytes", rows * src.row_bytes(cols)));
+        }
+        let data = Bytes::copy_of(&pack(src, data, rows, cols));
+        Self::packed(t, rows, cols, data)
     }
 
     /// A matrix whose packed rows are already in `data` (a range of the weight arena).
@@ -199,9 +203,9 @@ mod tests {
         for threads in [1, 2, 3] {
             let pool = Pool::new(threads, PoolKind::Spin).expect("pool");
             let mut plan = Plan::default();
-            for t in [WType::Q4_1, WType::Q8_0, WType::F16] {
-                let a = Matrix::from_gguf(t, 70, k, &random_weights(t, 70, k, &mut rng)).expect("a");
-                let b = Matrix::from_gguf(t, 33, k, &random_weights(t, 33, k, &mut rng)).expect("b");
+            for (src, t) in [(Src::Q4_1, WType::Q4_1), (Src::Q8_0, WType::Q8_0), (Src::F16, WType::F16)] {
+                let a = Matrix::from_gguf(src, 70, k, &random_weights(t, 70, k, &mut rng)).expect("a");
+                let b = Matrix::from_gguf(src, 33, k, &random_weights(t, 33, k, &mut rng)).expect("b");
                 for n in [1, 3, 9] {
                     let xf = rng.vec(n * k);
                     let mut xq = Q8Buf::default();

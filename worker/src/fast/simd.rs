@@ -45,7 +45,7 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
     (y, ncols): (Q8View<'_>, usize),
     store: &mut F,
 ) {
-    assert!(matches!(t, WType::Q4_0 | WType::Q4_1 | WType::Q8_0), "gemm_q: {t:?} is not a quantized type");
+    assert!(matches!(t, WType::Q4_0 | WType::Q4_1 | WType::Q8_0 | WType::Q8_16), "gemm_q: {t:?} is not quantized");
     let nb = row_bytes / t.block_bytes();
     assert_eq!(nb * t.block_bytes(), row_bytes, "gemm_q: ragged rows");
     assert!(w.len() >= rows * row_bytes, "gemm_q: weights shorter than {rows} rows");
@@ -178,7 +178,7 @@ pub fn exp_shift_sum(s: &mut [f32], m: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::super::quant::testing::*;
-    use super::super::quant::{dot_row_scalar, pack, quantize_q8_scalar};
+    use super::super::quant::{dot_row_scalar, pack, quantize_q8_scalar, Src};
     use super::*;
 
     #[test]
@@ -204,11 +204,20 @@ mod tests {
     fn gemm_matches_scalar_reference() {
         let mut rng = Rng(5);
         let rows = 37;
-        for t in [WType::Q4_0, WType::Q4_1, WType::Q8_0] {
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q6K] {
+            let t = src.packed();
             for nb in [1, 8, 9, 18, 48] {
                 let k = nb * QK;
                 let rb = t.row_bytes(k);
-                let w = pack(t, &random_weights(t, rows, k, &mut rng), rows, k);
+                let w = if src == Src::Q6K {
+                    // Random Q8_16 rows: scales, then int8 values in Q6_K's range.
+                    let mut w = random_weights(WType::Q8_0, rows, k, &mut rng);
+                    w.resize(rows * rb, 0);
+                    w.iter_mut().enumerate().for_each(|(i, b)| *b = if i % rb < 4 * nb { *b & 0x2F } else { (*b as i8 / 4) as u8 });
+                    w
+                } else {
+                    pack(src, &random_weights(t, rows, k, &mut rng), rows, k)
+                };
                 for ncols in [1, 2, 3, 4, 5, 7, 8, 11] {
                     let mut y = Q8Buf::default();
                     quantize_q8(&rng.vec(ncols * k), &mut y);

@@ -338,3 +338,59 @@ fn long_context_decode_split_over_threads_matches_one_thread() {
         assert_same_top1("split decode", &b, &a);
     }
 }
+
+/// The demo model with every `ffn_down` (the only matrices whose rows are a
+/// multiple of 256) re-quantized by candle to Q6_K (even layers) or Q4_K
+/// (odd layers), written to a temporary GGUF.
+fn k_quant_demo() -> std::path::PathBuf {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let (ct, mut file) = open_demo();
+    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in names {
+        let t = ct.tensor(&mut file, name, &Device::Cpu).expect("tensor");
+        let t = match name.strip_prefix("blk.").and_then(|r| r.strip_suffix(".ffn_down.weight")) {
+            Some(layer) => {
+                let kind = if layer.parse::<usize>().expect("layer") % 2 == 0 { GgmlDType::Q6K } else { GgmlDType::Q4K };
+                QTensor::quantize(&t.dequantize(&Device::Cpu).expect("dequantize"), kind).expect("quantize")
+            }
+            None => t,
+        };
+        tensors.push((name.clone(), t));
+    }
+    let path = std::env::temp_dir().join(format!("rbee-fast-kquant-{}.gguf", std::process::id()));
+    let mut out = std::fs::File::create(&path).expect("temp file");
+    let meta: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &meta, &ts).expect("write GGUF");
+    path
+}
+
+#[test]
+fn k_quant_weights_match_candle() {
+    let path = k_quant_demo();
+    let load = || {
+        let mut f = std::fs::File::open(&path).expect("open");
+        (gguf_file::Content::read(&mut f).expect("gguf"), f)
+    };
+    let (ct, mut f) = load();
+    let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("candle");
+    let (ct, mut f) = load();
+    let mut model = FastModel::load_with(&ct, &mut f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
+    std::fs::remove_file(&path).ok();
+    let mut seq = model.new_sequence(64);
+    let want = candle_logits(&mut reference, &PROMPT, 0);
+    let got = model.forward(&mut seq, &PROMPT).expect("prefill");
+    assert_close("k-quant prefill", &got, &want, REL_TOL);
+    assert_same_top1("k-quant prefill", &got, &want);
+    let mut next = argmax(&want) as u32;
+    for step in 0..5 {
+        let want = candle_logits(&mut reference, &[next], PROMPT.len() + step);
+        let got = model.forward(&mut seq, &[next]).expect("decode");
+        assert_close(&format!("k-quant step {step}"), &got, &want, REL_TOL);
+        assert_same_top1(&format!("k-quant step {step}"), &got, &want);
+        eprintln!("k-quant step {step}: KL {:.5}, centred max |Δ| {:?}", kl(&want, &got), diff(&got, &want));
+        next = argmax(&want) as u32;
+    }
+}
