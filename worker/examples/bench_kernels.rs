@@ -23,7 +23,7 @@ fn main() {
             continue;
         }
         let rb = t.row_bytes(k);
-        let w: Vec<u8> = (0..rows * rb).map(|i| (i * 2654435761usize >> 7) as u8 & 0x3F).collect();
+        let w: Vec<u8> = (0..rows * rb).map(|i| ((i * 2654435761usize) >> 7) as u8 & 0x3F).collect();
         let src = match t {
             WType::Q4_1 => Src::Q4_1,
             WType::Q4_0 => Src::Q4_0,

@@ -6,6 +6,8 @@
 //! because it reads through raw pointers; [`super::simd`] checks the slice
 //! lengths before calling. Pure functions, no shared state.
 #![allow(unsafe_code)]
+// Tiles index several parallel arrays (rows × columns × blocks) by position.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 

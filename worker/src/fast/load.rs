@@ -107,14 +107,14 @@ fn config(ct: &Content) -> Result<Config, String> {
     let rope_dim = meta_usize(ct, "llama.rope.dimension_count")?;
     let eps = meta(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32().map_err(|e| e.to_string())?;
     let rope_base = ct.metadata.get("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
-    if n_head == 0 || n_kv_head == 0 || !dim.is_multiple_of(n_head) || !n_head.is_multiple_of(n_kv_head) {
+    if n_head == 0 || n_kv_head == 0 || dim % n_head != 0 || n_head % n_kv_head != 0 {
         return Err(format!("inconsistent head counts: dim {dim}, {n_head} heads, {n_kv_head} kv heads"));
     }
     let head_dim = dim / n_head;
     if rope_dim != head_dim {
         return Err(format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"));
     }
-    if head_dim > MAX_HEAD_DIM || n_head / n_kv_head > MAX_GROUP || !head_dim.is_multiple_of(2) {
+    if head_dim > MAX_HEAD_DIM || n_head / n_kv_head > MAX_GROUP || head_dim % 2 != 0 {
         return Err(format!("head size {head_dim} or group {} is beyond the fast path's limits", n_head / n_kv_head));
     }
     let embd = ct.tensor_infos.get("token_embd.weight").ok_or("tensor token_embd.weight is missing")?;
@@ -147,7 +147,7 @@ fn locate(ct: &Content, name: &str, dims: &[usize]) -> Result<(Src, u64, usize),
     }
     let t = Src::from_ggml(info.ggml_dtype).map_err(|e| format!("{name}: {e}"))?;
     // Blocks run along the innermost dimension (a row).
-    if !dims.last().is_some_and(|&n| n.is_multiple_of(t.block_elems())) {
+    if dims.last().is_none_or(|&n| n % t.block_elems() != 0) {
         return Err(format!("tensor {name}: rows of {dims:?} do not fill whole {t:?} blocks"));
     }
     let elems: usize = dims.iter().product();
@@ -185,7 +185,7 @@ struct Slot {
 pub fn load<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Weights, String> {
     let cfg = config(ct)?;
     let (d, f, kv, qd) = (cfg.dim, cfg.ffn, cfg.kv_dim(), cfg.q_dim());
-    if !d.is_multiple_of(QK) || !f.is_multiple_of(QK) {
+    if d % QK != 0 || f % QK != 0 {
         return Err(format!("embedding {d} or feed-forward {f} size is not a multiple of {QK}"));
     }
     let mut shapes: Vec<(String, usize, usize)> = Vec::new();

@@ -80,6 +80,8 @@ impl Sequence {
         let need = (self.len + n) * self.kv_dim;
         let cap = self.max_len * self.kv_dim;
         for c in self.k.iter_mut().chain(self.v.iter_mut()) {
+            // Drops entries a step that panicked half-way may have left.
+            c.truncate(self.len * self.kv_dim);
             if c.capacity() < need {
                 let target = need.max(c.capacity() * 2).max(64 * self.kv_dim).min(cap);
                 c.reserve_exact(target - c.len());
@@ -188,8 +190,10 @@ impl FastModel {
     /// One decode step for several sequences at once: `tokens[i]` is appended
     /// to `seqs[i]`; returns the logits of each.
     pub fn forward_batch(&mut self, seqs: &mut [&mut Sequence], tokens: &[u32]) -> Result<Vec<Vec<f32>>, String> {
-        let per: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
-        self.forward_many(seqs, &per)
+        if seqs.len() != tokens.len() {
+            return Err(format!("{} sequences but {} tokens", seqs.len(), tokens.len()));
+        }
+        self.forward_with(seqs, |i| std::slice::from_ref(&tokens[i]))
     }
 
     /// The general step: `tokens[i]` (any number, at least one) is appended to
@@ -199,8 +203,19 @@ impl FastModel {
         if seqs.len() != tokens.len() {
             return Err(format!("{} sequences but {} token lists", seqs.len(), tokens.len()));
         }
+        self.forward_with(seqs, |i| tokens[i])
+    }
+
+    /// [`Self::forward_many`] with sequence `i`'s tokens given by `tokens(i)`.
+    /// Allocates only the returned logits.
+    fn forward_with<'t>(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        tokens: impl Fn(usize) -> &'t [u32],
+    ) -> Result<Vec<Vec<f32>>, String> {
         let cfg = &self.w.cfg;
-        for (s, t) in seqs.iter().zip(tokens) {
+        for (i, s) in seqs.iter().enumerate() {
+            let t = tokens(i);
             if t.is_empty() {
                 return Err("a sequence was given no tokens".to_owned());
             }
@@ -214,34 +229,33 @@ impl FastModel {
                 return Err(format!("token {bad} is outside the vocabulary ({})", cfg.vocab));
             }
         }
-        for (s, t) in seqs.iter_mut().zip(tokens) {
-            s.reserve(t.len());
+        for (i, s) in seqs.iter_mut().enumerate() {
+            s.reserve(tokens(i).len());
         }
         let vocab = cfg.vocab;
         let mut logits = vec![Vec::new(); seqs.len()];
-        // Queue every token, then run the queue in steps of at most MAX_ROWS.
-        let mut queue: Vec<(usize, u32)> = Vec::new();
-        for (i, t) in tokens.iter().enumerate() {
-            queue.extend(t.iter().map(|&x| (i, x)));
-        }
-        let mut next_pos: Vec<usize> = seqs.iter().map(|s| s.len).collect();
-        let mut left: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
-        for chunk in queue.chunks(MAX_ROWS) {
+        // Walk all tokens, sequence by sequence, in steps of at most MAX_ROWS.
+        let (mut si, mut off) = (0, 0);
+        while si < seqs.len() {
             self.s.rows.clear();
             self.s.outs.clear();
-            for &(seq, token) in chunk {
+            while si < seqs.len() && self.s.rows.len() < MAX_ROWS {
+                let t = tokens(si);
                 let r = self.s.rows.len();
-                self.s.rows.push(Row { seq, pos: next_pos[seq], token });
-                next_pos[seq] += 1;
-                left[seq] -= 1;
-                if left[seq] == 0 {
-                    self.s.outs.push((r, seq));
+                self.s.rows.push(Row { seq: si, pos: seqs[si].len + off, token: t[off] });
+                off += 1;
+                if off == t.len() {
+                    self.s.outs.push((r, si));
+                    (si, off) = (si + 1, 0);
                 }
             }
             self.step(seqs);
             for (o, &(_, seq)) in self.s.outs.iter().enumerate() {
                 logits[seq] = self.s.logits[o * vocab..(o + 1) * vocab].to_vec();
             }
+        }
+        for (i, s) in seqs.iter_mut().enumerate() {
+            s.len += tokens(i).len();
         }
         Ok(logits)
     }
@@ -293,7 +307,7 @@ impl FastModel {
             }
             for (i, r) in rows.iter().enumerate() {
                 let sq = &mut *seqs[r.seq];
-                debug_assert_eq!(sq.k[li].len(), r.pos * kvd, "rows of a sequence arrive in order");
+                assert_eq!(sq.k[li].len(), r.pos * kvd, "rows of a sequence arrive in order");
                 append_f16(&mut sq.k[li], &k[i * kvd..(i + 1) * kvd]);
                 append_f16(&mut sq.v[li], &v[i * kvd..(i + 1) * kvd]);
             }
@@ -335,9 +349,6 @@ impl FastModel {
             let ha = Acts { f: h, q: hq.view(n * ffn / QK), n, k: ffn };
             matmul(pool, plan, &[&l.down], &mut [&mut *tmp], ha);
             x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
-        }
-        for r in rows.iter() {
-            seqs[r.seq].len = r.pos + 1;
         }
 
         // Output head, only for the rows whose logits are wanted.
