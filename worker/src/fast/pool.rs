@@ -15,6 +15,13 @@
 //! is the only submitter: `Pool` is `Send` but not `Sync`). The rayon variant
 //! exists only to measure against (see `examples/bench_engine.rs`).
 //!
+//! Why not rayon (kept selectable as [`PoolKind::Rayon`] to measure against):
+//! on the dev box an empty 8-task section costs ~0.1-0.6 µs on the spin pool
+//! and ~12-26 µs with `install` + `par_iter` (rayon's sleeping workers must be
+//! woken, and the caller blocks instead of taking tasks), i.e. ~2-4 ms per
+//! token over ~150 sections; two-thread decode of the demo model measured
+//! ~171 tok/s (spin) vs ~143 (rayon) in the same run, prefill about equal.
+//!
 //! `unsafe` here: the job closure borrows the caller's stack, and workers see
 //! it through a lifetime-erased pointer. `run` does not return (or unwind)
 //! before every worker has finished with it, which is what makes that sound.
@@ -175,7 +182,16 @@ unsafe impl Send for Shared {}
 struct SpinPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// Sections left to run on the caller alone after a straggler (see `run`).
+    solo: Cell<u32>,
 }
+
+/// A wait this long for workers that joined a section means one of them was
+/// preempted mid-task (tasks take microseconds): the machine is oversubscribed.
+const STRAGGLER: Duration = Duration::from_micros(200);
+/// Sections then run on the calling thread alone before trying workers again
+/// (about half a decode step of the demo model).
+const SOLO_SECTIONS: u32 = 64;
 
 /// How long an idle worker spins, then yields, before it sleeps on the condvar.
 const SPIN_FOR: Duration = Duration::from_micros(50);
@@ -204,10 +220,29 @@ impl SpinPool {
                 .map_err(|e| format!("cannot start worker thread: {e}"))?;
             handles.push(h);
         }
-        Ok(Self { shared, workers: handles })
+        Ok(Self { shared, workers: handles, solo: Cell::new(0) })
     }
 
+    /// Runs the section; if joined workers kept the caller waiting more than
+    /// [`STRAGGLER`] (one was descheduled holding a task), the next
+    /// [`SOLO_SECTIONS`] sections run on the caller alone. On a busy machine a
+    /// preempted worker would otherwise cost a scheduler time slice per
+    /// section, making two threads slower than one; on a quiet one this never
+    /// triggers.
     fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        let solo = self.solo.get();
+        if solo > 0 {
+            self.solo.set(solo - 1);
+            return (0..n).for_each(f);
+        }
+        if self.run_parallel(n, f) > STRAGGLER {
+            self.solo.set(SOLO_SECTIONS);
+        }
+    }
+
+    /// Runs the section on the caller and any workers that join; returns how
+    /// long the caller waited for joined workers after its own share.
+    fn run_parallel(&self, n: usize, f: &(dyn Fn(usize) + Sync)) -> Duration {
         let s = &*self.shared;
         // SAFETY: erases the closure's lifetime. Workers only call it after
         // joining this job, and we wait for every joined worker to leave
@@ -229,14 +264,19 @@ impl SpinPool {
         // Every task is claimed: close the job and wait for the joined workers.
         let mut ctl = s.ctl.fetch_or(CLOSED, Ordering::AcqRel) | CLOSED;
         let mut spins = 0u32;
-        while ctl & COUNT != 0 {
-            spins += 1;
-            if spins < 256 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
+        let mut waited = Duration::ZERO;
+        if ctl & COUNT != 0 {
+            let since = Instant::now();
+            while ctl & COUNT != 0 {
+                spins += 1;
+                if spins < 256 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                ctl = s.ctl.load(Ordering::Acquire);
             }
-            ctl = s.ctl.load(Ordering::Acquire);
+            waited = since.elapsed();
         }
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
@@ -244,6 +284,7 @@ impl SpinPool {
         if s.panicked.swap(false, Ordering::Relaxed) {
             panic!("a fast-path worker thread panicked (see its message above)");
         }
+        waited
     }
 }
 
