@@ -23,6 +23,23 @@ fn main() {
     let mut file = std::fs::File::open(&model).expect("open");
     let ct = gguf_file::Content::read(&mut file).expect("gguf");
     let mut m = FastModel::load_with(&ct, &mut file, FastConfig { threads, pool }).expect("load");
+    if mode == "idle" {
+        // CPU the process burns while the model sits idle after a step
+        // (workers should go to sleep within ~1 ms).
+        let mut s = m.new_sequence(8);
+        m.forward(&mut s, &[1, 2, 3]).expect("forward");
+        let cpu = || -> f64 {
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+            let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (ticks(11) + ticks(12)) / 100.0 // utime + stime, in clock ticks
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let before = cpu();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        println!("idle: {:.3} s of CPU in 2 s", cpu() - before);
+        return;
+    }
     let started = Instant::now();
     let mut tokens = 0usize;
     while started.elapsed().as_secs_f64() < seconds {

@@ -394,3 +394,12 @@ fn k_quant_weights_match_candle() {
         next = argmax(&want) as u32;
     }
 }
+
+#[test]
+fn models_and_sequences_can_move_between_threads() {
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+    send::<FastModel>();
+    send::<Sequence>();
+    sync::<Sequence>();
+}
