@@ -186,8 +186,9 @@ struct SpinPool {
     solo: Cell<u32>,
 }
 
-/// A wait this long for workers that joined a section means one of them was
-/// preempted mid-task (tasks take microseconds): the machine is oversubscribed.
+/// A wait for joined workers longer than this, and than 4× the caller's own
+/// mean task time, means one of them was preempted mid-task: the machine is
+/// oversubscribed.
 const STRAGGLER: Duration = Duration::from_micros(200);
 /// Sections then run on the calling thread alone before trying workers again
 /// (about half a decode step of the demo model).
@@ -223,9 +224,9 @@ impl SpinPool {
         Ok(Self { shared, workers: handles, solo: Cell::new(0) })
     }
 
-    /// Runs the section; if joined workers kept the caller waiting more than
-    /// [`STRAGGLER`] (one was descheduled holding a task), the next
-    /// [`SOLO_SECTIONS`] sections run on the caller alone. On a busy machine a
+    /// Runs the section; if joined workers kept the caller waiting much longer
+    /// than a task takes (see [`STRAGGLER`]: one was descheduled holding a
+    /// task), the next [`SOLO_SECTIONS`] sections run on the caller alone. On a busy machine a
     /// preempted worker would otherwise cost a scheduler time slice per
     /// section, making two threads slower than one; on a quiet one this never
     /// triggers.
@@ -235,14 +236,16 @@ impl SpinPool {
             self.solo.set(solo - 1);
             return (0..n).for_each(f);
         }
-        if self.run_parallel(n, f) > STRAGGLER {
+        let (waited, task) = self.run_parallel(n, f);
+        if waited > STRAGGLER.max(4 * task) {
             self.solo.set(SOLO_SECTIONS);
         }
     }
 
     /// Runs the section on the caller and any workers that join; returns how
-    /// long the caller waited for joined workers after its own share.
-    fn run_parallel(&self, n: usize, f: &(dyn Fn(usize) + Sync)) -> Duration {
+    /// long the caller waited for joined workers after its own share, and the
+    /// mean time of the caller's own tasks.
+    fn run_parallel(&self, n: usize, f: &(dyn Fn(usize) + Sync)) -> (Duration, Duration) {
         let s = &*self.shared;
         // SAFETY: erases the closure's lifetime. Workers only call it after
         // joining this job, and we wait for every joined worker to leave
@@ -260,7 +263,9 @@ impl SpinPool {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
+        let started = Instant::now();
         let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim(s, f, n)));
+        let task = started.elapsed() / (*mine.as_ref().unwrap_or(&1)).max(1) as u32;
         // Every task is claimed: close the job and wait for the joined workers.
         let mut ctl = s.ctl.fetch_or(CLOSED, Ordering::AcqRel) | CLOSED;
         let mut spins = 0u32;
@@ -284,17 +289,20 @@ impl SpinPool {
         if s.panicked.swap(false, Ordering::Relaxed) {
             panic!("a fast-path worker thread panicked (see its message above)");
         }
-        waited
+        (waited, task)
     }
 }
 
-fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync), n: usize) {
+/// Runs tasks until none are left; returns how many this thread ran.
+fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync), n: usize) -> usize {
+    let mut ran = 0;
     loop {
         let t = s.next.fetch_add(1, Ordering::Relaxed);
         if t >= n {
-            break;
+            return ran;
         }
         f(t);
+        ran += 1;
     }
 }
 
