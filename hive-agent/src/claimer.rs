@@ -1,16 +1,22 @@
-//! Claiming jobs from the shared pull consumer, never more than there are free slots.
+//! Claiming jobs from the two lanes' pull consumers, never more than there are free slots.
 //!
-//! One task owns the consumer side. It keeps pull requests outstanding for
-//! exactly `free slots - credits already requested` messages, each request
-//! with its own reply subject (`<inbox>.<n>`) so it knows which request a
-//! message or a `408 Request Timeout` answers. A claimed job takes a slot
-//! permit at once; when the job finishes, dropping its [`SlotGuard`] wakes the
-//! claimer, which asks for one more.
+//! One task owns both consumers. Per lane it keeps pull requests outstanding
+//! for `free slots - credits already requested`, each request with its own
+//! reply subject (`<inbox>.<lane>.<n>`) so it knows which request a message or
+//! a `408 Request Timeout` answers. A claimed job takes a slot permit at once;
+//! when the job finishes, dropping its [`SlotGuard`] wakes the claimer.
 //!
-//! This is the raw JetStream pull protocol (`$JS.API.CONSUMER.MSG.NEXT`) rather
-//! than the client's pull stream, whose bookkeeping was seen to stall a job for
-//! 35 s under load (shared/NATS-NOTES.md), and whose default batch of 200 would
-//! claim far more jobs than a hive can run.
+//! Priority: requests go to the interactive lane first, so when both lanes
+//! have work the interactive job arrives first and takes the slot; a batch job
+//! that arrives for a slot already taken is handed back at once (nak), never
+//! started. Batch is not starved: after 3 interactive claims in a row while
+//! batch work is known to wait, the next free slot is requested from the
+//! batch lane only.
+//!
+//! This is the raw JetStream pull protocol (`$JS.API.CONSUMER.MSG.NEXT`)
+//! rather than the client's pull stream, whose bookkeeping was seen to stall a
+//! job for 35 s under load (shared/NATS-NOTES.md), and whose default batch of
+//! 200 would claim far more jobs than a hive can run.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,11 +25,14 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{Client, StatusCode};
 use futures::StreamExt;
+use rbee_schemas::subjects::Lane;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// How long one pull request waits on the server for messages.
 pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Interactive claims in a row, while batch work waits, before batch gets a slot.
+pub const BATCH_EVERY: u32 = 4;
 
 /// A job's hold on one of the hive's slots; dropping it frees the slot.
 #[derive(Debug)]
@@ -44,54 +53,100 @@ struct Request {
     deadline: Instant,
 }
 
-/// The claiming side of one consumer.
+#[derive(Debug, Default)]
+struct LaneState {
+    requests: HashMap<u64, Request>,
+    credits: usize,
+}
+
+impl LaneState {
+    fn forget(&mut self, id: u64) {
+        if let Some(r) = self.requests.remove(&id) {
+            self.credits -= r.remaining;
+        }
+    }
+
+    fn delivered(&mut self, id: u64) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.remaining -= 1;
+            self.credits -= 1;
+            if r.remaining == 0 {
+                self.requests.remove(&id);
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let mut lost = 0;
+        self.requests.retain(|_, r| {
+            let keep = r.deadline > now;
+            if !keep {
+                lost += r.remaining;
+            }
+            keep
+        });
+        self.credits -= lost;
+    }
+}
+
+/// The claiming side of the two lane consumers.
 #[derive(Debug)]
 pub struct Claimer {
     pub client: Client,
     pub js: jetstream::Context,
     pub stream: String,
-    pub consumer: String,
     pub slots: Arc<Semaphore>,
     pub freed: Arc<Notify>,
 }
 
+fn lane_index(lane: Lane) -> usize {
+    match lane {
+        Lane::Interactive => 0,
+        Lane::Batch => 1,
+    }
+}
+
+const LANES: [Lane; 2] = [Lane::Interactive, Lane::Batch];
+
 impl Claimer {
-    /// Claims jobs until `stop` is cancelled, handing each to `on_job` with its slot.
-    /// On `stop` it unsubscribes its inbox, which makes the server drop the
-    /// outstanding pull requests (nats-server checks a request's interest
-    /// before delivering to it; verified on 2.9), and hands back (naks) any job
-    /// already on its way.
+    /// Claims jobs until `stop` is cancelled, handing each to `on_job` with its
+    /// lane and slot. On `stop` it unsubscribes its inbox, which makes the
+    /// server drop the outstanding pull requests (nats-server checks a
+    /// request's interest before delivering to it; verified on 2.9), and hands
+    /// back (naks) any job already on its way.
     pub async fn run<F>(self, stop: CancellationToken, mut on_job: F) -> Result<(), async_nats::Error>
     where
-        F: FnMut(jetstream::Message, SlotGuard),
+        F: FnMut(jetstream::Message, Lane, SlotGuard),
     {
         let inbox = self.client.new_inbox();
-        let mut sub = self.client.subscribe(format!("{inbox}.*")).await?;
-        let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.stream, self.consumer);
-        let mut requests: HashMap<u64, Request> = HashMap::new();
-        let mut credits = 0usize;
+        let mut sub = self.client.subscribe(format!("{inbox}.*.*")).await?;
+        let mut lanes = [LaneState::default(), LaneState::default()];
         let mut next_id = 0u64;
+        // Anti-starvation bookkeeping.
+        let mut interactive_streak = 0u32;
+        let mut batch_waiting = false;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            {
-                let free = self.slots.available_permits();
-                if free > credits {
-                    let batch = free - credits;
+            let free = self.slots.available_permits();
+            let batch_turn = batch_waiting && interactive_streak + 1 >= BATCH_EVERY;
+            for lane in LANES {
+                if batch_turn && lane == Lane::Interactive {
+                    continue;
+                }
+                let state = &mut lanes[lane_index(lane)];
+                if free > state.credits {
+                    let batch = free - state.credits;
                     next_id += 1;
+                    let subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.stream, lane.consumer());
+                    let reply = format!("{inbox}.{}.{next_id}", lane_index(lane));
                     let body = format!(r#"{{"batch":{batch},"expires":{}}}"#, PULL_EXPIRES.as_nanos());
-                    match self
-                        .client
-                        .publish_with_reply(next_subject.clone(), format!("{inbox}.{next_id}"), body.into())
-                        .await
-                    {
+                    match self.client.publish_with_reply(subject, reply, body.into()).await {
                         Ok(()) => {
-                            requests.insert(
-                                next_id,
-                                Request { remaining: batch, deadline: Instant::now() + PULL_EXPIRES + Duration::from_secs(1) },
-                            );
-                            credits += batch;
+                            let deadline = Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+                            state.requests.insert(next_id, Request { remaining: batch, deadline });
+                            state.credits += batch;
                         }
                         Err(e) => tracing::warn!(error = %e, "pull request failed; retrying"),
                     }
@@ -100,33 +155,40 @@ impl Claimer {
             tokio::select! {
                 msg = sub.next() => {
                     let Some(msg) = msg else { return Ok(()) };
-                    let id: u64 = msg.subject.rsplit('.').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                    let mut parts = msg.subject.rsplit('.');
+                    let id: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                    let lane = if parts.next() == Some("1") { Lane::Batch } else { Lane::Interactive };
+                    let state = &mut lanes[lane_index(lane)];
                     match msg.status {
                         Some(StatusCode::IDLE_HEARTBEAT) => {}
                         Some(status) if status != StatusCode::OK => {
                             // 408 expired, 409 terminated, 404 none: the request is over.
-                            if let Some(r) = requests.remove(&id) {
-                                credits -= r.remaining;
-                            }
-                            if status != StatusCode::TIMEOUT {
-                                tracing::debug!(%status, description = ?msg.description, "pull request ended");
+                            state.forget(id);
+                            if lane == Lane::Batch && (status == StatusCode::TIMEOUT || status == StatusCode::NOT_FOUND) {
+                                batch_waiting = false;
                             }
                         }
                         _ => {
-                            if let Some(r) = requests.get_mut(&id) {
-                                r.remaining -= 1;
-                                credits -= 1;
-                                if r.remaining == 0 {
-                                    requests.remove(&id);
-                                }
-                            }
+                            state.delivered(id);
                             let job = jetstream::Message { message: msg, context: self.js.clone() };
                             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                                // A late answer to a request we gave up on: hand it back.
+                                // Both lanes answered for one slot, or a late answer to a
+                                // request we gave up on: hand it back unstarted.
+                                if lane == Lane::Batch {
+                                    batch_waiting = true;
+                                }
                                 hand_back(&job).await;
                                 continue;
                             };
-                            on_job(job, SlotGuard { _permit: permit, freed: self.freed.clone() });
+                            match lane {
+                                Lane::Interactive if batch_waiting => interactive_streak += 1,
+                                Lane::Interactive => {}
+                                Lane::Batch => {
+                                    interactive_streak = 0;
+                                    batch_waiting = job.info().map(|i| i.pending > 0).unwrap_or(false);
+                                }
+                            }
+                            on_job(job, lane, SlotGuard { _permit: permit, freed: self.freed.clone() });
                         }
                     }
                 }
@@ -134,13 +196,9 @@ impl Claimer {
                 _ = tick.tick() => {
                     // Requests lost with a broker restart never answer; forget them.
                     let now = Instant::now();
-                    requests.retain(|_, r| {
-                        let keep = r.deadline > now;
-                        if !keep {
-                            credits -= r.remaining;
-                        }
-                        keep
-                    });
+                    for l in &mut lanes {
+                        l.expire(now);
+                    }
                 }
                 _ = stop.cancelled() => {
                     sub.unsubscribe().await?;

@@ -21,6 +21,8 @@ pub mod events;
 pub mod heartbeat;
 pub mod job;
 pub mod pool;
+pub mod running;
+pub mod sweeper;
 pub mod worker_proc;
 
 use std::path::PathBuf;
@@ -76,6 +78,18 @@ pub struct HiveArgs {
     /// How long a worker may take to load its model.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub load_timeout: Duration,
+    /// Delay before the first retry of a job whose worker died; doubled per attempt (at most 30 s).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+    /// Queue capacity (jobs) when this hive creates the jobs stream; a full queue refuses new jobs (QUEUE_FULL).
+    #[arg(long, env = "RBEE_QUEUE_MAX_JOBS", default_value_t = 100_000)]
+    pub queue_max_jobs: i64,
+    /// Offer the no-op test model `noop` (no weights; emits " t0", " t1", ...). For tests and benchmarks.
+    #[arg(long, hide = true)]
+    pub test_noop_model: bool,
+    /// Time per token of the no-op test model.
+    #[arg(long, hide = true, default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub noop_token_delay: Duration,
 }
 
 /// Logs to stderr; `RBEE_LOG` sets the filter (default `info`).
@@ -157,13 +171,20 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let home = args.data_dir.clone().unwrap_or_else(rbee_broker::rbee_home);
     let models_dir = args.models_dir.clone().unwrap_or_else(|| home.join("models"));
     let catalog_path = home.join("hives").join(&hive_id).join("catalog.redb");
-    let catalog = Arc::new(catalog::Catalog::open(&catalog_path, &models_dir).map_err(anyhow::Error::msg)?);
+    let mut catalog = catalog::Catalog::open(&catalog_path, &models_dir).map_err(anyhow::Error::msg)?;
+    if args.test_noop_model {
+        catalog.enable_noop_model();
+    }
+    let catalog = Arc::new(catalog);
 
     let client = connect(&args.nats_url, &format!("rbee-hive {hive_id}")).await?;
     let js = jetstream::new(client.clone());
-    let broker = rbee_broker::ensure(&js, &rbee_broker::Limits::default()).await?;
+    let limits = rbee_broker::Limits { jobs_max_msgs: args.queue_max_jobs, ..rbee_broker::Limits::default() };
+    let broker = rbee_broker::ensure(&js, &limits).await?;
     let mut infer = broker.infer.clone();
     let ack_wait = infer.info().await.map(|i| i.config.ack_wait).unwrap_or(Duration::from_secs(30));
+    let running = Arc::new(running::Running::default());
+    running::listen(client.clone(), running.clone()).await?;
 
     let pool = pool::Pool::new(pool::PoolConfig {
         hive_id: hive_id.clone(),
@@ -172,20 +193,26 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         device: args.device,
         threads: args.worker_threads,
         load_timeout: args.load_timeout,
+        noop_token_delay: args.noop_token_delay,
     });
     let slots = Arc::new(Semaphore::new(args.slots as usize));
     let hand_back = CancellationToken::new();
     let ctx = Arc::new(job::JobCtx {
         hive_id: hive_id.clone(),
         client: client.clone(),
-        records: broker.job_records.clone(),
+        js: js.clone(),
+        records: rbee_broker::records::Records::new(broker.job_records.clone()),
         events: broker.events.clone(),
         catalog,
         pool: pool.clone(),
+        running,
         ack_wait,
         max_attempts: args.max_attempts,
+        retry_backoff: args.retry_backoff,
         hand_back: hand_back.clone(),
     });
+    let sweep_stop = CancellationToken::new();
+    let sweeping = tokio::spawn(sweeper::run(ctx.clone(), broker.jobs.clone(), sweep_stop.clone()));
 
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let heartbeat = heartbeat::Heartbeat {
@@ -215,14 +242,13 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         client: client.clone(),
         js: js.clone(),
         stream: subjects::JOBS_STREAM.to_owned(),
-        consumer: subjects::INFER_CONSUMER.to_owned(),
         slots,
         freed: Arc::new(Notify::new()),
     };
     let jobs = tracker.clone();
     let job_ctx = ctx.clone();
-    let claiming = tokio::spawn(claimer.run(shutdown.clone(), move |msg, slot| {
-        jobs.spawn(job::handle(job_ctx.clone(), msg, slot));
+    let claiming = tokio::spawn(claimer.run(shutdown.clone(), move |msg, lane, slot| {
+        jobs.spawn(job::handle(job_ctx.clone(), msg, lane, slot));
     }));
     tracing::info!(hive = %hive_id, nats = %args.nats_url, slots = args.slots, "hive ready");
 
@@ -247,6 +273,8 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     pool.shutdown(Duration::from_secs(5)).await;
+    sweep_stop.cancel();
+    let _ = sweeping.await;
     beat_stop.cancel();
     let _ = beats.await;
     client.drain().await.context("draining the NATS connection")?;

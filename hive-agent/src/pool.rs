@@ -37,6 +37,8 @@ pub struct PoolConfig {
     pub device: usize,
     pub threads: Option<usize>,
     pub load_timeout: Duration,
+    /// Time per token of the no-op test model.
+    pub noop_token_delay: Duration,
 }
 
 #[derive(Debug)]
@@ -117,6 +119,7 @@ impl Pool {
             threads: self.config.threads,
             id: format!("{}-w{n}", self.config.hive_id),
             load_timeout: self.config.load_timeout,
+            noop: (model.format == "noop").then_some(self.config.noop_token_delay),
         };
         let result = WorkerProc::spawn(spec).await;
         {

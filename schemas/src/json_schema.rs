@@ -35,6 +35,8 @@ fn job_schema_lists_exactly_the_job_fields_and_limits() {
         seed: Some(1),
         stop: Some(vec!["s".into()]),
         reply_to: Some("r".into()),
+        timeout_ms: Some(1),
+        deadline_ms: Some(1),
         ..InferRequest::default()
     };
     let json: Value = serde_json::from_slice(&Encoding::Json.encode(&full)).unwrap();
@@ -50,6 +52,7 @@ fn job_schema_lists_exactly_the_job_fields_and_limits() {
     assert_eq!(p["stop"]["maxItems"], MAX_STOP);
     assert_eq!(p["stop"]["items"]["maxLength"], MAX_STOP_BYTES);
     assert_eq!(p["messages"]["maxItems"], MAX_MESSAGES);
+    assert_eq!(p["timeout_ms"]["maximum"], MAX_TIMEOUT_MS);
     let msg_keys = keys(&schema["$defs"]["message"]["properties"]);
     assert_eq!(msg_keys, ["content", "role"]);
 }

@@ -14,6 +14,7 @@
 
 pub mod chat;
 pub mod engine;
+pub mod noop;
 pub mod process;
 pub mod stream;
 pub mod tokenizer;
