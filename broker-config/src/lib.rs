@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use rbee_schemas::subjects;
 
+pub mod events;
 pub mod queue;
 pub mod records;
 pub mod server;

@@ -1,22 +1,17 @@
 //! Publishing a job's events. One [`EventSink`] per job attempt, owned by the
 //! job's task: the only writer of that job's sequence, so `seq` has no gaps.
-//!
-//! Every event goes to `rbee.events.<job id>`, which the `RBEE_EVENTS` stream
-//! keeps for replay (`rbee jobs follow`, reattaching after a disconnect, a
-//! resubmitted duplicate); a job with its own `reply_to` gets each event there
-//! too.
+//! Where events go is [`rbee_broker::events`]: always `rbee.events.<job id>`
+//! (kept for replay), and the job's `reply_to` too.
 
-use async_nats::{Client, HeaderMap, Subject};
-use bytes::Bytes;
+use async_nats::Client;
+use rbee_broker::events::EventSubjects;
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::event::{Event, EventBody};
-use rbee_schemas::subjects::{self, HEADER_CONTENT_TYPE};
 
 #[derive(Debug)]
 pub struct EventSink {
     client: Client,
-    kept: Subject,
-    reply: Option<Subject>,
+    subjects: EventSubjects,
     job_id: String,
     encoding: Encoding,
     next_seq: u64,
@@ -25,18 +20,13 @@ pub struct EventSink {
 
 impl EventSink {
     pub fn new(client: Client, reply_to: &str, job_id: &str, encoding: Encoding, next_seq: u64) -> Self {
-        let kept = subjects::events_subject(job_id);
-        let reply = (reply_to != kept).then(|| Subject::from(reply_to));
-        Self { client, kept: Subject::from(kept), reply, job_id: job_id.to_owned(), encoding, next_seq, ended: false }
+        let subjects = EventSubjects::new(job_id, reply_to);
+        Self { client, subjects, job_id: job_id.to_owned(), encoding, next_seq, ended: false }
     }
 
     /// The `seq` the next event will carry.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
-    }
-
-    pub fn set_next_seq(&mut self, seq: u64) {
-        self.next_seq = seq;
     }
 
     /// Publishes one event; returns it. Nothing is published after a terminal event.
@@ -46,7 +36,7 @@ impl EventSink {
             return Ok(None);
         }
         let event = Event::new(self.job_id.clone(), self.next_seq, body);
-        self.send(&event).await?;
+        self.subjects.publish(&self.client, self.encoding, &event).await?;
         self.next_seq += 1;
         self.ended = event.is_terminal();
         Ok(Some(event))
@@ -55,26 +45,6 @@ impl EventSink {
     /// Sends an event published before (a job's stored terminal event) once
     /// more, for a client that may have missed it; readers drop repeats by `seq`.
     pub async fn resend(&self, event: &Event) -> Result<(), async_nats::PublishError> {
-        self.send(event).await
-    }
-
-    async fn send(&self, event: &Event) -> Result<(), async_nats::PublishError> {
-        self.publish(self.kept.clone(), event).await?;
-        if let Some(reply) = &self.reply {
-            self.publish(reply.clone(), event).await?;
-        }
-        Ok(())
-    }
-
-    async fn publish(&self, subject: Subject, event: &Event) -> Result<(), async_nats::PublishError> {
-        let payload = Bytes::from(self.encoding.encode(event));
-        match self.encoding {
-            Encoding::Json => self.client.publish(subject, payload).await,
-            Encoding::Msgpack => {
-                let mut headers = HeaderMap::new();
-                headers.insert(HEADER_CONTENT_TYPE, self.encoding.content_type());
-                self.client.publish_with_headers(subject, headers, payload).await
-            }
-        }
+        self.subjects.publish(&self.client, self.encoding, event).await
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::Stream;
+use rbee_broker::events::EventSubjects;
 use rbee_broker::queue;
 use rbee_broker::records::Decision;
 use rbee_schemas::codec::Encoding;
@@ -18,7 +19,6 @@ use rbee_schemas::record::{JobRecord, JobState};
 use rbee_schemas::subjects::{self, HEADER_CONTENT_TYPE};
 use tokio_util::sync::CancellationToken;
 
-use crate::events::EventSink;
 use crate::job::{now_ms, JobCtx};
 
 /// Queue entries looked at per sweep.
@@ -88,8 +88,7 @@ async fn expire(ctx: &JobCtx, jobs: &Stream, q: &queue::Queued, probe: JobProbe,
         .await;
     if let Ok((Some(event), _)) = decided {
         tracing::info!(job_id = %q.job_id, "deadline passed in the queue; job expired");
-        let sink = EventSink::new(ctx.client.clone(), &reply_to, &q.job_id, encoding, event.seq);
-        let _ = sink.resend(&event).await;
+        let _ = EventSubjects::new(&q.job_id, &reply_to).publish(&ctx.client, encoding, &event).await;
         if let Err(e) = jobs.delete_message(q.seq).await {
             tracing::debug!(error = %e, "sweep: deleting the expired job's message failed (a hive may hold it)");
         }
