@@ -6,12 +6,12 @@
 //! a `408 Request Timeout` answers. A claimed job takes a slot permit at once;
 //! when the job finishes, dropping its [`SlotGuard`] wakes the claimer.
 //!
-//! Priority: requests go to the interactive lane first, so when both lanes
-//! have work the interactive job arrives first and takes the slot; a batch job
-//! that arrives for a slot already taken is handed back at once (nak), never
-//! started. Batch is not starved: after 3 interactive claims in a row while
-//! batch work is known to wait, the next free slot is requested from the
-//! batch lane only.
+//! Priority: an idle hive waits on both lanes. Once it knows batch work is
+//! waiting (a batch job arrived for a slot already taken: it is handed back at
+//! once, never started), each free slot is first offered to the interactive
+//! lane with a no-wait pull, and only if that lane is empty to the batch lane.
+//! Batch is not starved: after 3 interactive claims in a row while batch work
+//! waits, the next free slot goes to the batch lane.
 //!
 //! This is the raw JetStream pull protocol (`$JS.API.CONSUMER.MSG.NEXT`)
 //! rather than the client's pull stream, whose bookkeeping was seen to stall a
@@ -53,6 +53,14 @@ struct Request {
     deadline: Instant,
 }
 
+/// What to ask a lane for.
+#[derive(Debug, Clone, Copy)]
+struct Pull {
+    lane: Lane,
+    batch: usize,
+    no_wait: bool,
+}
+
 #[derive(Debug, Default)]
 struct LaneState {
     requests: HashMap<u64, Request>,
@@ -66,12 +74,18 @@ impl LaneState {
         }
     }
 
-    fn delivered(&mut self, id: u64) {
-        if let Some(r) = self.requests.get_mut(&id) {
-            r.remaining -= 1;
-            self.credits -= 1;
-            if r.remaining == 0 {
-                self.requests.remove(&id);
+    /// A job arrived for this lane. Job messages carry their own subject, not
+    /// the request's reply subject, so which request it answers is not known;
+    /// the server fills a consumer's waiting requests in order, so it is the
+    /// oldest one.
+    fn delivered(&mut self) {
+        if let Some(id) = self.requests.keys().min().copied() {
+            if let Some(r) = self.requests.get_mut(&id) {
+                r.remaining -= 1;
+                self.credits -= 1;
+                if r.remaining == 0 {
+                    self.requests.remove(&id);
+                }
             }
         }
     }
@@ -106,7 +120,7 @@ fn lane_index(lane: Lane) -> usize {
     }
 }
 
-const LANES: [Lane; 2] = [Lane::Interactive, Lane::Batch];
+
 
 impl Claimer {
     /// Claims jobs until `stop` is cancelled, handing each to `on_job` with its
@@ -122,55 +136,78 @@ impl Claimer {
         let mut sub = self.client.subscribe(format!("{inbox}.*.*")).await?;
         let mut lanes = [LaneState::default(), LaneState::default()];
         let mut next_id = 0u64;
-        // Anti-starvation bookkeeping.
+        // Priority bookkeeping.
         let mut interactive_streak = 0u32;
         let mut batch_waiting = false;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+        let mut interactive_empty = false;
         loop {
             let free = self.slots.available_permits();
-            let batch_turn = batch_waiting && interactive_streak + 1 >= BATCH_EVERY;
-            for lane in LANES {
-                if batch_turn && lane == Lane::Interactive {
-                    continue;
-                }
-                let state = &mut lanes[lane_index(lane)];
-                if free > state.credits {
-                    let batch = free - state.credits;
-                    next_id += 1;
-                    let subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.stream, lane.consumer());
-                    let reply = format!("{inbox}.{}.{next_id}", lane_index(lane));
-                    let body = format!(r#"{{"batch":{batch},"expires":{}}}"#, PULL_EXPIRES.as_nanos());
-                    match self.client.publish_with_reply(subject, reply, body.into()).await {
-                        Ok(()) => {
-                            let deadline = Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
-                            state.requests.insert(next_id, Request { remaining: batch, deadline });
-                            state.credits += batch;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "pull request failed; retrying"),
+            let [i, b] = [lanes[0].credits, lanes[1].credits];
+            let mut pulls: Vec<Pull> = Vec::with_capacity(2);
+            if !batch_waiting {
+                // Idle or interactive-only: wait on both lanes.
+                for (lane, have) in [(Lane::Interactive, i), (Lane::Batch, b)] {
+                    if free > have {
+                        pulls.push(Pull { lane, batch: free - have, no_wait: false });
                     }
+                }
+            } else if interactive_streak + 1 >= BATCH_EVERY || interactive_empty {
+                // Batch's turn, or no interactive job waits: one lane at a time.
+                if free > b && i == 0 {
+                    pulls.push(Pull { lane: Lane::Batch, batch: free - b, no_wait: false });
+                }
+            } else if free > i && b == 0 {
+                pulls.push(Pull { lane: Lane::Interactive, batch: free - i, no_wait: true });
+            }
+            for pull in pulls {
+                let state = &mut lanes[lane_index(pull.lane)];
+                next_id += 1;
+                let subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.stream, pull.lane.consumer());
+                let reply = format!("{inbox}.{}.{next_id}", lane_index(pull.lane));
+                let body = if pull.no_wait {
+                    format!(r#"{{"batch":{},"no_wait":true}}"#, pull.batch)
+                } else {
+                    format!(r#"{{"batch":{},"expires":{}}}"#, pull.batch, PULL_EXPIRES.as_nanos())
+                };
+                match self.client.publish_with_reply(subject, reply, body.into()).await {
+                    Ok(()) => {
+                        let deadline = Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+                        state.requests.insert(next_id, Request { remaining: pull.batch, deadline });
+                        state.credits += pull.batch;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pull request failed; retrying"),
                 }
             }
             tokio::select! {
                 msg = sub.next() => {
                     let Some(msg) = msg else { return Ok(()) };
-                    let mut parts = msg.subject.rsplit('.');
-                    let id: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-                    let lane = if parts.next() == Some("1") { Lane::Batch } else { Lane::Interactive };
-                    let state = &mut lanes[lane_index(lane)];
                     match msg.status {
                         Some(StatusCode::IDLE_HEARTBEAT) => {}
                         Some(status) if status != StatusCode::OK => {
+                            // Status messages come on the request's own reply subject.
+                            let mut parts = msg.subject.rsplit('.');
+                            let id: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                            let lane = if parts.next() == Some("1") { Lane::Batch } else { Lane::Interactive };
+                            let state = &mut lanes[lane_index(lane)];
                             // 408 expired, 409 terminated, 404 none: the request is over.
                             state.forget(id);
-                            if lane == Lane::Batch && (status == StatusCode::TIMEOUT || status == StatusCode::NOT_FOUND) {
-                                batch_waiting = false;
+                            let empty = status == StatusCode::TIMEOUT || status == StatusCode::NOT_FOUND;
+                            match lane {
+                                Lane::Batch if empty => batch_waiting = false,
+                                Lane::Interactive if empty => interactive_empty = true,
+                                _ => {}
                             }
                         }
                         _ => {
-                            state.delivered(id);
                             let job = jetstream::Message { message: msg, context: self.js.clone() };
+                            let lane = match job.info() {
+                                Ok(i) if i.consumer == Lane::Batch.consumer() => Lane::Batch,
+                                _ => Lane::Interactive,
+                            };
+                            lanes[lane_index(lane)].delivered();
                             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                                 // Both lanes answered for one slot, or a late answer to a
                                 // request we gave up on: hand it back unstarted.
@@ -185,6 +222,7 @@ impl Claimer {
                                 Lane::Interactive => {}
                                 Lane::Batch => {
                                     interactive_streak = 0;
+                                    interactive_empty = false;
                                     batch_waiting = job.info().map(|i| i.pending > 0).unwrap_or(false);
                                 }
                             }

@@ -84,6 +84,9 @@ pub struct HiveArgs {
     /// Queue capacity (jobs) when this hive creates the jobs stream; a full queue refuses new jobs (QUEUE_FULL).
     #[arg(long, env = "RBEE_QUEUE_MAX_JOBS", default_value_t = 100_000)]
     pub queue_max_jobs: i64,
+    /// How long a job id is remembered for de-duplication, when this hive creates the jobs stream.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
     /// Offer the no-op test model `noop` (no weights; emits " t0", " t1", ...). For tests and benchmarks.
     #[arg(long, hide = true)]
     pub test_noop_model: bool,
@@ -179,7 +182,11 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
 
     let client = connect(&args.nats_url, &format!("rbee-hive {hive_id}")).await?;
     let js = jetstream::new(client.clone());
-    let limits = rbee_broker::Limits { jobs_max_msgs: args.queue_max_jobs, ..rbee_broker::Limits::default() };
+    let limits = rbee_broker::Limits {
+        jobs_max_msgs: args.queue_max_jobs,
+        duplicate_window: args.dedup_window,
+        ..rbee_broker::Limits::default()
+    };
     let broker = rbee_broker::ensure(&js, &limits).await?;
     let mut infer = broker.infer.clone();
     let ack_wait = infer.info().await.map(|i| i.config.ack_wait).unwrap_or(Duration::from_secs(30));

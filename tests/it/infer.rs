@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::error::ErrorCode;
 use rbee_schemas::event::{Event, EventBody, StopReason};

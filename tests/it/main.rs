@@ -10,4 +10,5 @@ mod cli;
 mod engine;
 mod harness;
 mod infer;
+mod jobs;
 mod python;

@@ -3,6 +3,9 @@
 //! strings, cancellation and resume exactly like the real engine. It lets the
 //! queue, the hive and the event path be measured and fault-tested without
 //! the model's cost. Hives offer it only when started with `--test-noop-model`.
+//!
+//! Fault seam: a prompt containing `rbee:crash` makes the process abort after
+//! its first token, as a worker crash would (for dead-letter tests).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -71,12 +74,17 @@ impl NoopEngine {
                 first_token_ms = started.elapsed().as_secs_f64() * 1e3;
             }
             n += 1;
+            let crash = n == first + 1 && prompt_says_crash(&params.input);
             match stops.push(&text) {
                 Push::Continue(t) => on_token(Some(n as u32 - 1), t),
                 Push::Stop(t) => {
                     on_token(Some(n as u32 - 1), t);
                     break StopReason::Stop;
                 }
+            }
+            if crash {
+                tracing::error!("rbee:crash in the prompt: aborting, as a crashing worker would");
+                std::process::abort();
             }
         };
         if reason != StopReason::Stop {
@@ -94,5 +102,12 @@ impl NoopEngine {
             first_token_ms,
             decode_tps: if generated > 1 && elapsed > 0.0 { (generated - 1) as f64 / elapsed } else { 0.0 },
         })
+    }
+}
+
+fn prompt_says_crash(input: &PromptInput) -> bool {
+    match input {
+        PromptInput::Prompt(p) => p.contains("rbee:crash"),
+        PromptInput::Messages(m) => m.iter().any(|m| m.content.contains("rbee:crash")),
     }
 }
