@@ -260,6 +260,12 @@ fn kv_stream(c: &kv::Config) -> stream::Config {
     }
 }
 
+/// The `rbee-hives` bucket, created if missing (it is memory-backed, so a
+/// broker restart empties it: hives call this when a heartbeat fails).
+pub async fn ensure_hives_bucket(js: &jetstream::Context) -> Result<kv::Store, BrokerError> {
+    ensure_bucket(js, hives_bucket()).await
+}
+
 async fn ensure_bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store, BrokerError> {
     let name = want.bucket.clone();
     let err = |e: async_nats::Error| BrokerError::Bucket { name: name.clone(), source: e };

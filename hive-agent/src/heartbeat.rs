@@ -15,6 +15,7 @@ use crate::pool::Pool;
 
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
+    pub js: async_nats::jetstream::Context,
     pub store: kv::Store,
     pub base: HiveInfo,
     pub pool: Arc<Pool>,
@@ -44,13 +45,21 @@ impl Heartbeat {
     }
 
     /// Beats until `stop`, then deletes the hive's key.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     if let Err(e) = self.beat().await {
-                        tracing::warn!(error = %e, "heartbeat failed");
+                        tracing::warn!(error = %e, "heartbeat failed; making sure the bucket exists");
+                        // A restarted broker has lost the memory-backed bucket.
+                        match rbee_broker::ensure_hives_bucket(&self.js).await {
+                            Ok(store) => {
+                                self.store = store;
+                                let _ = self.beat().await;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "re-creating the hives bucket failed"),
+                        }
                     }
                 }
                 _ = stop.cancelled() => break,

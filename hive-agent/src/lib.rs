@@ -84,6 +84,10 @@ pub struct HiveArgs {
     /// Queue capacity (jobs) when this hive creates the jobs stream; a full queue refuses new jobs (QUEUE_FULL).
     #[arg(long, env = "RBEE_QUEUE_MAX_JOBS", default_value_t = 100_000)]
     pub queue_max_jobs: i64,
+    /// How long a claimed job may go without an ack or progress before the broker redelivers it
+    /// (when this hive creates the consumers).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ack_wait: Duration,
     /// How long a job id is remembered for de-duplication, when this hive creates the jobs stream.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub dedup_window: Duration,
@@ -185,6 +189,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let limits = rbee_broker::Limits {
         jobs_max_msgs: args.queue_max_jobs,
         duplicate_window: args.dedup_window,
+        ack_wait: args.ack_wait,
         ..rbee_broker::Limits::default()
     };
     let broker = rbee_broker::ensure(&js, &limits).await?;
@@ -223,6 +228,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
 
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let heartbeat = heartbeat::Heartbeat {
+        js: js.clone(),
         store: broker.hives.clone(),
         base: HiveInfo {
             v: rbee_schemas::PROTOCOL_VERSION,

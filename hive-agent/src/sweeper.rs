@@ -1,14 +1,18 @@
-//! The deadline sweeper: a job whose deadline passes while it waits in the
-//! queue must end with `DEADLINE_EXCEEDED` and never start, even when no hive
-//! is free to claim it. Every hive looks at the head of the queue every two
-//! seconds; the record's compare-and-set makes exactly one of them end each
-//! expired job (publish its error event, delete its message).
+//! The sweeper keeps the queue honest without a central process:
+//! - deadlines: a job whose deadline passes while it waits in the queue must
+//!   end with `DEADLINE_EXCEEDED` and never start, even when no hive is free
+//!   to claim it. Every hive looks at the head of the queue every two seconds;
+//!   the record's compare-and-set makes exactly one of them end each expired
+//!   job (publish its error event, delete its message);
+//! - leftovers: a message older than twice `ack_wait` whose job has ended is
+//!   deleted. Normally acking removes it; a broker crash can leave it behind
+//!   with its consumer already past it, and then nothing else ever would.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::Stream;
-use rbee_broker::events::EventSubjects;
+use rbee_broker::events::publish_once;
 use rbee_broker::queue;
 use rbee_broker::records::Decision;
 use rbee_schemas::codec::Encoding;
@@ -26,10 +30,15 @@ const SWEEP_LIMIT: usize = 256;
 
 pub async fn run(ctx: Arc<JobCtx>, jobs: Stream, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_leftover_sweep = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
+        }
+        if last_leftover_sweep.elapsed() >= ctx.ack_wait {
+            last_leftover_sweep = std::time::Instant::now();
+            sweep_leftovers(&ctx, &jobs).await;
         }
         let queued = match queue::scan(&jobs, 1, SWEEP_LIMIT).await {
             Ok(q) => q,
@@ -88,9 +97,21 @@ async fn expire(ctx: &JobCtx, jobs: &Stream, q: &queue::Queued, probe: JobProbe,
         .await;
     if let Ok((Some(event), _)) = decided {
         tracing::info!(job_id = %q.job_id, "deadline passed in the queue; job expired");
-        let _ = EventSubjects::new(&q.job_id, &reply_to).publish(&ctx.client, encoding, &event).await;
+        publish_once(&ctx.client, &q.job_id, &reply_to, encoding, &event).await;
         if let Err(e) = jobs.delete_message(q.seq).await {
             tracing::debug!(error = %e, "sweep: deleting the expired job's message failed (a hive may hold it)");
+        }
+    }
+}
+
+async fn sweep_leftovers(ctx: &JobCtx, jobs: &Stream) {
+    let Ok(queued) = queue::scan(jobs, 1, SWEEP_LIMIT).await else { return };
+    let old_before = now_ms().saturating_sub(2 * ctx.ack_wait.as_millis() as u64);
+    for q in queued.iter().filter(|q| q.received_ms < old_before) {
+        if let Ok(Some(v)) = ctx.records.get(&q.job_id).await {
+            if v.record.state.is_terminal() && jobs.delete_message(q.seq).await.is_ok() {
+                tracing::info!(job_id = %q.job_id, seq = q.seq, state = v.record.state.as_str(), "removed a leftover message of an ended job");
+            }
         }
     }
 }

@@ -9,7 +9,7 @@
 //! `cancel_requested` and a `rbee.cancel.<id>` message, and its hive ends it.
 
 use async_nats::HeaderMap;
-use rbee_broker::events::EventSubjects;
+use rbee_broker::events::publish_once;
 use rbee_broker::queue::{self, Queued};
 use rbee_broker::records::{Decision, Records};
 use rbee_schemas::codec::Encoding;
@@ -154,7 +154,9 @@ impl Client {
                     if records.create(&r).await.map_err(broker_err)?.is_none() {
                         continue; // a hive claimed it just now: cancel it as running
                     }
-                    EventSubjects::new(job_id, &reply_to).publish(self.nats(), encoding, &event).await.map_err(broker_err)?;
+                    if !publish_once(self.nats(), job_id, &reply_to, encoding, &event).await {
+                        return Err(ClientError::Broker("the cancelled event could not be published".into()));
+                    }
                     // Gone from the queue; had a hive got it meanwhile, its record check stops it.
                     let _ = jobs.delete_message(q.seq).await;
                     return Ok(CancelOutcome::Cancelled);

@@ -66,6 +66,8 @@ pub enum ClientError {
     Replay(String),
     #[error("the connection closed before the job ended")]
     Closed,
+    #[error("events {from} to {to} of the job were lost by the broker (a crash before they were stored); the job's end follows")]
+    Lost { from: u64, to: u64 },
     #[error("no job {0}: not in the queue and no record of it (records are kept 24 h)")]
     NotFound(String),
     #[error("{0}")]

@@ -29,6 +29,10 @@ use crate::ClientError;
 
 /// Silence after which the kept events are checked for newer ones.
 const PROBE_AFTER: Duration = Duration::from_secs(1);
+/// How long a gap before a known terminal event may stay unfilled before the
+/// missing events are reported lost (a broker crash can lose writes it had
+/// acknowledged but not yet stored).
+const GIVE_UP_GAP_AFTER: Duration = Duration::from_secs(10);
 
 /// Outcome of the publish, while it is still awaited.
 pub(crate) type AckFuture = BoxFuture<'static, Result<bool, ClientError>>;
@@ -46,6 +50,8 @@ pub struct JobStream {
     early: BTreeMap<u64, Event>,
     /// Set before a replay and cleared after it, so an interrupted replay is redone.
     need_replay: bool,
+    /// Since when a terminal event is known but earlier ones are missing.
+    stalled_since: Option<std::time::Instant>,
     ended: bool,
 }
 
@@ -67,6 +73,7 @@ impl JobStream {
             next_seq: from_seq,
             early: BTreeMap::new(),
             need_replay: false,
+            stalled_since: None,
             ended: false,
         }
     }
@@ -113,7 +120,17 @@ impl JobStream {
                 }
             }
             if let Some(e) = self.early.remove(&self.next_seq) {
+                self.stalled_since = None;
                 return Some(Ok(self.deliver(e)));
+            }
+            if let Some(t) = self.early.values().find(|e| e.is_terminal()).map(|e| e.seq) {
+                let since = *self.stalled_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > GIVE_UP_GAP_AFTER {
+                    let lost = ClientError::Lost { from: self.next_seq, to: t };
+                    self.next_seq = t;
+                    self.stalled_since = None;
+                    return Some(Err(lost));
+                }
             }
             let probe = tokio::time::sleep(PROBE_AFTER);
             let (ack, live) = (&mut self.ack, &mut self.live);
@@ -167,8 +184,11 @@ impl JobStream {
         (e.job_id == self.job_id).then_some(e)
     }
 
-    async fn kept_has_newer(&self) -> bool {
-        match self.kept.get_last_raw_message_by_subject(&subjects::events_subject(&self.job_id)).await {
+    /// Whether the kept events hold one at or past `next_seq`. Takes `&mut`
+    /// (not `&self`) so the future stays `Send` without `JobStream: Sync`.
+    async fn kept_has_newer(&mut self) -> bool {
+        let last = self.kept.get_last_raw_message_by_subject(&subjects::events_subject(&self.job_id)).await;
+        match last {
             Ok(m) => {
                 let ct = m.headers.get(HEADER_CONTENT_TYPE).map(|v| v.as_str().to_owned());
                 self.decode(&m.payload, ct.as_deref()).is_some_and(|e| e.seq >= self.next_seq)

@@ -8,6 +8,7 @@
 
 mod cli;
 mod engine;
+mod faults;
 mod harness;
 mod infer;
 mod jobs;

@@ -395,6 +395,8 @@ impl Run<'_> {
         let resumable = resume.as_ref().is_some_and(|r| !r.tokens.is_empty());
         let restarted = EventBody::Restarted(Restarted { attempt, reason: reason.clone(), resume: resumable });
         let _ = sink.emit(restarted).await;
+        // The next attempt continues after the last kept event: keep them all first.
+        sink.flush().await;
         let mut next = rec;
         next.state = JobState::Retrying;
         next.next_seq = sink.next_seq();
