@@ -142,7 +142,7 @@ impl Client {
                     let event = Event::new(
                         job_id,
                         0,
-                        EventBody::Done(Done { stop_reason: StopReason::Cancelled, usage: Usage::default(), timings: Timings::default(), seed: 0 }),
+                        EventBody::Done(Done::generation(StopReason::Cancelled, Usage::default(), Timings::default(), 0)),
                     );
                     let mut r = queued_record(&q);
                     r.state = JobState::Cancelled;

@@ -94,6 +94,10 @@ pub struct InferRequest {
     /// The job must end before this Unix time, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// How long the model's worker stays loaded after this job while idle,
+    /// in ms (like Ollama's `keep_alive`): 0 unloads it at once, -1 keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_ms: Option<i64>,
 }
 
 /// What every job body is read as first: only the fields needed to answer it,
@@ -188,6 +192,7 @@ impl Default for InferRequest {
             reply_to: None,
             timeout_ms: None,
             deadline_ms: None,
+            keep_alive_ms: None,
         }
     }
 }
@@ -294,6 +299,13 @@ impl InferRequest {
         if let Some(t) = self.timeout_ms {
             if t == 0 || t > MAX_TIMEOUT_MS {
                 return Err(out_of_range("timeout_ms", t, 1, MAX_TIMEOUT_MS));
+            }
+        }
+        if let Some(k) = self.keep_alive_ms {
+            if k < -1 || k > MAX_TIMEOUT_MS as i64 {
+                return Err(JobError::invalid(format!(
+                    "keep_alive_ms must be -1 (keep loaded), 0 (unload at once) or up to {MAX_TIMEOUT_MS} (got {k})"
+                )));
             }
         }
         if self.deadline_ms == Some(0) {
@@ -405,6 +417,7 @@ mod tests {
             (r#"{"messages":[]}"#, "messages is empty"),
             (r#"{"prompt":"x","timeout_ms":0}"#, "timeout_ms must be between 1 and"),
             (r#"{"prompt":"x","deadline_ms":0}"#, "deadline_ms must be"),
+            (r#"{"prompt":"x","keep_alive_ms":-5}"#, "keep_alive_ms must be -1"),
             (r#"{"messages":[{"role":"robot","content":"x"}]}"#, "messages[0].role"),
         ];
         for (body, want) in cases {
@@ -454,6 +467,7 @@ mod tests {
             reply_to: Some("_INBOX.x".into()),
             timeout_ms: Some(5000),
             deadline_ms: Some(1_900_000_000_000),
+            keep_alive_ms: Some(60_000),
             ..InferRequest::prompt("unused")
         };
         let req = InferRequest { prompt: None, ..req };

@@ -10,8 +10,12 @@
 //! | events stream (replay) | `RBEE_EVENTS` over `rbee.events.>` |
 //! | dead letters (jobs out of attempts) | `RBEE_DEAD` over `rbee.dead.>` |
 //! | the shared consumers | `rbee-infer`, `rbee-batch` |
+//! | lifecycle jobs | `rbee.jobs.ctl.<hive id>`, `rbee.jobs.ctl.any` |
 //! | hive heartbeats (KV, TTL) | `rbee-hives` |
+//! | workers (KV, TTL) | `rbee-workers` |
+//! | cold-start leases (KV, TTL) | `rbee-leases` |
 //! | job records (KV) | `rbee-jobs` |
+//! | hive log lines | `rbee.logs.<hive id>`, kept in `RBEE_LOGS` |
 
 /// Prefix of every inference job subject; the last token is the model key.
 pub const INFER_PREFIX: &str = "rbee.jobs.infer";
@@ -48,6 +52,25 @@ pub const DEAD_STREAM_SUBJECTS: &str = "rbee.dead.>";
 pub const HIVES_BUCKET: &str = "rbee-hives";
 /// KV bucket of job records: key = job id, value = [`crate::record::JobRecord`].
 pub const JOBS_BUCKET: &str = "rbee-jobs";
+/// KV bucket of workers: key = worker id, value = [`crate::hive::WorkerInfo`], with a TTL.
+pub const WORKERS_BUCKET: &str = "rbee-workers";
+/// KV bucket of cold-start leases: key = `cold.<hex of the model key>`, value = hive id.
+pub const LEASES_BUCKET: &str = "rbee-leases";
+/// The stream that keeps hives' log lines (`rbee.logs.<hive id>`).
+pub const LOGS_STREAM: &str = "RBEE_LOGS";
+/// Prefix of log subjects.
+pub const LOGS_PREFIX: &str = "rbee.logs";
+
+/// Where `hive_id` publishes its (and its workers') log lines.
+pub fn logs_subject(hive_id: &str) -> String {
+    format!("{LOGS_PREFIX}.{hive_id}")
+}
+
+/// The lease key for cold-starting `model_key` (KV keys allow no `%`, `:`).
+pub fn cold_start_lease_key(model_key: &str) -> String {
+    let hex: String = model_key.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("cold.{hex}")
+}
 
 /// Message header carrying the job id (JetStream's dedup key).
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";

@@ -253,7 +253,7 @@ impl Run<'_> {
         let resume_now = Resume { tokens, streamed_bytes: streamed };
         match (ended, stop) {
             (Ended::Finished(o), None) | (Ended::Finished(o), Some(_)) if o.stop_reason != StopReason::Cancelled => {
-                let done = EventBody::Done(Done { stop_reason: o.stop_reason, usage: o.usage, timings: timings(Some(&o)), seed: params.sampling.seed });
+                let done = EventBody::Done(Done::generation(o.stop_reason, o.usage, timings(Some(&o)), params.sampling.seed));
                 self.finish(sink, rec, JobState::Done, done, slot).await;
             }
             (Ended::Failed(e), None) => {
@@ -456,5 +456,5 @@ impl Run<'_> {
 }
 
 fn cancelled_done(usage: Usage, timings: Timings, seed: u64) -> EventBody {
-    EventBody::Done(Done { stop_reason: StopReason::Cancelled, usage, timings, seed })
+    EventBody::Done(Done::generation(StopReason::Cancelled, usage, timings, seed))
 }
