@@ -142,6 +142,72 @@ pub fn hives_bucket() -> kv::Config {
     }
 }
 
+/// Workers of every hive, one key each (worker id), refreshed by their hive
+/// with each heartbeat and on every state change; the TTL drops the workers
+/// of a hive that died with it.
+pub fn workers_bucket() -> kv::Config {
+    kv::Config {
+        bucket: subjects::WORKERS_BUCKET.to_owned(),
+        description: "rbee workers (state, pid, model)".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(rbee_schemas::hive::HIVE_TTL_SECS),
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+/// Cold-start leases: the one hive that may start a worker for a model no
+/// worker serves yet. Expire by themselves if their holder dies.
+pub fn leases_bucket() -> kv::Config {
+    kv::Config {
+        bucket: subjects::LEASES_BUCKET.to_owned(),
+        description: "rbee cold-start leases".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(rbee_schemas::hive::HIVE_TTL_SECS),
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+/// Hives' log lines, the last hour, for `rbee logs`.
+pub fn logs_stream() -> stream::Config {
+    stream::Config {
+        name: subjects::LOGS_STREAM.to_owned(),
+        description: Some("rbee hive and worker log lines".to_owned()),
+        subjects: vec![format!("{}.>", subjects::LOGS_PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        max_age: Duration::from_secs(3600),
+        max_messages_per_subject: 10_000,
+        max_bytes: 256 * 1024 * 1024,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// A pull consumer for lifecycle jobs: `target` is a hive id (its own jobs)
+/// or `any` (shared by all hives).
+pub fn ctl_consumer(l: &Limits, target: &str) -> consumer::pull::Config {
+    let name = if target == rbee_schemas::ctl::ANY_HIVE {
+        rbee_schemas::ctl::CTL_ANY_CONSUMER.to_owned()
+    } else {
+        rbee_schemas::ctl::ctl_consumer(target)
+    };
+    consumer::pull::Config {
+        durable_name: Some(name),
+        description: Some(format!("rbee lifecycle jobs for {target}")),
+        filter_subject: rbee_schemas::ctl::ctl_subject(target),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: l.ack_wait,
+        max_deliver: -1,
+        max_ack_pending: 1000,
+        // A hive's own consumer lives as long as the hive is seen.
+        inactive_threshold: if target == rbee_schemas::ctl::ANY_HIVE { Duration::ZERO } else { Duration::from_secs(7 * 24 * 3600) },
+        ..Default::default()
+    }
+}
+
 /// Job records, for continuing a job on another attempt and for status.
 pub fn jobs_bucket(l: &Limits) -> kv::Config {
     kv::Config {
@@ -175,9 +241,12 @@ pub struct Broker {
     pub jobs: stream::Stream,
     pub events: stream::Stream,
     pub dead: stream::Stream,
+    pub logs: stream::Stream,
     pub infer: consumer::PullConsumer,
     pub batch: consumer::PullConsumer,
     pub hives: kv::Store,
+    pub workers: kv::Store,
+    pub leases: kv::Store,
     pub job_records: kv::Store,
 }
 
@@ -187,6 +256,7 @@ pub async fn ensure(js: &jetstream::Context, limits: &Limits) -> Result<Broker, 
     let jobs = ensure_stream(js, jobs_stream(limits)).await?;
     let events = ensure_stream(js, events_stream(limits)).await?;
     let dead = ensure_stream(js, dead_stream(limits)).await?;
+    let logs = ensure_stream(js, logs_stream()).await?;
     let mut consumers = Vec::new();
     for lane in [subjects::Lane::Interactive, subjects::Lane::Batch] {
         let c = jobs
@@ -197,9 +267,20 @@ pub async fn ensure(js: &jetstream::Context, limits: &Limits) -> Result<Broker, 
     }
     let batch = consumers.pop().ok_or_else(|| BrokerError::Consumer { name: "rbee-batch".into(), source: "missing".into() })?;
     let infer = consumers.pop().ok_or_else(|| BrokerError::Consumer { name: "rbee-infer".into(), source: "missing".into() })?;
+    ensure_consumer(&jobs, ctl_consumer(limits, rbee_schemas::ctl::ANY_HIVE)).await?;
     let hives = ensure_bucket(js, hives_bucket()).await?;
+    let workers = ensure_bucket(js, workers_bucket()).await?;
+    let leases = ensure_bucket(js, leases_bucket()).await?;
     let job_records = ensure_bucket(js, jobs_bucket(limits)).await?;
-    Ok(Broker { jobs, events, dead, infer, batch, hives, job_records })
+    Ok(Broker { jobs, events, dead, logs, infer, batch, hives, workers, leases, job_records })
+}
+
+/// Creates a pull consumer if missing.
+pub async fn ensure_consumer(jobs: &stream::Stream, config: consumer::pull::Config) -> Result<consumer::PullConsumer, BrokerError> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    jobs.get_or_create_consumer(&name, config)
+        .await
+        .map_err(|e| BrokerError::Consumer { name, source: e.into() })
 }
 
 async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<stream::Stream, BrokerError> {
@@ -260,10 +341,11 @@ fn kv_stream(c: &kv::Config) -> stream::Config {
     }
 }
 
-/// The `rbee-hives` bucket, created if missing (it is memory-backed, so a
-/// broker restart empties it: hives call this when a heartbeat fails).
-pub async fn ensure_hives_bucket(js: &jetstream::Context) -> Result<kv::Store, BrokerError> {
-    ensure_bucket(js, hives_bucket()).await
+/// The memory-backed buckets (`rbee-hives`, `rbee-workers`, `rbee-leases`),
+/// created if missing: a broker restart empties them, and hives call this
+/// when a heartbeat fails.
+pub async fn ensure_memory_buckets(js: &jetstream::Context) -> Result<(kv::Store, kv::Store, kv::Store), BrokerError> {
+    Ok((ensure_bucket(js, hives_bucket()).await?, ensure_bucket(js, workers_bucket()).await?, ensure_bucket(js, leases_bucket()).await?))
 }
 
 async fn ensure_bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store, BrokerError> {

@@ -79,8 +79,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl WorkerProc {
-    /// Starts the worker and waits until its model is loaded.
-    pub async fn spawn(spec: SpawnSpec) -> Result<Arc<WorkerProc>, JobError> {
+    /// Starts the worker and waits until its model is loaded; `spawned` hears
+    /// the pid as soon as the process runs (it is loading from then on).
+    pub async fn spawn(spec: SpawnSpec, spawned: impl FnOnce(u32) + Send) -> Result<Arc<WorkerProc>, JobError> {
         let mut cmd = Command::new(&spec.worker_bin);
         match spec.noop {
             Some(delay) => cmd.arg("--noop").arg("--noop-token-delay").arg(format!("{}us", delay.as_micros())),
@@ -107,6 +108,7 @@ impl WorkerProc {
             )
         })?;
         let pid = child.id().unwrap_or(0);
+        spawned(pid);
         let (Some(stdin), Some(mut stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(JobError::internal("worker pipes missing"));

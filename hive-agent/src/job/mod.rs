@@ -20,6 +20,7 @@
 //!   and its original message goes to `RBEE_DEAD` for `rbee jobs retry`.
 
 mod claim;
+mod place;
 mod run;
 
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::claimer::SlotGuard;
+use crate::fleet::Fleet;
 use crate::pool::Pool;
 use crate::running::Running;
 
@@ -51,7 +53,10 @@ pub struct JobCtx {
     pub events: jetstream::stream::Stream,
     pub catalog: Arc<Catalog>,
     pub pool: Arc<Pool>,
+    pub fleet: Arc<Fleet>,
     pub running: Arc<Running>,
+    /// The hive's memory budget for workers, bytes; 0 = none.
+    pub memory_limit: u64,
     pub ack_wait: Duration,
     pub max_attempts: u32,
     /// First retry delay; doubled per attempt, at most 30 s.
@@ -80,6 +85,7 @@ pub struct Prepared {
     pub model: ModelRef,
     pub params: GenerateParams,
     pub deadline_ms: Option<u64>,
+    pub keep_alive_ms: Option<i64>,
 }
 
 pub fn now_ms() -> u64 {
@@ -108,9 +114,23 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, lane: Lane, slot:
         Some(e) => Err(JobError::invalid(e)),
         None => prepare(&msg.subject, &msg.payload, &probe, &env),
     };
+    // Placement comes before the record: a job left for another hive must
+    // reach it untouched.
+    let prepared = match prepared {
+        Ok(p) => match place::place(&ctx, &p).await {
+            place::Decision::Go(entry) => Ok((p, entry)),
+            place::Decision::Defer { delay, why } => {
+                tracing::debug!(%why, "leaving the job for another hive");
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                return;
+            }
+            place::Decision::Fail(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     // Registered before the record says "running", so no cancel request is missed.
     let registration = ctx.running.register(&env.job_id);
-    let claim = claim::claim(&ctx, &env, prepared.as_ref().ok()).await;
+    let claim = claim::claim(&ctx, &env, prepared.as_ref().ok().map(|(p, _)| p)).await;
     let run = run::Run { ctx: &ctx, msg: &msg, env: &env, claimed, cancel: registration.cancelled.clone() };
     run.go(claim, prepared, slot).await;
 }
@@ -184,5 +204,5 @@ fn prepare(subject: &str, payload: &[u8], probe: &JobProbe, env: &Envelope) -> R
         }
     }
     let params = req.validate(random_seed())?;
-    Ok(Prepared { model, params, deadline_ms: req.deadline(env.received_ms) })
+    Ok(Prepared { model, params, deadline_ms: req.deadline(env.received_ms), keep_alive_ms: req.keep_alive_ms })
 }

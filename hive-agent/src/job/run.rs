@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::claim::Claim;
 use super::{now_ms, Envelope, JobCtx, Prepared};
+use crate::catalog::ModelEntry;
 use crate::claimer::SlotGuard;
 use crate::events::EventSink;
 use crate::pool::Lease;
@@ -63,7 +64,7 @@ fn sleep_until_ms(deadline_ms: Option<u64>) -> tokio::time::Sleep {
 }
 
 impl Run<'_> {
-    pub async fn go(self, claim: Claim, prepared: Result<Prepared, JobError>, slot: SlotGuard) {
+    pub async fn go(self, claim: Claim, prepared: Result<(Prepared, ModelEntry), JobError>, slot: SlotGuard) {
         let sink = |seq| EventSink::new(self.ctx.client.clone(), &self.env.reply_to, &self.env.job_id, self.env.encoding, seq);
         match claim {
             Claim::Run { attempt, next_seq, resume, vanished, record, .. } => {
@@ -102,10 +103,10 @@ impl Run<'_> {
         resume: Option<Resume>,
         vanished: bool,
         rec: JobRecord,
-        prepared: Result<Prepared, JobError>,
+        prepared: Result<(Prepared, ModelEntry), JobError>,
         slot: SlotGuard,
     ) {
-        let prepared = match prepared {
+        let (prepared, entry) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(code = %e.code, message = %e.message, "job rejected");
@@ -119,14 +120,6 @@ impl Run<'_> {
         if attempt > self.ctx.max_attempts {
             return self.dead(sink, rec, attempt - 1).await;
         }
-        let catalog = self.ctx.catalog.clone();
-        let hive = self.ctx.hive_id.clone();
-        let model = prepared.model.clone();
-        let entry = match tokio::task::spawn_blocking(move || catalog.resolve(&model, &hive)).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) => return self.end(sink, rec, JobState::Failed, e.into(), AckKind::Term).await,
-            Err(e) => return self.end(sink, rec, JobState::Failed, JobError::internal(e.to_string()).into(), AckKind::Term).await,
-        };
         if vanished && sink.next_seq() > 0 {
             let reason = "the previous attempt's hive stopped without handing the job back".to_owned();
             let _ = sink.emit(EventBody::Restarted(Restarted { attempt: attempt - 1, reason, resume: false })).await;
@@ -134,7 +127,7 @@ impl Run<'_> {
 
         // Wait for a worker, sending in-progress acks; a cancel or deadline ends the wait.
         let lease = {
-            let lease = self.ctx.pool.lease(&entry);
+            let lease = self.ctx.pool.lease(&entry, prepared.keep_alive_ms);
             tokio::pin!(lease);
             let deadline = sleep_until_ms(prepared.deadline_ms);
             tokio::pin!(deadline);

@@ -248,6 +248,11 @@ pub async fn print_events(job: &mut JobStream, json: bool, verbose: bool) -> any
                 eprintln!("error: {}: {}", e.code, e.message);
                 return Ok(ExitCode::from(1));
             }
+            EventBody::Progress(p) => {
+                if verbose {
+                    eprintln!("[{}: {}/{}]", p.stage, p.done, p.total);
+                }
+            }
             EventBody::Unknown => {}
         }
     }
@@ -260,6 +265,7 @@ fn stop_reason(r: StopReason) -> &'static str {
         StopReason::MaxTokens => "max tokens",
         StopReason::Stop => "stop string",
         StopReason::Cancelled => "cancelled",
+        StopReason::Completed => "completed",
         StopReason::Unknown => "unknown",
     }
 }
