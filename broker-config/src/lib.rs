@@ -11,6 +11,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use rbee_schemas::subjects;
 
+pub mod events;
+pub mod queue;
+pub mod records;
 pub mod server;
 
 /// Tunable limits of the streams and buckets. [`Limits::default`] is the
@@ -32,6 +35,8 @@ pub struct Limits {
     pub ack_wait: Duration,
     /// How long job records are kept.
     pub job_records_max_age: Duration,
+    /// How long dead letters are kept for `rbee jobs retry`.
+    pub dead_max_age: Duration,
 }
 
 impl Default for Limits {
@@ -44,6 +49,7 @@ impl Default for Limits {
             events_max_bytes: 1024 * 1024 * 1024,
             ack_wait: Duration::from_secs(30),
             job_records_max_age: Duration::from_secs(24 * 3600),
+            dead_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -63,6 +69,24 @@ pub fn jobs_stream(l: &Limits) -> stream::Config {
         max_bytes: l.jobs_max_bytes,
         max_message_size: rbee_schemas::job::MAX_JOB_BYTES as i32,
         duplicate_window: l.duplicate_window,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Dead letters: the original job (headers and body) of every job that ran
+/// out of attempts, under `rbee.dead.<job id>`, for `rbee jobs retry`.
+pub fn dead_stream(l: &Limits) -> stream::Config {
+    stream::Config {
+        name: subjects::DEAD_STREAM.to_owned(),
+        description: Some("rbee jobs that ran out of attempts".to_owned()),
+        subjects: vec![subjects::DEAD_STREAM_SUBJECTS.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        max_age: l.dead_max_age,
+        max_messages_per_subject: 1,
+        allow_direct: true,
         ..Default::default()
     }
 }
@@ -84,15 +108,19 @@ pub fn events_stream(l: &Limits) -> stream::Config {
     }
 }
 
-/// The one durable pull consumer that every hive claims inference jobs from.
-/// Hives bound their own pulls by their free slots; `max_deliver` is unlimited
-/// because the hive itself ends a job that ran out of attempts (a message
-/// stuck at `max_deliver` would otherwise stay in the work queue for ever).
-pub fn infer_consumer(l: &Limits) -> consumer::pull::Config {
+/// The durable pull consumer of one lane, shared by every hive. Hives bound
+/// their own pulls by their free slots; `max_deliver` is unlimited because
+/// the hive itself ends a job that ran out of attempts (a message stuck at
+/// `max_deliver` would otherwise stay in the work queue for ever).
+pub fn lane_consumer(l: &Limits, lane: subjects::Lane) -> consumer::pull::Config {
+    let filter = match lane {
+        subjects::Lane::Interactive => subjects::INFER_FILTER,
+        subjects::Lane::Batch => subjects::BATCH_FILTER,
+    };
     consumer::pull::Config {
-        durable_name: Some(subjects::INFER_CONSUMER.to_owned()),
-        description: Some("rbee hives claim inference jobs here".to_owned()),
-        filter_subject: subjects::INFER_FILTER.to_owned(),
+        durable_name: Some(lane.consumer().to_owned()),
+        description: Some(format!("rbee hives claim {} jobs here", lane.as_str())),
+        filter_subject: filter.to_owned(),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: l.ack_wait,
         max_deliver: -1,
@@ -110,6 +138,72 @@ pub fn hives_bucket() -> kv::Config {
         history: 1,
         max_age: Duration::from_secs(rbee_schemas::hive::HIVE_TTL_SECS),
         storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+/// Workers of every hive, one key each (worker id), refreshed by their hive
+/// with each heartbeat and on every state change; the TTL drops the workers
+/// of a hive that died with it.
+pub fn workers_bucket() -> kv::Config {
+    kv::Config {
+        bucket: subjects::WORKERS_BUCKET.to_owned(),
+        description: "rbee workers (state, pid, model)".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(rbee_schemas::hive::HIVE_TTL_SECS),
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+/// Cold-start leases: the one hive that may start a worker for a model no
+/// worker serves yet. Expire by themselves if their holder dies.
+pub fn leases_bucket() -> kv::Config {
+    kv::Config {
+        bucket: subjects::LEASES_BUCKET.to_owned(),
+        description: "rbee cold-start leases".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(rbee_schemas::hive::HIVE_TTL_SECS),
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+/// Hives' log lines, the last hour, for `rbee logs`.
+pub fn logs_stream() -> stream::Config {
+    stream::Config {
+        name: subjects::LOGS_STREAM.to_owned(),
+        description: Some("rbee hive and worker log lines".to_owned()),
+        subjects: vec![format!("{}.>", subjects::LOGS_PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        max_age: Duration::from_secs(3600),
+        max_messages_per_subject: 10_000,
+        max_bytes: 256 * 1024 * 1024,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// A pull consumer for lifecycle jobs: `target` is a hive id (its own jobs)
+/// or `any` (shared by all hives).
+pub fn ctl_consumer(l: &Limits, target: &str) -> consumer::pull::Config {
+    let name = if target == rbee_schemas::ctl::ANY_HIVE {
+        rbee_schemas::ctl::CTL_ANY_CONSUMER.to_owned()
+    } else {
+        rbee_schemas::ctl::ctl_consumer(target)
+    };
+    consumer::pull::Config {
+        durable_name: Some(name),
+        description: Some(format!("rbee lifecycle jobs for {target}")),
+        filter_subject: rbee_schemas::ctl::ctl_subject(target),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: l.ack_wait,
+        max_deliver: -1,
+        max_ack_pending: 1000,
+        // A hive's own consumer lives as long as the hive is seen.
+        inactive_threshold: if target == rbee_schemas::ctl::ANY_HIVE { Duration::ZERO } else { Duration::from_secs(7 * 24 * 3600) },
         ..Default::default()
     }
 }
@@ -146,8 +240,13 @@ pub enum BrokerError {
 pub struct Broker {
     pub jobs: stream::Stream,
     pub events: stream::Stream,
+    pub dead: stream::Stream,
+    pub logs: stream::Stream,
     pub infer: consumer::PullConsumer,
+    pub batch: consumer::PullConsumer,
     pub hives: kv::Store,
+    pub workers: kv::Store,
+    pub leases: kv::Store,
     pub job_records: kv::Store,
 }
 
@@ -156,13 +255,32 @@ pub struct Broker {
 pub async fn ensure(js: &jetstream::Context, limits: &Limits) -> Result<Broker, BrokerError> {
     let jobs = ensure_stream(js, jobs_stream(limits)).await?;
     let events = ensure_stream(js, events_stream(limits)).await?;
-    let infer = jobs
-        .get_or_create_consumer(subjects::INFER_CONSUMER, infer_consumer(limits))
-        .await
-        .map_err(|e| BrokerError::Consumer { name: subjects::INFER_CONSUMER.to_owned(), source: e.into() })?;
+    let dead = ensure_stream(js, dead_stream(limits)).await?;
+    let logs = ensure_stream(js, logs_stream()).await?;
+    let mut consumers = Vec::new();
+    for lane in [subjects::Lane::Interactive, subjects::Lane::Batch] {
+        let c = jobs
+            .get_or_create_consumer(lane.consumer(), lane_consumer(limits, lane))
+            .await
+            .map_err(|e| BrokerError::Consumer { name: lane.consumer().to_owned(), source: e.into() })?;
+        consumers.push(c);
+    }
+    let batch = consumers.pop().ok_or_else(|| BrokerError::Consumer { name: "rbee-batch".into(), source: "missing".into() })?;
+    let infer = consumers.pop().ok_or_else(|| BrokerError::Consumer { name: "rbee-infer".into(), source: "missing".into() })?;
+    ensure_consumer(&jobs, ctl_consumer(limits, rbee_schemas::ctl::ANY_HIVE)).await?;
     let hives = ensure_bucket(js, hives_bucket()).await?;
+    let workers = ensure_bucket(js, workers_bucket()).await?;
+    let leases = ensure_bucket(js, leases_bucket()).await?;
     let job_records = ensure_bucket(js, jobs_bucket(limits)).await?;
-    Ok(Broker { jobs, events, infer, hives, job_records })
+    Ok(Broker { jobs, events, dead, logs, infer, batch, hives, workers, leases, job_records })
+}
+
+/// Creates a pull consumer if missing.
+pub async fn ensure_consumer(jobs: &stream::Stream, config: consumer::pull::Config) -> Result<consumer::PullConsumer, BrokerError> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    jobs.get_or_create_consumer(&name, config)
+        .await
+        .map_err(|e| BrokerError::Consumer { name, source: e.into() })
 }
 
 async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<stream::Stream, BrokerError> {
@@ -185,6 +303,11 @@ async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<
             what: format!("subjects {:?}", have.subjects),
             want: format!("subjects {:?}", want.subjects),
         });
+    }
+    if want.allow_direct && !have.allow_direct {
+        // rbee reads the queue with direct gets; turn them on (a mutable setting).
+        let cfg = stream::Config { allow_direct: true, ..have.clone() };
+        js.update_stream(cfg).await.map_err(|e| BrokerError::Stream { name: name.clone(), source: e.into() })?;
     }
     Ok(s)
 }
@@ -216,6 +339,13 @@ fn kv_stream(c: &kv::Config) -> stream::Config {
         },
         ..Default::default()
     }
+}
+
+/// The memory-backed buckets (`rbee-hives`, `rbee-workers`, `rbee-leases`),
+/// created if missing: a broker restart empties them, and hives call this
+/// when a heartbeat fails.
+pub async fn ensure_memory_buckets(js: &jetstream::Context) -> Result<(kv::Store, kv::Store, kv::Store), BrokerError> {
+    Ok((ensure_bucket(js, hives_bucket()).await?, ensure_bucket(js, workers_bucket()).await?, ensure_bucket(js, leases_bucket()).await?))
 }
 
 async fn ensure_bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::Store, BrokerError> {

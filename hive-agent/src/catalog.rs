@@ -75,7 +75,11 @@ pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
 pub struct Catalog {
     db: Database,
     models_dir: PathBuf,
+    noop: bool,
 }
+
+/// Alias of the no-op test model (offered with `rbee-hive --test-noop-model`).
+pub const NOOP_MODEL: &str = "noop";
 
 fn internal(what: &str, e: impl std::fmt::Display) -> JobError {
     JobError::internal(format!("model catalog: {what}: {e}"))
@@ -112,7 +116,12 @@ impl Catalog {
         let tx = db.begin_write().map_err(|e| e.to_string())?;
         tx.open_table(MODELS).map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())?;
-        Ok(Self { db, models_dir: models_dir.to_path_buf() })
+        Ok(Self { db, models_dir: models_dir.to_path_buf(), noop: false })
+    }
+
+    /// Offers the no-op test model as `noop` (tests and benchmarks).
+    pub fn enable_noop_model(&mut self) {
+        self.noop = true;
     }
 
     pub fn models_dir(&self) -> &Path {
@@ -151,6 +160,20 @@ impl Catalog {
     /// disk. Blocking (may hash a file): call from the blocking pool.
     pub fn resolve(&self, model: &ModelRef, hive: &str) -> Result<ModelEntry, JobError> {
         let key = model.to_string();
+        if self.noop && key == NOOP_MODEL {
+            return Ok(ModelEntry {
+                key,
+                source: "test:noop".to_owned(),
+                path: PathBuf::new(),
+                format: "noop".to_owned(),
+                architecture: "noop".to_owned(),
+                quantization: "none".to_owned(),
+                size: 0,
+                sha256: String::new(),
+                added_at_ms: 0,
+                last_used_ms: 0,
+            });
+        }
         let known = KNOWN_MODELS.iter().find(|k| match model {
             ModelRef::Alias(a) => a == k.alias,
             ModelRef::Hf(_) => key == k.hf,

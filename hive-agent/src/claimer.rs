@@ -1,29 +1,28 @@
-//! Claiming jobs from the shared pull consumer, never more than there are free slots.
+//! Claiming jobs, never more than there are free slots, on top of [`Puller`].
 //!
-//! One task owns the consumer side. It keeps pull requests outstanding for
-//! exactly `free slots - credits already requested` messages, each request
-//! with its own reply subject (`<inbox>.<n>`) so it knows which request a
-//! message or a `408 Request Timeout` answers. A claimed job takes a slot
-//! permit at once; when the job finishes, dropping its [`SlotGuard`] wakes the
-//! claimer, which asks for one more.
+//! Inference ([`Claimer::run`]): an idle hive waits on both lanes. Once it
+//! knows batch work is waiting (a batch job arrived for a slot already taken:
+//! it is handed back at once, never started), each free slot is first offered
+//! to the interactive lane with a no-wait pull, and only if that lane is empty
+//! to the batch lane. Batch is not starved: after 3 interactive claims in a
+//! row while batch work waits, the next free slot goes to the batch lane.
 //!
-//! This is the raw JetStream pull protocol (`$JS.API.CONSUMER.MSG.NEXT`) rather
-//! than the client's pull stream, whose bookkeeping was seen to stall a job for
-//! 35 s under load (shared/NATS-NOTES.md), and whose default batch of 200 would
-//! claim far more jobs than a hive can run.
+//! Lifecycle jobs ([`claim_ctl`]): the hive's own consumer and the shared
+//! `any` consumer, each asked for the free lifecycle slots; an overflow is
+//! handed back.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind};
-use async_nats::{Client, StatusCode};
-use futures::StreamExt;
+use async_nats::jetstream;
+use async_nats::Client;
+use rbee_schemas::subjects::Lane;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-/// How long one pull request waits on the server for messages.
-pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
+use crate::puller::{hand_back, Pulled, Puller};
+
+/// Interactive claims in a row, while batch work waits, before batch gets a slot.
+pub const BATCH_EVERY: u32 = 4;
 
 /// A job's hold on one of the hive's slots; dropping it frees the slot.
 #[derive(Debug)]
@@ -38,127 +37,135 @@ impl Drop for SlotGuard {
     }
 }
 
-#[derive(Debug)]
-struct Request {
-    remaining: usize,
-    deadline: Instant,
+/// Slots and the signal that one was freed.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    pub permits: Arc<Semaphore>,
+    pub freed: Arc<Notify>,
 }
 
-/// The claiming side of one consumer.
+impl Slots {
+    pub fn new(n: usize) -> Self {
+        Self { permits: Arc::new(Semaphore::new(n)), freed: Arc::new(Notify::new()) }
+    }
+
+    fn free(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    fn take(&self) -> Option<SlotGuard> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(SlotGuard { _permit: permit, freed: self.freed.clone() })
+    }
+}
+
+/// The claiming side of the two lane consumers.
 #[derive(Debug)]
 pub struct Claimer {
     pub client: Client,
     pub js: jetstream::Context,
     pub stream: String,
-    pub consumer: String,
-    pub slots: Arc<Semaphore>,
-    pub freed: Arc<Notify>,
+    pub slots: Slots,
 }
 
+const INTERACTIVE: usize = 0;
+const BATCH: usize = 1;
+
 impl Claimer {
-    /// Claims jobs until `stop` is cancelled, handing each to `on_job` with its slot.
-    /// On `stop` it unsubscribes its inbox, which makes the server drop the
-    /// outstanding pull requests (nats-server checks a request's interest
-    /// before delivering to it; verified on 2.9), and hands back (naks) any job
-    /// already on its way.
+    /// Claims inference jobs until `stop`, handing each to `on_job` with its lane and slot.
     pub async fn run<F>(self, stop: CancellationToken, mut on_job: F) -> Result<(), async_nats::Error>
     where
-        F: FnMut(jetstream::Message, SlotGuard),
+        F: FnMut(jetstream::Message, Lane, SlotGuard),
     {
-        let inbox = self.client.new_inbox();
-        let mut sub = self.client.subscribe(format!("{inbox}.*")).await?;
-        let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", self.stream, self.consumer);
-        let mut requests: HashMap<u64, Request> = HashMap::new();
-        let mut credits = 0usize;
-        let mut next_id = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
+        let consumers = [Lane::Interactive.consumer(), Lane::Batch.consumer()];
+        let mut puller = Puller::new(self.client.clone(), self.js.clone(), &self.stream, &consumers).await?;
+        let mut interactive_streak = 0u32;
+        let mut batch_waiting = false;
+        let mut interactive_empty = false;
         loop {
-            {
-                let free = self.slots.available_permits();
-                if free > credits {
-                    let batch = free - credits;
-                    next_id += 1;
-                    let body = format!(r#"{{"batch":{batch},"expires":{}}}"#, PULL_EXPIRES.as_nanos());
-                    match self
-                        .client
-                        .publish_with_reply(next_subject.clone(), format!("{inbox}.{next_id}"), body.into())
-                        .await
-                    {
-                        Ok(()) => {
-                            requests.insert(
-                                next_id,
-                                Request { remaining: batch, deadline: Instant::now() + PULL_EXPIRES + Duration::from_secs(1) },
-                            );
-                            credits += batch;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "pull request failed; retrying"),
-                    }
+            let free = self.slots.free();
+            let (i, b) = (puller.credits(INTERACTIVE), puller.credits(BATCH));
+            if !batch_waiting {
+                // Idle or interactive-only: wait on both lanes.
+                puller.request(INTERACTIVE, free.saturating_sub(i), false).await;
+                puller.request(BATCH, free.saturating_sub(b), false).await;
+            } else if interactive_streak + 1 >= BATCH_EVERY || interactive_empty {
+                // Batch's turn, or no interactive job waits: one lane at a time.
+                if i == 0 {
+                    puller.request(BATCH, free.saturating_sub(b), false).await;
                 }
+            } else if b == 0 {
+                puller.request(INTERACTIVE, free.saturating_sub(i), true).await;
             }
             tokio::select! {
-                msg = sub.next() => {
-                    let Some(msg) = msg else { return Ok(()) };
-                    let id: u64 = msg.subject.rsplit('.').next().and_then(|s| s.parse().ok()).unwrap_or(0);
-                    match msg.status {
-                        Some(StatusCode::IDLE_HEARTBEAT) => {}
-                        Some(status) if status != StatusCode::OK => {
-                            // 408 expired, 409 terminated, 404 none: the request is over.
-                            if let Some(r) = requests.remove(&id) {
-                                credits -= r.remaining;
+                pulled = puller.next() => match pulled {
+                    Pulled::Closed => return Ok(()),
+                    Pulled::Idle => {}
+                    Pulled::Ended { consumer, empty } => match consumer {
+                        BATCH if empty => batch_waiting = false,
+                        INTERACTIVE if empty => interactive_empty = true,
+                        _ => {}
+                    },
+                    Pulled::Job(consumer, job) => {
+                        let lane = if consumer == BATCH { Lane::Batch } else { Lane::Interactive };
+                        let Some(slot) = self.slots.take() else {
+                            // Both lanes answered for one slot: hand it back unstarted.
+                            if lane == Lane::Batch {
+                                batch_waiting = true;
                             }
-                            if status != StatusCode::TIMEOUT {
-                                tracing::debug!(%status, description = ?msg.description, "pull request ended");
+                            hand_back(&job).await;
+                            continue;
+                        };
+                        match lane {
+                            Lane::Interactive if batch_waiting => interactive_streak += 1,
+                            Lane::Interactive => {}
+                            Lane::Batch => {
+                                interactive_streak = 0;
+                                interactive_empty = false;
+                                batch_waiting = job.info().map(|i| i.pending > 0).unwrap_or(false);
                             }
                         }
-                        _ => {
-                            if let Some(r) = requests.get_mut(&id) {
-                                r.remaining -= 1;
-                                credits -= 1;
-                                if r.remaining == 0 {
-                                    requests.remove(&id);
-                                }
-                            }
-                            let job = jetstream::Message { message: msg, context: self.js.clone() };
-                            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                                // A late answer to a request we gave up on: hand it back.
-                                hand_back(&job).await;
-                                continue;
-                            };
-                            on_job(job, SlotGuard { _permit: permit, freed: self.freed.clone() });
-                        }
+                        on_job(job, lane, slot);
                     }
-                }
-                _ = self.freed.notified() => {}
-                _ = tick.tick() => {
-                    // Requests lost with a broker restart never answer; forget them.
-                    let now = Instant::now();
-                    requests.retain(|_, r| {
-                        let keep = r.deadline > now;
-                        if !keep {
-                            credits -= r.remaining;
-                        }
-                        keep
-                    });
-                }
-                _ = stop.cancelled() => {
-                    sub.unsubscribe().await?;
-                    self.client.flush().await?;
-                    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(50), sub.next()).await {
-                        if msg.status.is_none() || msg.status == Some(StatusCode::OK) {
-                            hand_back(&jetstream::Message { message: msg, context: self.js.clone() }).await;
-                        }
-                    }
-                    return Ok(());
-                }
+                },
+                _ = self.slots.freed.notified() => {}
+                _ = stop.cancelled() => return puller.close().await,
             }
         }
     }
 }
 
-async fn hand_back(job: &jetstream::Message) {
-    if let Err(e) = job.ack_with(AckKind::Nak(None)).await {
-        tracing::warn!(error = %e, "handing back a job failed; it returns after ack_wait");
+/// Claims lifecycle jobs from `consumers` until `stop`.
+pub async fn claim_ctl<F>(
+    client: Client,
+    js: jetstream::Context,
+    stream: &str,
+    consumers: &[&str],
+    slots: Slots,
+    stop: CancellationToken,
+    mut on_job: F,
+) -> Result<(), async_nats::Error>
+where
+    F: FnMut(jetstream::Message, SlotGuard),
+{
+    let mut puller = Puller::new(client, js, stream, consumers).await?;
+    loop {
+        let free = slots.free();
+        for c in 0..consumers.len() {
+            let have = puller.credits(c);
+            puller.request(c, free.saturating_sub(have), false).await;
+        }
+        tokio::select! {
+            pulled = puller.next() => match pulled {
+                Pulled::Closed => return Ok(()),
+                Pulled::Job(_, job) => match slots.take() {
+                    Some(slot) => on_job(job, slot),
+                    None => hand_back(&job).await,
+                },
+                _ => {}
+            },
+            _ = slots.freed.notified() => {}
+            _ = stop.cancelled() => return puller.close().await,
+        }
     }
 }

@@ -1,25 +1,26 @@
 //! Publishing a job's events. One [`EventSink`] per job attempt, owned by the
 //! job's task: the only writer of that job's sequence, so `seq` has no gaps.
+//! Where and how events go is [`rbee_broker::events`]: always to the kept
+//! `rbee.events.<job id>` (with the stream's ack; republished if lost), and
+//! to the job's `reply_to` too.
 
-use async_nats::{Client, HeaderMap, Subject};
-use bytes::Bytes;
+use async_nats::Client;
+use rbee_broker::events::EventPublisher;
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::event::{Event, EventBody};
-use rbee_schemas::subjects::HEADER_CONTENT_TYPE;
 
 #[derive(Debug)]
 pub struct EventSink {
-    client: Client,
-    subject: Subject,
+    publisher: EventPublisher,
     job_id: String,
-    encoding: Encoding,
     next_seq: u64,
     ended: bool,
 }
 
 impl EventSink {
-    pub fn new(client: Client, subject: String, job_id: String, encoding: Encoding, next_seq: u64) -> Self {
-        Self { client, subject: Subject::from(subject), job_id, encoding, next_seq, ended: false }
+    pub fn new(client: Client, reply_to: &str, job_id: &str, encoding: Encoding, next_seq: u64) -> Self {
+        let publisher = EventPublisher::new(client, job_id, reply_to, encoding);
+        Self { publisher, job_id: job_id.to_owned(), next_seq, ended: false }
     }
 
     /// The `seq` the next event will carry.
@@ -27,32 +28,36 @@ impl EventSink {
         self.next_seq
     }
 
-    pub fn subject(&self) -> &str {
-        &self.subject
-    }
-
-    pub fn ended(&self) -> bool {
-        self.ended
-    }
-
-    /// Publishes one event; returns it. Nothing is published after a terminal event.
+    /// Publishes one event; returns it. Nothing is published after a terminal
+    /// event, and a terminal event goes out only once every earlier one is kept.
     pub async fn emit(&mut self, body: EventBody) -> Result<Option<Event>, async_nats::PublishError> {
         if self.ended {
             tracing::error!(job_id = %self.job_id, kind = body.type_name(), "event after the terminal event dropped");
             return Ok(None);
         }
         let event = Event::new(self.job_id.clone(), self.next_seq, body);
-        let payload = Bytes::from(self.encoding.encode(&event));
-        match self.encoding {
-            Encoding::Json => self.client.publish(self.subject.clone(), payload).await?,
-            Encoding::Msgpack => {
-                let mut headers = HeaderMap::new();
-                headers.insert(HEADER_CONTENT_TYPE, self.encoding.content_type());
-                self.client.publish_with_headers(self.subject.clone(), headers, payload).await?
-            }
+        if event.is_terminal() {
+            self.publisher.flush().await;
+        }
+        self.publisher.publish(&event).await?;
+        if event.is_terminal() {
+            self.publisher.flush().await;
         }
         self.next_seq += 1;
         self.ended = event.is_terminal();
         Ok(Some(event))
+    }
+
+    /// Waits until every event so far is kept (before a job is handed back).
+    pub async fn flush(&mut self) {
+        self.publisher.flush().await;
+    }
+
+    /// Sends an event published before (a job's stored terminal event) once
+    /// more, for a client that may have missed it; readers drop repeats by `seq`.
+    pub async fn resend(&mut self, event: &Event) -> Result<(), async_nats::PublishError> {
+        self.publisher.publish(event).await?;
+        self.publisher.flush().await;
+        Ok(())
     }
 }

@@ -18,9 +18,14 @@
 pub mod catalog;
 pub mod claimer;
 pub mod events;
+pub mod fleet;
 pub mod heartbeat;
 pub mod job;
 pub mod pool;
+pub mod puller;
+pub mod running;
+pub mod sweeper;
+pub mod system;
 pub mod worker_proc;
 
 use std::path::PathBuf;
@@ -32,7 +37,6 @@ use async_nats::jetstream;
 use clap::Parser;
 use rbee_schemas::hive::HiveInfo;
 use rbee_schemas::subjects;
-use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -76,6 +80,58 @@ pub struct HiveArgs {
     /// How long a worker may take to load its model.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub load_timeout: Duration,
+    /// Delay before the first retry of a job whose worker died; doubled per attempt (at most 30 s).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+    /// Queue capacity (jobs) when this hive creates the jobs stream; a full queue refuses new jobs (QUEUE_FULL).
+    #[arg(long, env = "RBEE_QUEUE_MAX_JOBS", default_value_t = 100_000)]
+    pub queue_max_jobs: i64,
+    /// How long a claimed job may go without an ack or progress before the broker redelivers it
+    /// (when this hive creates the consumers).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ack_wait: Duration,
+    /// How long a job id is remembered for de-duplication, when this hive creates the jobs stream.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+    /// Memory budget for this hive's workers (e.g. 8GiB, 512MB); 0 = only the machine's free memory.
+    #[arg(long, env = "RBEE_MEMORY_LIMIT", default_value = "0", value_parser = parse_bytes)]
+    pub memory_limit: u64,
+    /// How long an idle worker stays loaded (jobs may say otherwise with keep_alive_ms); "-1" = for ever.
+    #[arg(long, env = "RBEE_KEEP_ALIVE", default_value = "5m", value_parser = parse_keep_alive, allow_hyphen_values = true)]
+    pub keep_alive: i64,
+    /// Offer the no-op test model `noop` (no weights; emits " t0", " t1", ...). For tests and benchmarks.
+    #[arg(long, hide = true)]
+    pub test_noop_model: bool,
+    /// Time per token of the no-op test model.
+    #[arg(long, hide = true, default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub noop_token_delay: Duration,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size like 8GiB or 512MB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024f64.powi(4),
+        u => return Err(format!("unknown unit {u:?} in {s:?}")),
+    };
+    Ok((n * mult) as u64)
+}
+
+fn parse_keep_alive(s: &str) -> Result<i64, String> {
+    if s.trim() == "-1" {
+        return Ok(-1);
+    }
+    humantime::parse_duration(s).map(|d| d.as_millis() as i64).map_err(|e| e.to_string())
 }
 
 /// Logs to stderr; `RBEE_LOG` sets the filter (default `info`).
@@ -151,19 +207,31 @@ async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
 pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let hive_id = args.hive_id.clone().unwrap_or_else(rbee_broker::default_hive_id);
     anyhow::ensure!(
-        rbee_schemas::job::is_valid_job_id(&hive_id),
-        "hive id {hive_id:?} may only contain A-Z a-z 0-9 _ - (set --hive-id)"
+        rbee_schemas::job::is_valid_job_id(&hive_id) && hive_id != rbee_schemas::ctl::ANY_HIVE,
+        "hive id {hive_id:?} may only contain A-Z a-z 0-9 _ - and may not be \"any\" (set --hive-id)"
     );
     let home = args.data_dir.clone().unwrap_or_else(rbee_broker::rbee_home);
     let models_dir = args.models_dir.clone().unwrap_or_else(|| home.join("models"));
     let catalog_path = home.join("hives").join(&hive_id).join("catalog.redb");
-    let catalog = Arc::new(catalog::Catalog::open(&catalog_path, &models_dir).map_err(anyhow::Error::msg)?);
+    let mut catalog = catalog::Catalog::open(&catalog_path, &models_dir).map_err(anyhow::Error::msg)?;
+    if args.test_noop_model {
+        catalog.enable_noop_model();
+    }
+    let catalog = Arc::new(catalog);
 
     let client = connect(&args.nats_url, &format!("rbee-hive {hive_id}")).await?;
     let js = jetstream::new(client.clone());
-    let broker = rbee_broker::ensure(&js, &rbee_broker::Limits::default()).await?;
+    let limits = rbee_broker::Limits {
+        jobs_max_msgs: args.queue_max_jobs,
+        duplicate_window: args.dedup_window,
+        ack_wait: args.ack_wait,
+        ..rbee_broker::Limits::default()
+    };
+    let broker = rbee_broker::ensure(&js, &limits).await?;
     let mut infer = broker.infer.clone();
     let ack_wait = infer.info().await.map(|i| i.config.ack_wait).unwrap_or(Duration::from_secs(30));
+    let running = Arc::new(running::Running::default());
+    running::listen(client.clone(), running.clone()).await?;
 
     let pool = pool::Pool::new(pool::PoolConfig {
         hive_id: hive_id.clone(),
@@ -172,23 +240,38 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         device: args.device,
         threads: args.worker_threads,
         load_timeout: args.load_timeout,
+        noop_token_delay: args.noop_token_delay,
+        keep_alive_ms: args.keep_alive,
     });
-    let slots = Arc::new(Semaphore::new(args.slots as usize));
+    pool.set_registry(broker.workers.clone());
+    tokio::spawn(pool.clone().maintain());
+    let fleet = Arc::new(fleet::Fleet::new(&hive_id, broker.hives.clone(), broker.leases.clone()));
+    fleet.refresh().await;
+    tokio::spawn(fleet.clone().refresh_forever());
+    let slots = claimer::Slots::new(args.slots as usize);
     let hand_back = CancellationToken::new();
     let ctx = Arc::new(job::JobCtx {
         hive_id: hive_id.clone(),
         client: client.clone(),
-        records: broker.job_records.clone(),
+        js: js.clone(),
+        records: rbee_broker::records::Records::new(broker.job_records.clone()),
         events: broker.events.clone(),
         catalog,
         pool: pool.clone(),
+        fleet: fleet.clone(),
+        running,
+        memory_limit: args.memory_limit,
         ack_wait,
         max_attempts: args.max_attempts,
+        retry_backoff: args.retry_backoff,
         hand_back: hand_back.clone(),
     });
+    let sweep_stop = CancellationToken::new();
+    let sweeping = tokio::spawn(sweeper::run(ctx.clone(), broker.jobs.clone(), sweep_stop.clone()));
 
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let heartbeat = heartbeat::Heartbeat {
+        js: js.clone(),
         store: broker.hives.clone(),
         base: HiveInfo {
             v: rbee_schemas::PROTOCOL_VERSION,
@@ -202,27 +285,30 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
             slots: args.slots,
             busy: 0,
             backends: vec![args.backend.clone()],
+            devices: vec![if args.backend == "cpu" { "cpu".to_owned() } else { format!("{}:{}", args.backend, args.device) }],
+            ram_total: 0,
+            ram_free: 0,
+            memory_limit: args.memory_limit,
+            memory_used: 0,
+            vram_total: 0,
+            vram_free: 0,
             workers: vec![],
+            models: vec![],
         },
         pool: pool.clone(),
-        slots: slots.clone(),
+        slots: slots.permits.clone(),
+        catalog: ctx.catalog.clone(),
+        fleet: fleet.clone(),
     };
     let beat_stop = CancellationToken::new();
     let beats = tokio::spawn(heartbeat.clone().run(beat_stop.clone()));
 
     let tracker = TaskTracker::new();
-    let claimer = claimer::Claimer {
-        client: client.clone(),
-        js: js.clone(),
-        stream: subjects::JOBS_STREAM.to_owned(),
-        consumer: subjects::INFER_CONSUMER.to_owned(),
-        slots,
-        freed: Arc::new(Notify::new()),
-    };
+    let claimer = claimer::Claimer { client: client.clone(), js: js.clone(), stream: subjects::JOBS_STREAM.to_owned(), slots };
     let jobs = tracker.clone();
     let job_ctx = ctx.clone();
-    let claiming = tokio::spawn(claimer.run(shutdown.clone(), move |msg, slot| {
-        jobs.spawn(job::handle(job_ctx.clone(), msg, slot));
+    let claiming = tokio::spawn(claimer.run(shutdown.clone(), move |msg, lane, slot| {
+        jobs.spawn(job::handle(job_ctx.clone(), msg, lane, slot));
     }));
     tracing::info!(hive = %hive_id, nats = %args.nats_url, slots = args.slots, "hive ready");
 
@@ -247,6 +333,8 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     pool.shutdown(Duration::from_secs(5)).await;
+    sweep_stop.cancel();
+    let _ = sweeping.await;
     beat_stop.cancel();
     let _ = beats.await;
     client.drain().await.context("draining the NATS connection")?;

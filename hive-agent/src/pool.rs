@@ -1,31 +1,39 @@
 //! The hive's workers: at most one per model, started on the first job that
-//! needs it (cold start) and reused by the next ones (warm start).
+//! needs it (cold start) or by `rbee workers spawn`, reused by the next jobs
+//! (warm start), stopped when idle past its keep-alive.
 //!
 //! The registry is a map behind a short, never-awaited lock. Starting a worker
 //! runs in its own task, so a job task that is cancelled while waiting cannot
 //! leave a half-started entry behind; every job that needs the same model
 //! waits on the same start. A watcher task removes a worker from the map when
-//! its process exits, so the next job starts a fresh one.
+//! its process exits, so the next job starts a fresh one. A reaper task stops
+//! idle workers whose keep-alive ran out: it takes the worker's only slot
+//! first, so no job can start on a worker that is being stopped.
+//!
+//! Every worker is mirrored in the `rbee-workers` bucket ([`WorkerInfo`]):
+//! lifecycle states at once, busy/ready changes at most every 250 ms.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rbee_schemas::error::JobError;
-use rbee_schemas::hive::WorkerSummary;
+use async_nats::jetstream::kv;
+use rbee_schemas::codec::Encoding;
+use rbee_schemas::error::{ErrorCode, JobError};
+use rbee_schemas::hive::{WorkerInfo, WorkerState, WorkerSummary};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::catalog::ModelEntry;
 use crate::worker_proc::{SpawnSpec, WorkerProc};
 
-type StartResult = Option<Result<Arc<WorkerProc>, JobError>>;
+type StartResult = Option<Result<Arc<Worker>, JobError>>;
 
 #[derive(Debug, Clone)]
 enum Slot {
     Starting(watch::Receiver<StartResult>),
-    Ready(Arc<WorkerProc>),
+    Ready(Arc<Worker>),
 }
 
 /// Settings shared by every worker this hive starts.
@@ -37,6 +45,70 @@ pub struct PoolConfig {
     pub device: usize,
     pub threads: Option<usize>,
     pub load_timeout: Duration,
+    /// Time per token of the no-op test model.
+    pub noop_token_delay: Duration,
+    /// Default idle time before a worker exits, ms; negative = never.
+    pub keep_alive_ms: i64,
+}
+
+/// How to start one worker (defaults from [`PoolConfig`]).
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    pub backend: Option<String>,
+    pub device: Option<usize>,
+    pub keep_alive_ms: Option<i64>,
+}
+
+/// A worker process and what the hive tracks about it.
+#[derive(Debug)]
+pub struct Worker {
+    pub proc: Arc<WorkerProc>,
+    pub model: String,
+    pub backend: String,
+    pub device: String,
+    pub memory: u64,
+    pub started_at_ms: u64,
+    keep_alive_ms: AtomicI64,
+    last_activity_ms: AtomicU64,
+    state: Mutex<WorkerState>,
+    dirty: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Worker {
+    pub fn state(&self) -> WorkerState {
+        *lock(&self.state)
+    }
+
+    fn set_state(&self, s: WorkerState) {
+        *lock(&self.state) = s;
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    pub fn info(&self, hive: &str) -> WorkerInfo {
+        WorkerInfo {
+            v: rbee_schemas::PROTOCOL_VERSION,
+            id: self.proc.id.clone(),
+            hive: hive.to_owned(),
+            model: self.model.clone(),
+            state: self.state(),
+            pid: self.proc.pid,
+            backend: self.backend.clone(),
+            device: self.device.clone(),
+            started_at_ms: self.started_at_ms,
+            jobs_served: self.proc.jobs_served.load(Ordering::Relaxed),
+            last_activity_ms: self.last_activity_ms.load(Ordering::Relaxed),
+            keep_alive_ms: self.keep_alive_ms.load(Ordering::Relaxed),
+            memory: self.memory,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -44,6 +116,7 @@ pub struct Pool {
     config: PoolConfig,
     slots: Mutex<HashMap<String, Slot>>,
     counter: AtomicU64,
+    registry: Mutex<Option<kv::Store>>,
 }
 
 /// A worker reserved for one job: the job holds the worker's only slot.
@@ -53,72 +126,158 @@ pub struct Lease {
     pub cold: bool,
     /// Time this job spent waiting for the worker to start and load.
     pub load_ms: f64,
+    entry: Arc<Worker>,
     _permit: OwnedSemaphorePermit,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.entry.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+        if self.entry.state() == WorkerState::Busy {
+            self.entry.set_state(WorkerState::Ready);
+        }
+    }
 }
 
 impl Pool {
     pub fn new(config: PoolConfig) -> Arc<Self> {
-        Arc::new(Self { config, slots: Mutex::new(HashMap::new()), counter: AtomicU64::new(1) })
+        Arc::new(Self { config, slots: Mutex::new(HashMap::new()), counter: AtomicU64::new(1), registry: Mutex::new(None) })
+    }
+
+    /// Mirrors workers into this `rbee-workers` bucket from now on.
+    pub fn set_registry(&self, store: kv::Store) {
+        *lock(&self.registry) = Some(store);
+    }
+
+    fn publish(&self, info: WorkerInfo) {
+        let Some(store) = lock(&self.registry).clone() else { return };
+        tokio::spawn(async move {
+            if let Err(e) = store.put(&info.id, Encoding::Json.encode(&info).into()).await {
+                tracing::debug!(error = %e, worker = %info.id, "writing the worker registry failed");
+            }
+        });
+    }
+
+    fn unpublish(&self, id: &str) {
+        let Some(store) = lock(&self.registry).clone() else { return };
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let _ = store.purge(&id).await;
+        });
+    }
+
+    /// Whether a worker for `model_key` runs here (or is starting).
+    pub fn has(&self, model_key: &str) -> bool {
+        lock(&self.slots).contains_key(model_key)
     }
 
     /// A ready worker for `model`, started if none runs.
-    pub async fn lease(self: &Arc<Self>, model: &ModelEntry) -> Result<Lease, JobError> {
+    pub async fn lease(self: &Arc<Self>, model: &ModelEntry, keep_alive_ms: Option<i64>) -> Result<Lease, JobError> {
         let began = Instant::now();
         let mut waited_for_start = false;
         loop {
-            let slot = {
-                let mut slots = lock(&self.slots);
-                match slots.get(&model.key) {
-                    Some(Slot::Ready(w)) if w.exit_reason().is_none() => Slot::Ready(w.clone()),
-                    Some(Slot::Starting(rx)) => Slot::Starting(rx.clone()),
-                    _ => {
-                        let (tx, rx) = watch::channel(None);
-                        slots.insert(model.key.clone(), Slot::Starting(rx.clone()));
-                        tokio::spawn(self.clone().start(model.clone(), tx));
-                        Slot::Starting(rx)
-                    }
-                }
-            };
+            let slot = self.slot_for(model, StartOptions::default());
             let worker = match slot {
                 Slot::Ready(w) => w,
-                Slot::Starting(mut rx) => {
+                Slot::Starting(rx) => {
                     waited_for_start = true;
-                    let result = loop {
-                        if let Some(r) = rx.borrow_and_update().clone() {
-                            break r;
-                        }
-                        if rx.changed().await.is_err() {
-                            break Err(JobError::internal("worker start abandoned"));
-                        }
-                    };
-                    result?
+                    wait_started(rx).await?
                 }
             };
-            let Ok(permit) = worker.busy.clone().acquire_owned().await else { continue };
-            if worker.exit_reason().is_some() {
-                continue; // died while we waited for it; start another
+            let Ok(permit) = worker.proc.busy.clone().acquire_owned().await else { continue };
+            if worker.proc.exit_reason().is_some() || !self.is_current(&worker) {
+                continue; // died or was retired while we waited for it; start another
             }
+            worker.keep_alive_ms.store(keep_alive_ms.unwrap_or(self.config.keep_alive_ms), Ordering::Relaxed);
+            worker.set_state(WorkerState::Busy);
             let load_ms = if waited_for_start { began.elapsed().as_secs_f64() * 1e3 } else { 0.0 };
-            return Ok(Lease { worker, cold: waited_for_start, load_ms, _permit: permit });
+            return Ok(Lease { worker: worker.proc.clone(), cold: waited_for_start, load_ms, entry: worker, _permit: permit });
         }
     }
 
-    async fn start(self: Arc<Self>, model: ModelEntry, done: watch::Sender<StartResult>) {
+    /// Starts a worker for `model` (or finds the running one) without a job:
+    /// `rbee workers spawn`. True when this call started it.
+    pub async fn spawn(self: &Arc<Self>, model: &ModelEntry, opts: StartOptions) -> Result<(Arc<Worker>, bool), JobError> {
+        let keep = opts.keep_alive_ms;
+        match self.slot_for(model, opts) {
+            Slot::Ready(w) => {
+                if let Some(k) = keep {
+                    w.keep_alive_ms.store(k, Ordering::Relaxed);
+                }
+                Ok((w, false))
+            }
+            Slot::Starting(rx) => wait_started(rx).await.map(|w| (w, true)),
+        }
+    }
+
+    fn is_current(&self, w: &Arc<Worker>) -> bool {
+        matches!(lock(&self.slots).get(&w.model), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, w))
+    }
+
+    fn slot_for(self: &Arc<Self>, model: &ModelEntry, opts: StartOptions) -> Slot {
+        let mut slots = lock(&self.slots);
+        match slots.get(&model.key) {
+            Some(Slot::Ready(w)) if w.proc.exit_reason().is_none() => Slot::Ready(w.clone()),
+            Some(Slot::Starting(rx)) => Slot::Starting(rx.clone()),
+            _ => {
+                let (tx, rx) = watch::channel(None);
+                slots.insert(model.key.clone(), Slot::Starting(rx.clone()));
+                tokio::spawn(self.clone().start(model.clone(), opts, tx));
+                Slot::Starting(rx)
+            }
+        }
+    }
+
+    async fn start(self: Arc<Self>, model: ModelEntry, opts: StartOptions, done: watch::Sender<StartResult>) {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-w{n}", self.config.hive_id);
+        let backend = opts.backend.clone().unwrap_or_else(|| self.config.backend.clone());
+        let device = opts.device.unwrap_or(self.config.device);
+        let device_name = if backend == "cpu" { "cpu".to_owned() } else { format!("{backend}:{device}") };
+        let memory = crate::system::model_memory(model.size);
+        let placeholder = |state, pid| WorkerInfo {
+            v: rbee_schemas::PROTOCOL_VERSION,
+            id: id.clone(),
+            hive: self.config.hive_id.clone(),
+            model: model.key.clone(),
+            state,
+            pid,
+            backend: backend.clone(),
+            device: device_name.clone(),
+            started_at_ms: now_ms(),
+            jobs_served: 0,
+            last_activity_ms: now_ms(),
+            keep_alive_ms: opts.keep_alive_ms.unwrap_or(self.config.keep_alive_ms),
+            memory,
+        };
+        self.publish(placeholder(WorkerState::Starting, 0));
         let spec = SpawnSpec {
             worker_bin: self.config.worker_bin.clone(),
             model_path: model.path.clone(),
-            backend: self.config.backend.clone(),
-            device: self.config.device,
+            backend: backend.clone(),
+            device,
             threads: self.config.threads,
-            id: format!("{}-w{n}", self.config.hive_id),
+            id: id.clone(),
             load_timeout: self.config.load_timeout,
+            noop: (model.format == "noop").then_some(self.config.noop_token_delay),
         };
-        let result = WorkerProc::spawn(spec).await;
+        let pool = self.clone();
+        let loading = placeholder(WorkerState::Loading, 0);
+        let result = WorkerProc::spawn(spec, move |pid| pool.publish(WorkerInfo { pid, ..loading })).await;
+        let result = result.map(|proc| {
+            Arc::new(Worker {
+                proc,
+                model: model.key.clone(),
+                backend: backend.clone(),
+                device: device_name.clone(),
+                memory,
+                started_at_ms: now_ms(),
+                keep_alive_ms: AtomicI64::new(opts.keep_alive_ms.unwrap_or(self.config.keep_alive_ms)),
+                last_activity_ms: AtomicU64::new(now_ms()),
+                state: Mutex::new(WorkerState::Ready),
+                dirty: AtomicBool::new(false),
+            })
+        });
         {
             let mut slots = lock(&self.slots);
             match &result {
@@ -130,23 +289,80 @@ impl Pool {
                 }
             }
         }
-        if let Ok(w) = &result {
-            let pool = self.clone();
-            let w = w.clone();
-            let key = model.key.clone();
-            tokio::spawn(async move {
-                w.exited().await;
-                let mut slots = lock(&pool.slots);
-                if matches!(slots.get(&key), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, &w)) {
-                    slots.remove(&key);
-                }
-            });
+        match &result {
+            Ok(w) => {
+                self.publish(w.info(&self.config.hive_id));
+                let pool = self.clone();
+                let w = w.clone();
+                tokio::spawn(async move {
+                    w.proc.exited().await;
+                    {
+                        let mut slots = lock(&pool.slots);
+                        if matches!(slots.get(&w.model), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, &w)) {
+                            slots.remove(&w.model);
+                        }
+                    }
+                    pool.unpublish(&w.proc.id);
+                });
+            }
+            Err(_) => self.unpublish(&id),
         }
         let _ = done.send(Some(result));
     }
 
-    /// The ready workers, for heartbeats and status.
-    pub fn workers(&self) -> Vec<(String, Arc<WorkerProc>)> {
+    /// Stops idle workers whose keep-alive ran out; writes changed states.
+    /// Runs every 250 ms until the pool is dropped.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let now = now_ms();
+            let mut retire = Vec::new();
+            {
+                let mut slots = lock(&self.slots);
+                slots.retain(|_, slot| {
+                    let Slot::Ready(w) = slot else { return true };
+                    let keep = w.keep_alive_ms.load(Ordering::Relaxed);
+                    let idle_for = now.saturating_sub(w.last_activity_ms.load(Ordering::Relaxed));
+                    if keep < 0 || idle_for < keep as u64 {
+                        return true;
+                    }
+                    // Take its slot: no job can start on it from here on.
+                    match w.proc.busy.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            retire.push((w.clone(), permit));
+                            false
+                        }
+                        Err(_) => true,
+                    }
+                });
+            }
+            for (w, permit) in retire {
+                tracing::info!(worker = %w.proc.id, model = %w.model, "idle past its keep-alive; stopping it");
+                w.set_state(WorkerState::Stopping);
+                self.publish(w.info(&self.config.hive_id));
+                tokio::spawn(async move {
+                    w.proc.stop(Duration::from_secs(5)).await;
+                    drop(permit);
+                });
+            }
+            for (_, w) in self.workers() {
+                if w.dirty.swap(false, Ordering::Relaxed) {
+                    self.publish(w.info(&self.config.hive_id));
+                }
+            }
+        }
+    }
+
+    /// Writes every worker to the registry (with each heartbeat, so entries outlive their TTL).
+    pub fn republish(&self) {
+        for (_, w) in self.workers() {
+            self.publish(w.info(&self.config.hive_id));
+        }
+    }
+
+    /// The ready workers, by model.
+    pub fn workers(&self) -> Vec<(String, Arc<Worker>)> {
         lock(&self.slots)
             .iter()
             .filter_map(|(k, s)| match s {
@@ -156,35 +372,90 @@ impl Pool {
             .collect()
     }
 
+    /// Model keys with a worker here (ready or starting).
+    pub fn models(&self) -> Vec<String> {
+        lock(&self.slots).keys().cloned().collect()
+    }
+
+    /// Memory the workers' models are estimated to take.
+    pub fn memory_used(&self) -> u64 {
+        self.workers().iter().map(|(_, w)| w.memory).sum()
+    }
+
     pub fn summaries(&self) -> Vec<WorkerSummary> {
         let mut out: Vec<WorkerSummary> = lock(&self.slots)
             .iter()
             .map(|(model, s)| match s {
                 Slot::Ready(w) => WorkerSummary {
-                    id: w.id.clone(),
+                    id: w.proc.id.clone(),
                     model: model.clone(),
-                    state: if w.busy.available_permits() == 0 { "busy" } else { "ready" }.to_owned(),
-                    pid: w.pid,
-                    jobs_served: w.jobs_served.load(Ordering::Relaxed),
+                    state: w.state().as_str().to_owned(),
+                    pid: w.proc.pid,
+                    jobs_served: w.proc.jobs_served.load(Ordering::Relaxed),
                 },
-                Slot::Starting(_) => WorkerSummary {
-                    id: String::new(),
-                    model: model.clone(),
-                    state: "starting".to_owned(),
-                    pid: 0,
-                    jobs_served: 0,
-                },
+                Slot::Starting(_) => WorkerSummary { id: String::new(), model: model.clone(), state: "starting".to_owned(), pid: 0, jobs_served: 0 },
             })
             .collect();
         out.sort_by(|a, b| a.model.cmp(&b.model));
         out
     }
 
+    /// Stops one worker by id (it finishes its current job first).
+    pub async fn stop(&self, worker_id: &str) -> Result<Arc<Worker>, JobError> {
+        let found = {
+            let mut slots = lock(&self.slots);
+            let key = slots
+                .iter()
+                .find(|(_, s)| matches!(s, Slot::Ready(w) if w.proc.id == worker_id))
+                .map(|(k, _)| k.clone());
+            key.and_then(|k| match slots.remove(&k) {
+                Some(Slot::Ready(w)) => Some(w),
+                _ => None,
+            })
+        };
+        let Some(w) = found else {
+            return Err(JobError::new(ErrorCode::UnknownWorker, format!("no worker {worker_id} on hive {}", self.config.hive_id)));
+        };
+        w.set_state(WorkerState::Stopping);
+        self.publish(w.info(&self.config.hive_id));
+        // Waits for its current job (the slot) before asking it to exit.
+        let permit = w.proc.busy.clone().acquire_owned().await;
+        w.proc.stop(Duration::from_secs(10)).await;
+        drop(permit);
+        Ok(w)
+    }
+
+    /// Stops the workers of `model_key`; true if there were any.
+    pub async fn stop_model(&self, model_key: &str) -> bool {
+        let ids: Vec<String> = self.workers().into_iter().filter(|(m, _)| m == model_key).map(|(_, w)| w.proc.id.clone()).collect();
+        for id in &ids {
+            let _ = self.stop(id).await;
+        }
+        !ids.is_empty()
+    }
+
     /// Stops every worker: ask, then kill after `grace`.
     pub async fn shutdown(&self, grace: Duration) {
         let workers = self.workers();
         lock(&self.slots).clear();
-        let stops = workers.iter().map(|(_, w)| w.stop(grace));
+        for (_, w) in &workers {
+            w.set_state(WorkerState::Stopping);
+        }
+        let stops = workers.iter().map(|(_, w)| w.proc.stop(grace));
         futures::future::join_all(stops).await;
+        for (_, w) in &workers {
+            self.unpublish(&w.proc.id);
+        }
+    }
+}
+
+async fn wait_started(mut rx: watch::Receiver<StartResult>) -> Result<Arc<Worker>, JobError> {
+    loop {
+        if let Some(r) = rx.borrow_and_update().clone() {
+            return r;
+        }
+        if rx.changed().await.is_err() {
+            return Err(JobError::internal("worker start abandoned"));
+        }
     }
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use rbee_schemas::error::{ErrorCode, JobError};
 use rbee_schemas::job::GenerateParams;
+use rbee_schemas::record::Resume;
 use rbee_schemas::worker::{decode_frame, FromWorker, ModelInfo, Outcome, ToWorker, MAX_FRAME};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
@@ -31,7 +32,8 @@ const STDERR_TAIL: usize = 20;
 /// What a running job hears from its worker.
 #[derive(Debug)]
 pub enum WorkerMsg {
-    Token(String),
+    /// A sampled token (`u32::MAX`: text released at the end, no token) and its text.
+    Token(u32, String),
     Finished(Outcome),
     Failed(JobError),
     /// The worker process is gone; the string says how.
@@ -49,6 +51,8 @@ pub struct SpawnSpec {
     pub threads: Option<usize>,
     pub id: String,
     pub load_timeout: Duration,
+    /// Run the no-op test engine with this time per token instead of a model.
+    pub noop: Option<Duration>,
 }
 
 type Routes = Arc<Mutex<HashMap<u64, mpsc::Sender<WorkerMsg>>>>;
@@ -75,12 +79,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl WorkerProc {
-    /// Starts the worker and waits until its model is loaded.
-    pub async fn spawn(spec: SpawnSpec) -> Result<Arc<WorkerProc>, JobError> {
+    /// Starts the worker and waits until its model is loaded; `spawned` hears
+    /// the pid as soon as the process runs (it is loading from then on).
+    pub async fn spawn(spec: SpawnSpec, spawned: impl FnOnce(u32) + Send) -> Result<Arc<WorkerProc>, JobError> {
         let mut cmd = Command::new(&spec.worker_bin);
-        cmd.arg("--model")
-            .arg(&spec.model_path)
-            .arg("--backend")
+        match spec.noop {
+            Some(delay) => cmd.arg("--noop").arg("--noop-token-delay").arg(format!("{}us", delay.as_micros())),
+            None => cmd.arg("--model").arg(&spec.model_path),
+        };
+        cmd.arg("--backend")
             .arg(&spec.backend)
             .arg("--device")
             .arg(spec.device.to_string())
@@ -101,6 +108,7 @@ impl WorkerProc {
             )
         })?;
         let pid = child.id().unwrap_or(0);
+        spawned(pid);
         let (Some(stdin), Some(mut stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(JobError::internal("worker pipes missing"));
@@ -168,7 +176,7 @@ impl WorkerProc {
     }
 
     /// Sends a job; its messages arrive on the returned receiver.
-    pub async fn run(&self, params: GenerateParams) -> Result<(u64, mpsc::Receiver<WorkerMsg>), String> {
+    pub async fn run(&self, params: GenerateParams, resume: Option<Resume>) -> Result<(u64, mpsc::Receiver<WorkerMsg>), String> {
         let job = self.next_job.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(256);
         lock(&self.routes).insert(job, tx);
@@ -176,7 +184,7 @@ impl WorkerProc {
             lock(&self.routes).remove(&job);
             return Err(reason);
         }
-        if self.input.send(ToWorker::Generate { job, params }).await.is_err() {
+        if self.input.send(ToWorker::Generate { job, params, resume }).await.is_err() {
             lock(&self.routes).remove(&job);
             return Err(self.exit_reason().unwrap_or_else(|| "worker input closed".to_owned()));
         }
@@ -267,7 +275,7 @@ async fn route_frames(id: String, mut stdout: ChildStdout, routes: Routes) {
             }
         };
         let (job, msg) = match frame {
-            FromWorker::Token { job, text } => (job, WorkerMsg::Token(text)),
+            FromWorker::Token { job, id, text } => (job, WorkerMsg::Token(id, text)),
             FromWorker::Finished { job, outcome } => (job, WorkerMsg::Finished(outcome)),
             FromWorker::Failed { job, error } => (job, WorkerMsg::Failed(error)),
             other => {

@@ -2,7 +2,6 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), rbee::ClientError> {
-//! use futures::StreamExt;
 //! use rbee_schemas::event::EventBody;
 //! use rbee_schemas::job::InferRequest;
 //!
@@ -18,28 +17,30 @@
 //!
 //! [`Client::submit`] subscribes to the job's event subject *before* it
 //! publishes the job (a fast hive can answer before the publish is even
-//! acked), then yields events in `seq` order until the terminal one. The job
-//! is published through JetStream with the job id as `Nats-Msg-Id`, so a
-//! retried submission of the same id is de-duplicated by the broker.
+//! acked), then yields events in `seq` order until the terminal one, filling
+//! any gap from the kept events ([`stream`]). The job is published through
+//! JetStream with the job id as `Nats-Msg-Id`; submitting an id again runs
+//! nothing new and yields the first submission's events.
 //!
-//! The crate also holds the `rbee` CLI ([`cli`]) and the local stack it can
-//! start ([`local`]).
+//! [`jobs`] has the rest of the job API (show, list, cancel, retry, queue
+//! depth); the crate also holds the `rbee` CLI ([`cli`]) and the local stack
+//! it can start ([`local`]).
 
 pub mod cli;
+pub mod jobs;
 pub mod local;
-
-use std::pin::Pin;
-use std::task::{Context, Poll};
+pub mod stream;
 
 use async_nats::jetstream::{self, message::PublishMessage};
-use async_nats::Subscriber;
 use bytes::Bytes;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, StreamExt};
 use rbee_schemas::codec::Encoding;
-use rbee_schemas::event::Event;
+use rbee_schemas::hive::HiveInfo;
 use rbee_schemas::job::{is_valid_job_id, InferRequest};
 use rbee_schemas::model::ModelRef;
-use rbee_schemas::subjects::{self, HEADER_CONTENT_TYPE};
+use rbee_schemas::subjects::{self, Lane, HEADER_CONTENT_TYPE};
+
+pub use stream::JobStream;
 
 /// What can go wrong on the client side. Job failures are not errors here:
 /// they arrive as `error` events with their code.
@@ -53,18 +54,24 @@ pub enum ClientError {
         "no rbee job stream on this broker ({0}): no hive has attached to it yet. Start one (rbee up, or rbee-hive --nats-url URL)"
     )]
     NoStream(String),
-    #[error("the job queue is full ({0}); try again later")]
+    #[error("no hive is attached to this broker: the job would wait in the queue. Start one (rbee up, or rbee-hive --nats-url URL)")]
+    NoHive,
+    #[error("the job queue is full ({0})")]
     QueueFull(String),
     #[error("publishing the job failed: {0}")]
     Publish(String),
     #[error("subscribing to {subject} failed: {source}")]
     Subscribe { subject: String, source: async_nats::SubscribeError },
-    #[error("event {got} arrived while {want} was expected: events were lost (the subscriber was too slow)")]
-    Gap { want: u64, got: u64 },
-    #[error("an event could not be decoded: {0}")]
-    Decode(String),
+    #[error("reading the kept events failed: {0}")]
+    Replay(String),
     #[error("the connection closed before the job ended")]
     Closed,
+    #[error("events {from} to {to} of the job were lost by the broker (a crash before they were stored); the job's end follows")]
+    Lost { from: u64, to: u64 },
+    #[error("no job {0}: not in the queue and no record of it (records are kept 24 h)")]
+    NotFound(String),
+    #[error("{0}")]
+    Broker(String),
 }
 
 /// How to submit a job.
@@ -74,6 +81,8 @@ pub struct SubmitOptions {
     pub job_id: Option<String>,
     /// Body encoding; events come back in the same one.
     pub encoding: Encoding,
+    /// Priority lane.
+    pub lane: Lane,
 }
 
 /// A connection to the rbee bus.
@@ -86,6 +95,10 @@ pub struct Client {
 /// A fresh job id: 22 characters of `[0-9A-Za-z]`.
 pub fn new_job_id() -> String {
     nuid::next().to_string()
+}
+
+fn broker_err(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Broker(e.to_string())
 }
 
 impl Client {
@@ -108,6 +121,10 @@ impl Client {
         &self.nats
     }
 
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// Submits a job for `model` (an alias or `hf:` reference) and returns
     /// the stream of its events.
     pub async fn submit(&self, model: &str, mut req: InferRequest, opts: SubmitOptions) -> Result<JobStream, ClientError> {
@@ -119,98 +136,69 @@ impl Client {
         if req.model.is_none() {
             req.model = Some(model_ref.to_string());
         }
-        let reply = req.reply_to.clone().unwrap_or_else(|| subjects::events_subject(&job_id));
-        let events = self
+        // Events always reach rbee.events.<id>; a custom reply_to gets them too.
+        let live_subject = subjects::events_subject(&job_id);
+        let live = self
             .nats
-            .subscribe(reply.clone())
+            .subscribe(live_subject.clone())
             .await
-            .map_err(|source| ClientError::Subscribe { subject: reply.clone(), source })?;
-        let mut publish = PublishMessage::build()
-            .payload(Bytes::from(opts.encoding.encode(&req)))
-            .message_id(&job_id);
+            .map_err(|source| ClientError::Subscribe { subject: live_subject, source })?;
+        let mut publish = PublishMessage::build().payload(Bytes::from(opts.encoding.encode(&req))).message_id(&job_id);
         if opts.encoding == Encoding::Msgpack {
             publish = publish.header(HEADER_CONTENT_TYPE, opts.encoding.content_type());
         }
-        let subject = subjects::infer_subject(&model_ref.subject_key());
+        let subject = subjects::job_subject(opts.lane, &model_ref.subject_key());
         let ack = self.js.send_publish(subject.clone(), publish).await.map_err(|e| publish_error(&subject, e))?;
-        let ack = async move { ack.await.map(|_| ()).map_err(|e| publish_error(&subject, e)) }.boxed();
-        Ok(JobStream { job_id, encoding: opts.encoding, events, ack: Some(ack), next_seq: 0, ended: false })
+        let ack = async move { ack.await.map(|a| a.duplicate).map_err(|e| publish_error(&subject, e)) }.boxed();
+        let kept = self.js.get_stream_no_info(subjects::EVENTS_STREAM).await.map_err(broker_err)?;
+        Ok(JobStream::new(job_id, opts.encoding, live, kept, Some(ack), 0))
+    }
+
+    /// The events of an existing job, replayed from `from_seq`, then live.
+    pub async fn follow(&self, job_id: &str, from_seq: u64) -> Result<JobStream, ClientError> {
+        let live_subject = subjects::events_subject(job_id);
+        let live = self
+            .nats
+            .subscribe(live_subject.clone())
+            .await
+            .map_err(|source| ClientError::Subscribe { subject: live_subject, source })?;
+        let kept = self.js.get_stream_no_info(subjects::EVENTS_STREAM).await.map_err(broker_err)?;
+        Ok(JobStream::new(job_id.to_owned(), Encoding::Json, live, kept, None, from_seq).replay_first())
+    }
+
+    /// The hives heartbeating now.
+    pub async fn hives(&self) -> Result<Vec<HiveInfo>, ClientError> {
+        let store = match self.js.get_key_value(subjects::HIVES_BUCKET).await {
+            Ok(s) => s,
+            Err(_) => return Ok(vec![]), // no hive ever attached
+        };
+        let mut keys = store.keys().await.map_err(broker_err)?;
+        let mut ids = Vec::new();
+        while let Some(k) = keys.next().await {
+            ids.push(k.map_err(broker_err)?);
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            if let Ok(Some(v)) = store.get(&id).await {
+                if let Ok(info) = Encoding::Json.decode::<HiveInfo>(&v) {
+                    out.push(info);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.hive_id.cmp(&b.hive_id));
+        Ok(out)
     }
 }
 
 fn publish_error(subject: &str, e: jetstream::context::PublishError) -> ClientError {
     use jetstream::context::PublishErrorKind as K;
     let text = e.to_string();
+    let source = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
     match e.kind() {
         K::StreamNotFound => ClientError::NoStream(subject.to_owned()),
-        _ if text.contains("maximum messages") || text.contains("maximum bytes") => ClientError::QueueFull(text),
-        _ => ClientError::Publish(text),
-    }
-}
-
-/// The events of one job, in order, ending with its terminal event.
-pub struct JobStream {
-    job_id: String,
-    encoding: Encoding,
-    events: Subscriber,
-    ack: Option<futures::future::BoxFuture<'static, Result<(), ClientError>>>,
-    next_seq: u64,
-    ended: bool,
-}
-
-impl std::fmt::Debug for JobStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobStream").field("job_id", &self.job_id).field("next_seq", &self.next_seq).finish()
-    }
-}
-
-impl JobStream {
-    pub fn job_id(&self) -> &str {
-        &self.job_id
-    }
-}
-
-impl Stream for JobStream {
-    type Item = Result<Event, ClientError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.ended {
-            return Poll::Ready(None);
+        _ if [&text, &source].iter().any(|t| t.contains("maximum messages") || t.contains("maximum bytes")) => {
+            ClientError::QueueFull(if source.is_empty() { text } else { source })
         }
-        if let Some(ack) = self.ack.as_mut() {
-            if let Poll::Ready(result) = ack.poll_unpin(cx) {
-                self.ack = None;
-                if let Err(e) = result {
-                    self.ended = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-            }
-        }
-        loop {
-            let msg = match self.events.poll_next_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => {
-                    self.ended = true;
-                    return Poll::Ready(Some(Err(ClientError::Closed)));
-                }
-                Poll::Ready(Some(m)) => m,
-            };
-            let event: Event = match self.encoding.decode(&msg.payload) {
-                Ok(e) => e,
-                Err(e) => return Poll::Ready(Some(Err(ClientError::Decode(e)))),
-            };
-            if event.job_id != self.job_id || event.seq < self.next_seq {
-                continue; // another job on a shared reply subject, or a repeat
-            }
-            if event.seq > self.next_seq {
-                self.ended = true;
-                return Poll::Ready(Some(Err(ClientError::Gap { want: self.next_seq, got: event.seq })));
-            }
-            self.next_seq += 1;
-            if event.is_terminal() {
-                self.ended = true;
-            }
-            return Poll::Ready(Some(Ok(event)));
-        }
+        _ => ClientError::Publish(if source.is_empty() { text } else { format!("{text}: {source}") }),
     }
 }

@@ -21,6 +21,12 @@ pub enum ErrorCode {
     ModelSourceUnreachable,
     /// The model file exists but the worker could not load it.
     ModelLoadFailed,
+    /// A downloaded file did not match its size or sha256; it was deleted.
+    ModelVerificationFailed,
+    /// The model is in use by a worker (delete it with `force`).
+    ModelInUse,
+    /// No such worker on the hive.
+    UnknownWorker,
     /// The worker did not become ready in time.
     ModelLoadTimeout,
     /// The model does not fit in the memory of any hive.
@@ -50,6 +56,9 @@ impl ErrorCode {
             ErrorCode::ContextLengthExceeded => "CONTEXT_LENGTH_EXCEEDED",
             ErrorCode::ModelSourceUnreachable => "MODEL_SOURCE_UNREACHABLE",
             ErrorCode::ModelLoadFailed => "MODEL_LOAD_FAILED",
+            ErrorCode::ModelVerificationFailed => "MODEL_VERIFICATION_FAILED",
+            ErrorCode::ModelInUse => "MODEL_IN_USE",
+            ErrorCode::UnknownWorker => "UNKNOWN_WORKER",
             ErrorCode::ModelLoadTimeout => "MODEL_LOAD_TIMEOUT",
             ErrorCode::InsufficientMemory => "INSUFFICIENT_MEMORY",
             ErrorCode::WorkerCrashed => "WORKER_CRASHED",

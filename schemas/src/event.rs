@@ -10,7 +10,9 @@
 //! - `restarted`: the worker died; the job was handed back and will run again.
 //!   When `resume` is false the text streamed so far is void: the next attempt
 //!   starts over after a new `started`.
-//! - `done`: why generation stopped, token usage and timings.
+//! - `progress`: a lifecycle job's progress (download bytes, loading).
+//! - `done`: why generation stopped, token usage and timings; for a
+//!   lifecycle job, stop reason `completed` and its `result`.
 //! - `error`: a stable [`ErrorCode`] and a message a person can act on.
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +37,7 @@ pub enum EventBody {
     Started(Started),
     Token(Token),
     Restarted(Restarted),
+    Progress(Progress),
     Done(Done),
     Error(ErrorEvent),
     /// An event type from a newer rbee; clients skip it.
@@ -72,6 +75,22 @@ pub struct Restarted {
     pub resume: bool,
 }
 
+/// How far a lifecycle job is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// `download`, `verify`, `load`, ...
+    pub stage: String,
+    /// Units done (bytes for downloads).
+    pub done: u64,
+    /// Units in all; 0 when unknown.
+    pub total: u64,
+    /// Units per second.
+    #[serde(default)]
+    pub rate: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -84,6 +103,8 @@ pub enum StopReason {
     Stop,
     /// The job was cancelled.
     Cancelled,
+    /// A lifecycle job finished (its `result` says what it did).
+    Completed,
     #[serde(other)]
     Unknown,
 }
@@ -115,10 +136,28 @@ pub struct Timings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Done {
     pub stop_reason: StopReason,
+    #[serde(default)]
     pub usage: Usage,
+    #[serde(default)]
     pub timings: Timings,
     /// The seed that was used: resubmit with it to reproduce the text.
+    #[serde(default)]
     pub seed: u64,
+    /// What a lifecycle job did (the model registered, the worker started, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Done {
+    /// The `done` of an inference job.
+    pub fn generation(stop_reason: StopReason, usage: Usage, timings: Timings, seed: u64) -> Self {
+        Self { stop_reason, usage, timings, seed, result: None }
+    }
+
+    /// The `done` of a lifecycle job.
+    pub fn completed(result: serde_json::Value) -> Self {
+        Self { stop_reason: StopReason::Completed, usage: Usage::default(), timings: Timings::default(), seed: 0, result: Some(result) }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +195,7 @@ impl EventBody {
             EventBody::Started(_) => "started",
             EventBody::Token(_) => "token",
             EventBody::Restarted(_) => "restarted",
+            EventBody::Progress(_) => "progress",
             EventBody::Done(_) => "done",
             EventBody::Error(_) => "error",
             EventBody::Unknown => "unknown",
@@ -190,13 +230,15 @@ mod tests {
             Event::new(
                 "job-1",
                 3,
-                EventBody::Done(Done {
-                    stop_reason: StopReason::MaxTokens,
-                    usage: Usage { prompt_tokens: 5, completion_tokens: 16 },
-                    timings: Timings { queued_ms: 1.5, load_ms: 300.0, ttft_ms: 320.0, total_ms: 800.0, prompt_tps: 100.0, decode_tps: 35.5 },
-                    seed: 42,
-                }),
+                EventBody::Done(Done::generation(
+                    StopReason::MaxTokens,
+                    Usage { prompt_tokens: 5, completion_tokens: 16 },
+                    Timings { queued_ms: 1.5, load_ms: 300.0, ttft_ms: 320.0, total_ms: 800.0, prompt_tps: 100.0, decode_tps: 35.5 },
+                    42,
+                )),
             ),
+            Event::new("job-3", 1, EventBody::Progress(Progress { stage: "download".into(), done: 10, total: 100, rate: 5.5, message: None })),
+            Event::new("job-3", 2, EventBody::Done(Done::completed(serde_json::json!({"model": "m"})))),
             Event::new("job-2", 0, JobError::invalid("missing prompt").into()),
         ]
     }
@@ -225,7 +267,7 @@ mod tests {
     #[test]
     fn unknown_event_types_and_fields_are_tolerated() {
         let e: Event = Encoding::Json
-            .decode(br#"{"v":1,"job_id":"j","seq":4,"type":"progress","percent":5}"#)
+            .decode(br#"{"v":1,"job_id":"j","seq":4,"type":"thinking","percent":5}"#)
             .unwrap();
         assert_eq!(e.body, EventBody::Unknown);
         let e: Event = Encoding::Json

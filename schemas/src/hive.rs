@@ -27,11 +27,63 @@ pub struct HiveInfo {
     pub slots: u32,
     /// Jobs running now.
     pub busy: u32,
-    /// Compute backends this build supports: `cpu`, `cuda`, `metal`.
+    /// Compute backends this hive runs workers on: `cpu`, `cuda`, `metal`.
     #[serde(default)]
     pub backends: Vec<String>,
+    /// Devices, e.g. `cpu`, `cuda:0`.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Memory of the machine, bytes.
+    #[serde(default)]
+    pub ram_total: u64,
+    /// Memory available now (MemAvailable), bytes.
+    #[serde(default)]
+    pub ram_free: u64,
+    /// The hive's own memory budget for workers (`--memory-limit`), bytes; 0 = none.
+    #[serde(default)]
+    pub memory_limit: u64,
+    /// Memory its workers' models are estimated to take, bytes.
+    #[serde(default)]
+    pub memory_used: u64,
+    /// GPU memory, bytes; 0 where there is none or it is unknown.
+    #[serde(default)]
+    pub vram_total: u64,
+    #[serde(default)]
+    pub vram_free: u64,
     #[serde(default)]
     pub workers: Vec<WorkerSummary>,
+    /// The models in the hive's catalog.
+    #[serde(default)]
+    pub models: Vec<ModelSummary>,
+}
+
+impl HiveInfo {
+    /// Memory this hive could still give a new worker, bytes.
+    pub fn memory_available(&self) -> u64 {
+        let by_limit = if self.memory_limit > 0 { self.memory_limit.saturating_sub(self.memory_used) } else { u64::MAX };
+        self.ram_free.min(by_limit)
+    }
+}
+
+/// A model in a hive's catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// Catalog key: alias, or full reference.
+    pub key: String,
+    pub source: String,
+    pub format: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub quantization: String,
+    pub size: u64,
+    /// False when the catalog entry's file has vanished.
+    #[serde(default = "yes")]
+    pub present: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A worker as its hive reports it.
@@ -65,10 +117,80 @@ mod tests {
             slots: 1,
             busy: 0,
             backends: vec!["cpu".into()],
+            devices: vec!["cpu".into()],
+            ram_total: 8 << 30,
+            ram_free: 4 << 30,
+            memory_limit: 2 << 30,
+            memory_used: 1 << 30,
+            vram_total: 0,
+            vram_free: 0,
             workers: vec![WorkerSummary { id: "w1".into(), model: "m".into(), state: "ready".into(), pid: 7, jobs_served: 3 }],
+            models: vec![ModelSummary {
+                key: "m".into(),
+                source: "hf:a/b:c.gguf".into(),
+                format: "gguf".into(),
+                architecture: "llama".into(),
+                quantization: "q4_1".into(),
+                size: 5,
+                present: true,
+            }],
         };
+        assert_eq!(info.memory_available(), 1 << 30);
         for enc in [Encoding::Json, Encoding::Msgpack] {
             assert_eq!(enc.decode::<HiveInfo>(&enc.encode(&info)).unwrap(), info);
+        }
+    }
+}
+
+/// A worker in the `rbee-workers` registry (key = worker id). Written by its
+/// hive on every state change and with every heartbeat; the bucket's TTL
+/// removes the workers of a hive that died.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    #[serde(default = "crate::default_version")]
+    pub v: u32,
+    pub id: String,
+    pub hive: String,
+    /// Catalog key of its model.
+    pub model: String,
+    pub state: WorkerState,
+    pub pid: u32,
+    pub backend: String,
+    pub device: String,
+    pub started_at_ms: u64,
+    pub jobs_served: u64,
+    pub last_activity_ms: u64,
+    /// Idle time after which it exits, ms; negative = never.
+    #[serde(default)]
+    pub keep_alive_ms: i64,
+    /// Estimated memory of its model, bytes.
+    #[serde(default)]
+    pub memory: u64,
+}
+
+/// A worker's life: starting → loading → ready ⇄ busy → stopping → gone
+/// (gone = removed from the registry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Starting,
+    Loading,
+    Ready,
+    Busy,
+    Stopping,
+    #[serde(other)]
+    Unknown,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Loading => "loading",
+            WorkerState::Ready => "ready",
+            WorkerState::Busy => "busy",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Unknown => "unknown",
         }
     }
 }

@@ -39,6 +39,8 @@ pub const MAX_STOP: usize = 8;
 pub const MAX_STOP_BYTES: usize = 128;
 /// Longest job id.
 pub const MAX_ID_LEN: usize = 128;
+/// Longest `timeout_ms`: seven days.
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// One chat message. Roles: `system`, `user`, `assistant`, `tool`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +88,16 @@ pub struct InferRequest {
     /// Subject for the events; default `rbee.events.<job id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// The job must end within this many milliseconds of reaching the broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// The job must end before this Unix time, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// How long the model's worker stays loaded after this job while idle,
+    /// in ms (like Ollama's `keep_alive`): 0 unloads it at once, -1 keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_ms: Option<i64>,
 }
 
 /// What every job body is read as first: only the fields needed to answer it,
@@ -100,6 +112,17 @@ pub struct JobProbe {
     pub reply_to: Option<String>,
     #[serde(default, deserialize_with = "lenient::string")]
     pub model: Option<String>,
+    #[serde(default, deserialize_with = "lenient::u64")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient::u64")]
+    pub deadline_ms: Option<u64>,
+}
+
+impl JobProbe {
+    /// The deadline, as [`InferRequest::deadline`] computes it.
+    pub fn deadline(&self, received_ms: u64) -> Option<u64> {
+        InferRequest { timeout_ms: self.timeout_ms, deadline_ms: self.deadline_ms, ..InferRequest::default() }.deadline(received_ms)
+    }
 }
 
 /// What the model is asked.
@@ -133,6 +156,12 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
 }
 
+/// A job's id: the `Nats-Msg-Id` header, else the body's `id`, else
+/// `js-<stream sequence>` (stable across redeliveries of the same message).
+pub fn job_id(header: Option<String>, body: Option<String>, stream_seq: u64) -> String {
+    header.or(body).unwrap_or_else(|| format!("js-{stream_seq}"))
+}
+
 /// Whether `id` is a valid job id: 1 to 128 of `A-Z a-z 0-9 _ -`
 /// (it becomes a subject token and a KV key).
 pub fn is_valid_job_id(id: &str) -> bool {
@@ -161,11 +190,25 @@ impl Default for InferRequest {
             seed: None,
             stop: None,
             reply_to: None,
+            timeout_ms: None,
+            deadline_ms: None,
+            keep_alive_ms: None,
         }
     }
 }
 
 impl InferRequest {
+    /// When the job must end, in Unix milliseconds: the earlier of
+    /// `deadline_ms` and `received_ms + timeout_ms` (`received_ms` = when the
+    /// broker stored the job).
+    pub fn deadline(&self, received_ms: u64) -> Option<u64> {
+        let by_timeout = self.timeout_ms.map(|t| received_ms.saturating_add(t));
+        match (self.deadline_ms, by_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// A plain-prompt job with every other field at its default.
     pub fn prompt(prompt: impl Into<String>) -> Self {
         Self { prompt: Some(prompt.into()), ..Self::default() }
@@ -253,6 +296,21 @@ impl InferRequest {
                 "stop string {s:?} must be 1 to {MAX_STOP_BYTES} bytes"
             )));
         }
+        if let Some(t) = self.timeout_ms {
+            if t == 0 || t > MAX_TIMEOUT_MS {
+                return Err(out_of_range("timeout_ms", t, 1, MAX_TIMEOUT_MS));
+            }
+        }
+        if let Some(k) = self.keep_alive_ms {
+            if k < -1 || k > MAX_TIMEOUT_MS as i64 {
+                return Err(JobError::invalid(format!(
+                    "keep_alive_ms must be -1 (keep loaded), 0 (unload at once) or up to {MAX_TIMEOUT_MS} (got {k})"
+                )));
+            }
+        }
+        if self.deadline_ms == Some(0) {
+            return Err(JobError::invalid("deadline_ms must be a Unix time in milliseconds"));
+        }
         if let Some(id) = &self.id {
             if !is_valid_job_id(id) {
                 return Err(JobError::invalid(format!(
@@ -290,6 +348,13 @@ mod lenient {
     pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
         Ok(match Maybe::<String>::deserialize(d)? {
             Maybe::Value(s) => Some(s),
+            Maybe::Other(_) => None,
+        })
+    }
+
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(match Maybe::<u64>::deserialize(d)? {
+            Maybe::Value(v) => Some(v),
             Maybe::Other(_) => None,
         })
     }
@@ -350,6 +415,9 @@ mod tests {
             (r#"{"prompt":"x","stop":[""]}"#, "stop string"),
             (r#"{"prompt":"x","id":"has.dot"}"#, "id \"has.dot\""),
             (r#"{"messages":[]}"#, "messages is empty"),
+            (r#"{"prompt":"x","timeout_ms":0}"#, "timeout_ms must be between 1 and"),
+            (r#"{"prompt":"x","deadline_ms":0}"#, "deadline_ms must be"),
+            (r#"{"prompt":"x","keep_alive_ms":-5}"#, "keep_alive_ms must be -1"),
             (r#"{"messages":[{"role":"robot","content":"x"}]}"#, "messages[0].role"),
         ];
         for (body, want) in cases {
@@ -359,6 +427,18 @@ mod tests {
         }
         let big = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(MAX_PROMPT_BYTES + 1));
         assert!(job(&big).unwrap().validate(0).unwrap_err().message.contains("limit is"));
+    }
+
+    #[test]
+    fn the_deadline_is_the_earlier_of_both_forms() {
+        let mut r = InferRequest::prompt("x");
+        assert_eq!(r.deadline(1000), None);
+        r.timeout_ms = Some(500);
+        assert_eq!(r.deadline(1000), Some(1500));
+        r.deadline_ms = Some(1200);
+        assert_eq!(r.deadline(1000), Some(1200));
+        r.timeout_ms = None;
+        assert_eq!(r.deadline(1000), Some(1200));
     }
 
     #[test]
@@ -385,6 +465,9 @@ mod tests {
             seed: Some(42),
             stop: Some(vec!["\n".into()]),
             reply_to: Some("_INBOX.x".into()),
+            timeout_ms: Some(5000),
+            deadline_ms: Some(1_900_000_000_000),
+            keep_alive_ms: Some(60_000),
             ..InferRequest::prompt("unused")
         };
         let req = InferRequest { prompt: None, ..req };

@@ -35,6 +35,9 @@ fn job_schema_lists_exactly_the_job_fields_and_limits() {
         seed: Some(1),
         stop: Some(vec!["s".into()]),
         reply_to: Some("r".into()),
+        timeout_ms: Some(1),
+        deadline_ms: Some(1),
+        keep_alive_ms: Some(1),
         ..InferRequest::default()
     };
     let json: Value = serde_json::from_slice(&Encoding::Json.encode(&full)).unwrap();
@@ -50,6 +53,7 @@ fn job_schema_lists_exactly_the_job_fields_and_limits() {
     assert_eq!(p["stop"]["maxItems"], MAX_STOP);
     assert_eq!(p["stop"]["items"]["maxLength"], MAX_STOP_BYTES);
     assert_eq!(p["messages"]["maxItems"], MAX_MESSAGES);
+    assert_eq!(p["timeout_ms"]["maximum"], MAX_TIMEOUT_MS);
     let msg_keys = keys(&schema["$defs"]["message"]["properties"]);
     assert_eq!(msg_keys, ["content", "role"]);
 }
@@ -62,12 +66,9 @@ fn event_schema_covers_every_event_and_error_code() {
         EventBody::Started(Started { hive: "h".into(), worker: "w".into(), model: "m".into(), cold: true, attempt: 1 }),
         EventBody::Token(Token { text: "t".into() }),
         EventBody::Restarted(Restarted { attempt: 1, reason: "r".into(), resume: false }),
-        EventBody::Done(Done {
-            stop_reason: StopReason::Eos,
-            usage: Usage::default(),
-            timings: Timings::default(),
-            seed: 1,
-        }),
+        EventBody::Done(Done::generation(StopReason::Eos, Usage::default(), Timings::default(), 1)),
+        EventBody::Done(Done::completed(serde_json::json!({"model": "m"}))),
+        EventBody::Progress(Progress { stage: "download".into(), done: 1, total: 2, rate: 3.0, message: Some("x".into()) }),
         EventBody::Error(ErrorEvent { code: ErrorCode::Internal, message: "m".into() }),
     ];
     for body in samples {
@@ -88,7 +89,7 @@ fn event_schema_covers_every_event_and_error_code() {
             assert!(json.get(r.as_str().unwrap()).is_some(), "{name}: required {r} missing");
         }
     }
-    let codes: Vec<&str> = schema["oneOf"][4]["properties"]["code"]["enum"]
+    let codes: Vec<&str> = schema["oneOf"][5]["properties"]["code"]["enum"]
         .as_array()
         .unwrap()
         .iter()
@@ -101,6 +102,9 @@ fn event_schema_covers_every_event_and_error_code() {
         ErrorCode::ContextLengthExceeded,
         ErrorCode::ModelSourceUnreachable,
         ErrorCode::ModelLoadFailed,
+        ErrorCode::ModelVerificationFailed,
+        ErrorCode::ModelInUse,
+        ErrorCode::UnknownWorker,
         ErrorCode::ModelLoadTimeout,
         ErrorCode::InsufficientMemory,
         ErrorCode::WorkerCrashed,

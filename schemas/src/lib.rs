@@ -6,7 +6,8 @@
 //! - the events a job streams back ([`event`]) and the stable error codes ([`error`]),
 //! - model references and their subject-safe keys ([`model`]),
 //! - the two encodings, JSON and MessagePack ([`codec`]),
-//! - the hive heartbeat record ([`hive`]) and the job record ([`record`]),
+//! - lifecycle jobs: model download/import/delete, worker spawn/stop ([`ctl`]),
+//! - the hive heartbeat and worker registry records ([`hive`]) and the job record ([`record`]),
 //! - the hive <-> worker pipe protocol ([`worker`]), which is internal, not public.
 //!
 //! Nothing here does I/O, spawns tasks or holds channels. Every message carries
@@ -14,6 +15,7 @@
 //! so older readers keep working, and a breaking change bumps the version.
 
 pub mod codec;
+pub mod ctl;
 pub mod error;
 pub mod event;
 pub mod hive;

@@ -1,29 +1,87 @@
-//! The job record kept under the job id in the `rbee-jobs` KV bucket. A hive
-//! writes it when it claims a job, when the job is handed back and when it ends;
-//! the next attempt (on any hive) reads it to continue the event sequence and to
-//! recognise a job that already ended.
+//! The job record, kept under the job id in the `rbee-jobs` KV bucket.
+//!
+//! The record is where a job's fate is decided: every change of state is a
+//! compare-and-set on it (create when a hive first claims the job, update with
+//! the revision read), so exactly one party (a hive, a canceller, the deadline
+//! sweeper) moves a job into a terminal state, and only that party publishes
+//! the terminal event. A job still waiting in the queue has no record yet
+//! (`rbee jobs` shows it as queued from the stream itself).
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::Event;
+use crate::error::ErrorCode;
+use crate::event::{Event, Timings, Usage};
+use crate::subjects::Lane;
 
 /// Where a job stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
+    /// Waiting in the queue (derived from the stream; records start at `running`).
+    Queued,
     Running,
-    /// Handed back to the queue after a failed attempt.
+    /// Handed back to the queue after a failed attempt; will run again.
     Retrying,
     Done,
+    /// Ended with an error that retrying would not fix (bad input, unknown model, ...).
     Failed,
+    Cancelled,
+    /// Its deadline passed.
+    Expired,
+    /// Ran out of attempts; its job is kept in `RBEE_DEAD` for `rbee jobs retry`.
+    Dead,
     #[serde(other)]
     Unknown,
 }
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Done | JobState::Failed)
+        matches!(self, JobState::Done | JobState::Failed | JobState::Cancelled | JobState::Expired | JobState::Dead)
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Retrying => "retrying",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Expired => "expired",
+            JobState::Dead => "dead",
+            JobState::Unknown => "unknown",
+        }
+    }
+
+    pub const ALL: [JobState; 8] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Retrying,
+        JobState::Done,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::Expired,
+        JobState::Dead,
+    ];
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown state {s:?}: use one of queued, running, retrying, done, failed, cancelled, expired, dead"))
+    }
+}
+
+/// What a new attempt needs to continue a job whose worker died.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Every token generated so far (including any whose text was not sent yet).
+    pub tokens: Vec<u32>,
+    /// Bytes of text already sent to the client.
+    pub streamed_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,20 +89,81 @@ pub struct JobRecord {
     #[serde(default = "crate::default_version")]
     pub v: u32,
     pub job_id: String,
+    /// The model key from the job's subject.
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub lane: Lane,
     pub state: JobState,
     /// The hive of the latest attempt.
-    pub hive: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hive: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
     /// Attempts started so far.
     pub attempts: u32,
     /// The `seq` the next event of this job must carry.
     pub next_seq: u64,
-    /// Where the events go.
+    /// Where the events go (besides `rbee.events.<job id>`).
     pub reply_to: String,
-    /// Unix time in milliseconds.
+    /// The jobs-stream sequence of the message this record follows: another
+    /// message with the same job id (a resubmission after the de-duplication
+    /// window) is recognised as a duplicate and not run twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_seq: Option<u64>,
+    /// When the broker received the job, Unix ms.
+    #[serde(default)]
+    pub submitted_at_ms: u64,
     pub updated_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// Someone asked for the job to be cancelled.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    /// The last error (of a failed attempt, or the one that ended the job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<ErrorCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// For continuing after a worker crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
     /// The terminal event, once the job ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal: Option<Event>,
+}
+
+impl JobRecord {
+    /// A fresh record in `state`.
+    pub fn new(job_id: &str, state: JobState, reply_to: &str, now_ms: u64) -> Self {
+        Self {
+            v: crate::PROTOCOL_VERSION,
+            job_id: job_id.to_owned(),
+            model: String::new(),
+            lane: Lane::Interactive,
+            state,
+            hive: None,
+            worker: None,
+            attempts: 0,
+            next_seq: 0,
+            reply_to: reply_to.to_owned(),
+            stream_seq: None,
+            submitted_at_ms: 0,
+            updated_at_ms: now_ms,
+            deadline_ms: None,
+            cancel_requested: false,
+            usage: None,
+            timings: None,
+            error_code: None,
+            error_message: None,
+            resume: None,
+            terminal: None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -55,20 +174,18 @@ mod tests {
 
     #[test]
     fn job_record_round_trips() {
-        let rec = JobRecord {
-            v: 1,
-            job_id: "j".into(),
-            state: JobState::Failed,
-            hive: "h".into(),
-            attempts: 2,
-            next_seq: 9,
-            reply_to: "rbee.events.j".into(),
-            updated_at_ms: 5,
-            terminal: Some(Event::new("j", 8, JobError::internal("x").into())),
-        };
+        let mut rec = JobRecord::new("j", JobState::Dead, "rbee.events.j", 5);
+        rec.attempts = 3;
+        rec.next_seq = 9;
+        rec.error_code = Some(ErrorCode::WorkerCrashed);
+        rec.resume = Some(Resume { tokens: vec![1, 2, 3], streamed_bytes: 7 });
+        rec.terminal = Some(Event::new("j", 8, JobError::internal("x").into()));
         for enc in [Encoding::Json, Encoding::Msgpack] {
             assert_eq!(enc.decode::<JobRecord>(&enc.encode(&rec)).unwrap(), rec);
         }
         assert!(rec.state.is_terminal());
+        assert!(!JobState::Retrying.is_terminal());
+        assert_eq!("dead".parse::<JobState>().unwrap(), JobState::Dead);
+        assert!("zombie".parse::<JobState>().is_err());
     }
 }

@@ -2,20 +2,35 @@
 //!
 //! | what | name |
 //! |---|---|
-//! | inference jobs | `rbee.jobs.infer.<model key>` |
-//! | job events (default reply subject) | `rbee.events.<job id>` |
+//! | inference jobs, interactive lane | `rbee.jobs.infer.<model key>` |
+//! | inference jobs, batch lane | `rbee.jobs.batch.<model key>` |
+//! | job events (always kept here; also sent to `reply_to`) | `rbee.events.<job id>` |
+//! | cancel requests (core NATS) | `rbee.cancel.<job id>` |
 //! | jobs stream (work queue) | `RBEE_JOBS` over `rbee.jobs.>` |
 //! | events stream (replay) | `RBEE_EVENTS` over `rbee.events.>` |
-//! | the shared inference consumer | `rbee-infer` |
+//! | dead letters (jobs out of attempts) | `RBEE_DEAD` over `rbee.dead.>` |
+//! | the shared consumers | `rbee-infer`, `rbee-batch` |
+//! | lifecycle jobs | `rbee.jobs.ctl.<hive id>`, `rbee.jobs.ctl.any` |
 //! | hive heartbeats (KV, TTL) | `rbee-hives` |
+//! | workers (KV, TTL) | `rbee-workers` |
+//! | cold-start leases (KV, TTL) | `rbee-leases` |
 //! | job records (KV) | `rbee-jobs` |
+//! | hive log lines | `rbee.logs.<hive id>`, kept in `RBEE_LOGS` |
 
 /// Prefix of every inference job subject; the last token is the model key.
 pub const INFER_PREFIX: &str = "rbee.jobs.infer";
 /// Filter that matches every inference job.
 pub const INFER_FILTER: &str = "rbee.jobs.infer.>";
+/// Prefix of batch-lane inference jobs; the last token is the model key.
+pub const BATCH_PREFIX: &str = "rbee.jobs.batch";
+/// Filter that matches every batch-lane job.
+pub const BATCH_FILTER: &str = "rbee.jobs.batch.>";
 /// Prefix of the default per-job event subjects.
 pub const EVENTS_PREFIX: &str = "rbee.events";
+/// Prefix of cancel requests (core NATS, heard by every hive).
+pub const CANCEL_PREFIX: &str = "rbee.cancel";
+/// Prefix of dead letters: the original job of a job that ran out of attempts.
+pub const DEAD_PREFIX: &str = "rbee.dead";
 
 /// The work-queue stream that holds submitted jobs until a hive acks them.
 pub const JOBS_STREAM: &str = "RBEE_JOBS";
@@ -25,17 +40,106 @@ pub const JOBS_STREAM_SUBJECTS: &str = "rbee.jobs.>";
 pub const EVENTS_STREAM: &str = "RBEE_EVENTS";
 /// Subjects captured by [`EVENTS_STREAM`].
 pub const EVENTS_STREAM_SUBJECTS: &str = "rbee.events.>";
-/// The durable pull consumer every hive claims inference jobs from.
+/// The durable pull consumer every hive claims interactive jobs from.
 pub const INFER_CONSUMER: &str = "rbee-infer";
+/// The durable pull consumer every hive claims batch jobs from.
+pub const BATCH_CONSUMER: &str = "rbee-batch";
+/// Dead letters, kept for `rbee jobs retry`.
+pub const DEAD_STREAM: &str = "RBEE_DEAD";
+/// Subjects captured by [`DEAD_STREAM`].
+pub const DEAD_STREAM_SUBJECTS: &str = "rbee.dead.>";
 /// KV bucket of live hives: key = hive id, value = [`crate::hive::HiveInfo`], with a TTL.
 pub const HIVES_BUCKET: &str = "rbee-hives";
 /// KV bucket of job records: key = job id, value = [`crate::record::JobRecord`].
 pub const JOBS_BUCKET: &str = "rbee-jobs";
+/// KV bucket of workers: key = worker id, value = [`crate::hive::WorkerInfo`], with a TTL.
+pub const WORKERS_BUCKET: &str = "rbee-workers";
+/// KV bucket of cold-start leases: key = `cold.<hex of the model key>`, value = hive id.
+pub const LEASES_BUCKET: &str = "rbee-leases";
+/// The stream that keeps hives' log lines (`rbee.logs.<hive id>`).
+pub const LOGS_STREAM: &str = "RBEE_LOGS";
+/// Prefix of log subjects.
+pub const LOGS_PREFIX: &str = "rbee.logs";
+
+/// Where `hive_id` publishes its (and its workers') log lines.
+pub fn logs_subject(hive_id: &str) -> String {
+    format!("{LOGS_PREFIX}.{hive_id}")
+}
+
+/// The lease key for cold-starting `model_key` (KV keys allow no `%`, `:`).
+pub fn cold_start_lease_key(model_key: &str) -> String {
+    let hex: String = model_key.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("cold.{hex}")
+}
 
 /// Message header carrying the job id (JetStream's dedup key).
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
 /// Message header selecting the body encoding.
 pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
+/// Dead-letter header: the subject the job was first published to.
+pub const HEADER_ORIGINAL_SUBJECT: &str = "Rbee-Original-Subject";
+/// Dead-letter header: the job's last error code.
+pub const HEADER_LAST_ERROR: &str = "Rbee-Last-Error";
+
+/// A job's priority lane, chosen by its subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lane {
+    /// `rbee.jobs.infer.*`: served first.
+    #[default]
+    Interactive,
+    /// `rbee.jobs.batch.*`: served when no interactive job waits, and at
+    /// least every fourth claim when both lanes have work.
+    Batch,
+}
+
+impl Lane {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Lane::Interactive => INFER_PREFIX,
+            Lane::Batch => BATCH_PREFIX,
+        }
+    }
+
+    pub fn consumer(self) -> &'static str {
+        match self {
+            Lane::Interactive => INFER_CONSUMER,
+            Lane::Batch => BATCH_CONSUMER,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Interactive => "interactive",
+            Lane::Batch => "batch",
+        }
+    }
+}
+
+/// The subject a job for `model_key` is published to in `lane`.
+pub fn job_subject(lane: Lane, model_key: &str) -> String {
+    format!("{}.{model_key}", lane.prefix())
+}
+
+/// The lane and model key of a job subject.
+pub fn parse_job_subject(subject: &str) -> Option<(Lane, &str)> {
+    for lane in [Lane::Interactive, Lane::Batch] {
+        if let Some(key) = subject.strip_prefix(lane.prefix()).and_then(|r| r.strip_prefix('.')) {
+            return Some((lane, key));
+        }
+    }
+    None
+}
+
+/// Where cancel requests for `job_id` go.
+pub fn cancel_subject(job_id: &str) -> String {
+    format!("{CANCEL_PREFIX}.{job_id}")
+}
+
+/// Where the dead letter of `job_id` is kept.
+pub fn dead_subject(job_id: &str) -> String {
+    format!("{DEAD_PREFIX}.{job_id}")
+}
 
 /// The subject a job for `model_key` is published to.
 pub fn infer_subject(model_key: &str) -> String {
@@ -47,12 +151,9 @@ pub fn events_subject(job_id: &str) -> String {
     format!("{EVENTS_PREFIX}.{job_id}")
 }
 
-/// The model key of an inference subject: everything after `rbee.jobs.infer.`.
-/// `None` when the subject is not an inference subject.
+/// The model key of a job subject of either lane.
 pub fn model_key_of(subject: &str) -> Option<&str> {
-    subject
-        .strip_prefix(INFER_PREFIX)
-        .and_then(|rest| rest.strip_prefix('.'))
+    parse_job_subject(subject).map(|(_, key)| key)
 }
 
 /// Whether `subject` is a valid subject to publish to: non-empty tokens, no
@@ -79,6 +180,10 @@ mod tests {
         assert_eq!(model_key_of("rbee.jobs.infer.smollm2-135m"), Some("smollm2-135m"));
         assert_eq!(model_key_of("rbee.jobs.inferx"), None);
         assert_eq!(model_key_of("rbee.jobs.other.x"), None);
+        assert_eq!(parse_job_subject("rbee.jobs.batch.m"), Some((Lane::Batch, "m")));
+        assert_eq!(parse_job_subject("rbee.jobs.infer.m"), Some((Lane::Interactive, "m")));
+        assert_eq!(job_subject(Lane::Batch, "m"), "rbee.jobs.batch.m");
+        assert_eq!(cancel_subject("j"), "rbee.cancel.j");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::error::JobError;
 use crate::event::{StopReason, Usage};
 use crate::job::GenerateParams;
+use crate::record::Resume;
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
@@ -23,8 +24,14 @@ pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ToWorker {
-    /// Run one job. `job` is the hive's local handle for it.
-    Generate { job: u64, params: GenerateParams },
+    /// Run one job. `job` is the hive's local handle for it. With `resume`,
+    /// continue after the given generated tokens instead of starting afresh.
+    Generate {
+        job: u64,
+        params: GenerateParams,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Resume>,
+    },
     /// Stop a running job at the next token; it finishes with `cancelled`.
     Cancel { job: u64 },
     /// Finish nothing more and exit.
@@ -39,8 +46,9 @@ pub enum FromWorker {
     Ready { info: ModelInfo },
     /// The model could not be loaded; the worker exits after this frame.
     LoadFailed { error: JobError },
-    /// A text delta of a running job.
-    Token { job: u64, text: String },
+    /// One sampled token of a running job and the text it releases (possibly
+    /// empty: an incomplete UTF-8 character or a possible stop string is held back).
+    Token { job: u64, id: u32, text: String },
     /// The job ended normally.
     Finished { job: u64, outcome: Outcome },
     /// The job failed (e.g. prompt longer than the context); the worker lives on.
@@ -118,9 +126,14 @@ mod tests {
     #[test]
     fn frames_round_trip_over_a_byte_pipe() {
         let params = InferRequest::prompt("Hello").validate(3).unwrap();
-        let to = vec![ToWorker::Generate { job: 1, params }, ToWorker::Cancel { job: 1 }, ToWorker::Shutdown];
+        let to = vec![
+            ToWorker::Generate { job: 1, params: params.clone(), resume: None },
+            ToWorker::Generate { job: 2, params, resume: Some(Resume { tokens: vec![5, 6], streamed_bytes: 3 }) },
+            ToWorker::Cancel { job: 1 },
+            ToWorker::Shutdown,
+        ];
         let from = vec![
-            FromWorker::Token { job: 1, text: "Hi".into() },
+            FromWorker::Token { job: 1, id: 9, text: "Hi".into() },
             FromWorker::Failed { job: 2, error: JobError::invalid("too long") },
             FromWorker::Finished {
                 job: 1,

@@ -23,7 +23,7 @@ pub fn engine() -> std::sync::MutexGuard<'static, Engine> {
 /// Runs `params` in-process; the text and the outcome.
 pub fn generate(params: &GenerateParams) -> Result<(String, Outcome), rbee_schemas::error::JobError> {
     let mut text = String::new();
-    let outcome = engine().generate(params, &AtomicBool::new(false), &mut |t| text.push_str(t))?;
+    let outcome = engine().generate(params, None, &AtomicBool::new(false), &mut |_, t| text.push_str(t))?;
     Ok((text, outcome))
 }
 
@@ -102,7 +102,7 @@ fn a_prompt_longer_than_the_context_is_refused_clearly() {
 fn a_cancelled_job_stops_at_once() {
     let req = InferRequest { prompt: Some("Once upon a time".into()), max_tokens: Some(50), ..Default::default() };
     let mut n = 0;
-    let o = engine().generate(&req.validate(1).unwrap(), &AtomicBool::new(true), &mut |_| n += 1).unwrap();
+    let o = engine().generate(&req.validate(1).unwrap(), None, &AtomicBool::new(true), &mut |_, _| n += 1).unwrap();
     assert_eq!(o.stop_reason, StopReason::Cancelled);
     assert_eq!((n, o.usage.completion_tokens), (0, 0));
 }

@@ -343,3 +343,40 @@ pub async fn publish_raw(client: &async_nats::Client, subject: &str, headers: &[
         .await
         .expect("publish ack");
 }
+
+/// A hive that offers only the no-op test model, `delay` per token.
+pub async fn noop_hive(url: &str, slots: u32, delay: &str, extra: &[&str]) -> Hive {
+    let mut args: Vec<String> = vec!["--test-noop-model".into(), "--noop-token-delay".into(), delay.into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Hive::start(url, HiveOpts { slots, args, ..HiveOpts::default() }).await
+}
+
+/// Every event the `RBEE_EVENTS` stream kept for `job_id`, in stream order
+/// (repeats of a resent terminal event included).
+pub async fn kept_events(client: &async_nats::Client, job_id: &str) -> Vec<Event> {
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream_no_info(subjects::EVENTS_STREAM).await.expect("events stream");
+    let subject = subjects::events_subject(job_id);
+    let mut out = Vec::new();
+    let mut seq = 1;
+    loop {
+        match stream.direct_get_next_for_subject(subject.clone(), Some(seq)).await {
+            Ok(m) => {
+                seq = m.sequence + 1;
+                let enc = Encoding::from_content_type(m.headers.get("Content-Type").map(|v| v.as_str())).unwrap();
+                out.push(enc.decode(&m.payload).expect("kept event decodes"));
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Drains a job stream to its end (panics after [`JOB_TIMEOUT`]).
+pub async fn collect(job: &mut rbee::JobStream) -> Vec<Event> {
+    let mut events = Vec::new();
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    while let Some(e) = tokio::time::timeout_at(deadline.into(), job.next()).await.expect("job finishes in time") {
+        events.push(e.expect("event"));
+    }
+    events
+}

@@ -8,6 +8,8 @@
 
 mod cli;
 mod engine;
+mod faults;
 mod harness;
 mod infer;
+mod jobs;
 mod python;

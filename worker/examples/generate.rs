@@ -16,7 +16,7 @@ fn main() {
     };
     let params = req.validate(0).expect("valid");
     let outcome = engine
-        .generate(&params, &AtomicBool::new(false), &mut |t| {
+        .generate(&params, None, &AtomicBool::new(false), &mut |_, t| {
             print!("{t}");
             use std::io::Write;
             let _ = std::io::stdout().flush();

@@ -15,6 +15,7 @@
 pub mod chat;
 pub mod engine;
 pub mod fast;
+pub mod noop;
 pub mod process;
 pub mod stream;
 pub mod tokenizer;

@@ -15,15 +15,56 @@ use rbee_schemas::error::{ErrorCode, JobError};
 use rbee_schemas::job::GenerateParams;
 use rbee_schemas::worker::{read_frame, write_frame, FromWorker, ToWorker};
 
-use crate::engine::{device_for, Engine};
+use rbee_schemas::record::Resume;
+use rbee_schemas::worker::{ModelInfo, Outcome};
+
+use crate::engine::{device_for, Engine, OnToken};
+use crate::noop::NoopEngine;
+
+/// The engine this process runs.
+#[derive(Debug)]
+enum Loaded {
+    Llama(Box<Engine>),
+    Noop(NoopEngine),
+}
+
+impl Loaded {
+    fn info(&self) -> &ModelInfo {
+        match self {
+            Loaded::Llama(e) => e.info(),
+            Loaded::Noop(e) => e.info(),
+        }
+    }
+
+    fn generate(
+        &mut self,
+        params: &GenerateParams,
+        resume: Option<&Resume>,
+        cancel: &AtomicBool,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<Outcome, JobError> {
+        match self {
+            Loaded::Llama(e) => e.generate(params, resume, cancel, on_token),
+            Loaded::Noop(e) => e.generate(params, resume, cancel, on_token),
+        }
+    }
+}
+
+type Job = (u64, GenerateParams, Option<Resume>);
 
 /// rbee's inference process. Started and driven by `rbee-hive`; not meant to be run by hand.
 #[derive(Debug, Parser)]
 #[command(name = "rbee-worker", version)]
 pub struct Args {
     /// Path of the GGUF model file.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "noop")]
+    pub model: Option<PathBuf>,
+    /// Test mode: load no model; emit `max_tokens` tokens (" t0", " t1", ...).
+    #[arg(long, hide = true)]
+    pub noop: bool,
+    /// Test mode: time per token.
+    #[arg(long, hide = true, default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub noop_token_delay: std::time::Duration,
     /// Compute backend.
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     pub backend: String,
@@ -64,19 +105,11 @@ pub fn main() -> ExitCode {
     };
     let mut out = BufWriter::new(proto);
 
-    let (jobs_tx, jobs_rx) = mpsc::channel::<(u64, GenerateParams)>();
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
     let cancels = Arc::new(Mutex::new(Cancels::default()));
     spawn_reader(jobs_tx, cancels.clone());
 
-    let device = match device_for(&args.backend, args.device) {
-        Ok(d) => d,
-        Err(msg) => {
-            let _ = write_frame(&mut out, &FromWorker::LoadFailed { error: JobError::new(ErrorCode::ModelLoadFailed, msg) });
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing::info!(worker = %args.id, model = %args.model.display(), backend = %args.backend, "loading");
-    let mut engine = match Engine::load(&args.model, device) {
+    let mut engine = match load(&args) {
         Ok(e) => e,
         Err(error) => {
             tracing::error!(worker = %args.id, %error, "load failed");
@@ -89,7 +122,7 @@ pub fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    for (job, params) in jobs_rx {
+    for (job, params, resume) in jobs_rx {
         let flag = Arc::new(AtomicBool::new(false));
         {
             let mut c = cancels.lock().unwrap_or_else(|p| p.into_inner());
@@ -99,13 +132,23 @@ pub fn main() -> ExitCode {
             c.running.insert(job, flag.clone());
         }
         let mut pipe_ok = true;
-        let result = engine.generate(&params, &flag, &mut |text| {
-            if pipe_ok && write_frame(&mut out, &FromWorker::Token { job, text: text.to_owned() }).is_err() {
+        let mut carry = String::new();
+        let result = engine.generate(&params, resume.as_ref(), &flag, &mut |id, text| {
+            let Some(id) = id else {
+                carry.push_str(text); // released without a token: goes with the next frame
+                return;
+            };
+            let text = if carry.is_empty() { text.to_owned() } else { std::mem::take(&mut carry) + text };
+            if pipe_ok && write_frame(&mut out, &FromWorker::Token { job, id, text }).is_err() {
                 pipe_ok = false;
                 // The hive is gone: stop generating for nobody.
                 flag.store(true, Ordering::Relaxed);
             }
         });
+        if pipe_ok && !carry.is_empty() {
+            // Text released at the very end (held back for a stop string that never came).
+            pipe_ok = write_frame(&mut out, &FromWorker::Token { job, id: u32::MAX, text: carry }).is_ok();
+        }
         cancels.lock().unwrap_or_else(|p| p.into_inner()).running.remove(&job);
         let frame = match result {
             Ok(outcome) => FromWorker::Finished { job, outcome },
@@ -119,6 +162,17 @@ pub fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn load(args: &Args) -> Result<Loaded, JobError> {
+    if args.noop {
+        tracing::info!(worker = %args.id, "no-op test engine");
+        return Ok(Loaded::Noop(NoopEngine::new(args.noop_token_delay)));
+    }
+    let device = device_for(&args.backend, args.device).map_err(|m| JobError::new(ErrorCode::ModelLoadFailed, m))?;
+    let model = args.model.as_deref().ok_or_else(|| JobError::new(ErrorCode::ModelLoadFailed, "no --model given"))?;
+    tracing::info!(worker = %args.id, model = %model.display(), backend = %args.backend, "loading");
+    Engine::load(model, device).map(|e| Loaded::Llama(Box::new(e)))
+}
+
 /// Duplicates stdout into a file for the protocol and points fd 1 at stderr.
 fn take_stdout() -> std::io::Result<File> {
     let proto = std::io::stdout().as_fd().try_clone_to_owned()?;
@@ -128,7 +182,7 @@ fn take_stdout() -> std::io::Result<File> {
 
 /// Reads frames from stdin until it closes. Stdin closing means the hive is
 /// gone, and the worker exits immediately.
-fn spawn_reader(jobs: mpsc::Sender<(u64, GenerateParams)>, cancels: Arc<Mutex<Cancels>>) {
+fn spawn_reader(jobs: mpsc::Sender<Job>, cancels: Arc<Mutex<Cancels>>) {
     std::thread::Builder::new()
         .name("rbee-worker-stdin".into())
         .spawn(move || {
@@ -136,9 +190,9 @@ fn spawn_reader(jobs: mpsc::Sender<(u64, GenerateParams)>, cancels: Arc<Mutex<Ca
             let mut jobs = Some(jobs);
             loop {
                 match read_frame::<_, ToWorker>(&mut input) {
-                    Ok(Some(ToWorker::Generate { job, params })) => {
+                    Ok(Some(ToWorker::Generate { job, params, resume })) => {
                         if let Some(tx) = &jobs {
-                            let _ = tx.send((job, params));
+                            let _ = tx.send((job, params, resume));
                         }
                     }
                     Ok(Some(ToWorker::Cancel { job })) => {

@@ -1,50 +1,24 @@
-//! The `rbee` command line. One function per subcommand.
+//! `rbee infer`: submit one job and print its tokens as they come.
 //!
-//! Exit codes: 0 success, 1 the job or command failed (its code and message
-//! on stderr), 2 usage errors, 130 interrupted.
+//! Before publishing it checks that a hive is attached (else the job would
+//! wait unseen). A full queue is retried with exponential backoff and jitter
+//! (`--retries`, off with `--no-retry`). Ctrl-C cancels the job on its hive
+//! and exits with 130.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
+use clap::Args;
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::event::{EventBody, StopReason};
 use rbee_schemas::job::{ChatMessage, InferRequest};
+use rbee_schemas::subjects::Lane;
 
-use crate::local::{self, Embedded};
-use crate::{Client, SubmitOptions};
-
-/// rbee: LLM inference over NATS.
-#[derive(Debug, Parser)]
-#[command(name = "rbee", version, propagate_version = true)]
-pub struct Cli {
-    /// NATS server to use. Without it, rbee uses the stack from `rbee up`, or
-    /// starts an embedded broker and hive for the one command.
-    #[arg(long, env = "RBEE_NATS_URL", global = true)]
-    pub nats_url: Option<String>,
-    /// rbee's data directory (default: ~/.local/share/rbee).
-    #[arg(long, env = "RBEE_HOME", global = true)]
-    pub home: Option<PathBuf>,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run one inference job and stream its tokens to stdout.
-    Infer(InferArgs),
-    /// Start a persistent local broker and hive (stopped by `rbee down`).
-    Up {
-        /// Client port for the local nats-server.
-        #[arg(long, default_value_t = 4222)]
-        port: u16,
-    },
-    /// Stop what `rbee up` started.
-    Down,
-}
+use super::{connect_or_embed, Priority};
+use crate::{Client, ClientError, JobStream, SubmitOptions};
 
 #[derive(Debug, Args)]
 pub struct InferArgs {
@@ -77,9 +51,21 @@ pub struct InferArgs {
     /// Send the prompt as raw text instead of a chat message.
     #[arg(long)]
     pub raw: bool,
-    /// Job id (default: a fresh one).
+    /// The job must end within this time (e.g. 30s, 2m), queueing included.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Lane: interactive jobs are served before batch jobs.
+    #[arg(long, value_enum, default_value_t = Priority::Interactive)]
+    pub priority: Priority,
+    /// Job id (default: a fresh one). Submitting an id again replays that job.
     #[arg(long)]
     pub id: Option<String>,
+    /// Times to retry when the queue is full (exponential backoff with jitter).
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
+    /// Fail at once when the queue is full.
+    #[arg(long)]
+    pub no_retry: bool,
     /// Encode the job (and its events) as MessagePack instead of JSON.
     #[arg(long)]
     pub msgpack: bool,
@@ -89,39 +75,6 @@ pub struct InferArgs {
     /// Print timings and usage on stderr.
     #[arg(long, short)]
     pub verbose: bool,
-}
-
-/// Runs the CLI; the process exit code.
-pub async fn main(cli: Cli) -> ExitCode {
-    let home = cli.home.clone().unwrap_or_else(rbee_broker::rbee_home);
-    let result = match cli.command {
-        Command::Infer(args) => infer(cli.nats_url, &home, args).await,
-        Command::Up { port } => up(&home, port).await,
-        Command::Down => down(&home),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// Where to reach the bus: the explicit URL, else `rbee up`'s stack, else an embedded one.
-async fn connect(nats_url: Option<String>, home: &std::path::Path, verbose: bool) -> anyhow::Result<(Client, Option<Embedded>)> {
-    if let Some(url) = nats_url {
-        return Ok((Client::connect(&url).await?, None));
-    }
-    if let Some(state) = local::running_stack(home) {
-        return Ok((Client::connect(&state.url).await?, None));
-    }
-    if verbose {
-        eprintln!("starting an embedded broker and hive (rbee up keeps one running)...");
-    }
-    let embedded = Embedded::start(home).await.context("starting the embedded broker and hive")?;
-    let client = Client::connect(embedded.url()).await?;
-    Ok((client, Some(embedded)))
 }
 
 fn request(args: &InferArgs) -> anyhow::Result<InferRequest> {
@@ -140,6 +93,7 @@ fn request(args: &InferArgs) -> anyhow::Result<InferRequest> {
         repeat_penalty: args.repeat_penalty,
         seed: args.seed,
         stop: (!args.stop.is_empty()).then(|| args.stop.clone()),
+        timeout_ms: args.timeout.map(|t| t.as_millis().max(1) as u64),
         ..InferRequest::default()
     };
     if args.raw {
@@ -160,18 +114,30 @@ fn request(args: &InferArgs) -> anyhow::Result<InferRequest> {
     Ok(req)
 }
 
-async fn infer(nats_url: Option<String>, home: &std::path::Path, args: InferArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(nats_url: Option<String>, home: &Path, args: InferArgs) -> anyhow::Result<ExitCode> {
     let req = request(&args)?;
-    let (client, mut embedded) = connect(nats_url, home, args.verbose).await?;
+    let (client, mut embedded) = connect_or_embed(nats_url, home, args.verbose).await?;
+    if client.hives().await?.is_empty() {
+        return Err(ClientError::NoHive.into());
+    }
     let opts = SubmitOptions {
-        job_id: args.id.clone(),
+        job_id: Some(args.id.clone().unwrap_or_else(crate::new_job_id)),
         encoding: if args.msgpack { Encoding::Msgpack } else { Encoding::Json },
+        lane: match args.priority {
+            Priority::Interactive => Lane::Interactive,
+            Priority::Batch => Lane::Batch,
+        },
     };
+    let job_id = opts.job_id.clone().unwrap_or_default();
+    let mut job = submit_with_retry(&client, &args, req, opts).await?;
     let code = tokio::select! {
-        code = stream_job(&client, &args, req, opts) => code?,
+        code = print_events(&mut job, args.json, args.verbose) => code?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!();
-            eprintln!("interrupted");
+            match client.cancel(&job_id).await {
+                Ok(outcome) => eprintln!("interrupted: job {job_id} cancel: {outcome:?}"),
+                Err(e) => eprintln!("interrupted: cancelling job {job_id} failed: {e}"),
+            }
             ExitCode::from(130)
         }
     };
@@ -182,40 +148,86 @@ async fn infer(nats_url: Option<String>, home: &std::path::Path, args: InferArgs
     Ok(code)
 }
 
-async fn stream_job(client: &Client, args: &InferArgs, req: InferRequest, opts: SubmitOptions) -> anyhow::Result<ExitCode> {
-    let mut job = client.submit(&args.model, req, opts).await?;
+/// Submits, retrying a full queue with exponential backoff and full jitter.
+async fn submit_with_retry(client: &Client, args: &InferArgs, req: InferRequest, opts: SubmitOptions) -> anyhow::Result<JobStream> {
+    let retries = if args.no_retry { 0 } else { args.retries };
+    let mut attempt = 0;
+    loop {
+        let mut job = client.submit(&args.model, req.clone(), opts.clone()).await?;
+        match job.published().await {
+            Ok(_) => return Ok(job),
+            Err(ClientError::QueueFull(why)) if attempt < retries => {
+                attempt += 1;
+                let cap = Duration::from_millis(200).saturating_mul(1 << attempt.min(8));
+                let wait = Duration::from_millis(jitter(cap.as_millis() as u64));
+                if args.verbose {
+                    eprintln!("[queue full ({why}); retry {attempt}/{retries} in {wait:?}]");
+                }
+                tokio::time::sleep(wait).await;
+            }
+            Err(ClientError::QueueFull(why)) => {
+                anyhow::bail!(
+                    "QUEUE_FULL: the job queue is full ({why}) after {attempt} retries. Try again later, submit with \
+                     --priority batch to queue behind, or raise the hive's --queue-max-jobs"
+                )
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn jitter(cap_ms: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(cap_ms);
+    h.finish() % cap_ms.max(1)
+}
+
+/// Prints a job's events until its end; the exit code it calls for.
+pub async fn print_events(job: &mut JobStream, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut ends_with_newline = true;
     while let Some(event) = job.next().await {
         let event = event?;
-        if args.json {
+        if json {
             writeln!(out, "{}", String::from_utf8_lossy(&Encoding::Json.encode(&event)))?;
             out.flush()?;
         }
         match &event.body {
             EventBody::Started(s) => {
-                if args.verbose {
-                    eprintln!("[{} on hive {}, worker {}, {} start, attempt {}]", event.job_id, s.hive, s.worker, if s.cold { "cold" } else { "warm" }, s.attempt);
+                if verbose {
+                    eprintln!(
+                        "[{} on hive {}, worker {}, {} start, attempt {}]",
+                        event.job_id,
+                        s.hive,
+                        s.worker,
+                        if s.cold { "cold" } else { "warm" },
+                        s.attempt
+                    );
                 }
             }
             EventBody::Token(t) => {
-                if !args.json {
+                if !json {
                     out.write_all(t.text.as_bytes())?;
                     out.flush()?;
                     ends_with_newline = t.text.ends_with('\n');
                 }
             }
             EventBody::Restarted(r) => {
-                if !args.json {
-                    writeln!(out)?;
+                if r.resume {
+                    eprintln!("[attempt {} failed: {}; the job continues on another attempt]", r.attempt, r.reason);
+                } else {
+                    if !json {
+                        writeln!(out)?;
+                    }
+                    eprintln!("[attempt {} failed: {}; the job starts over]", r.attempt, r.reason);
                 }
-                eprintln!("[attempt {} failed: {}; the job starts over]", r.attempt, r.reason);
             }
             EventBody::Done(d) => {
-                if !args.json && !ends_with_newline {
+                if !json && !ends_with_newline {
                     writeln!(out)?;
                 }
-                if args.verbose {
+                if verbose {
                     let t = &d.timings;
                     eprintln!(
                         "[done: {} | {} prompt + {} generated tokens | queued {:.1} ms, load {:.0} ms, first token {:.0} ms, total {:.0} ms | prompt {:.1} tok/s, decode {:.1} tok/s | seed {}]",
@@ -223,14 +235,23 @@ async fn stream_job(client: &Client, args: &InferArgs, req: InferRequest, opts: 
                         t.queued_ms, t.load_ms, t.ttft_ms, t.total_ms, t.prompt_tps, t.decode_tps, d.seed
                     );
                 }
+                if d.stop_reason == StopReason::Cancelled {
+                    eprintln!("[cancelled]");
+                    return Ok(ExitCode::from(1));
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             EventBody::Error(e) => {
-                if !args.json && !ends_with_newline {
+                if !json && !ends_with_newline {
                     writeln!(out)?;
                 }
                 eprintln!("error: {}: {}", e.code, e.message);
                 return Ok(ExitCode::from(1));
+            }
+            EventBody::Progress(p) => {
+                if verbose {
+                    eprintln!("[{}: {}/{}]", p.stage, p.done, p.total);
+                }
             }
             EventBody::Unknown => {}
         }
@@ -244,26 +265,7 @@ fn stop_reason(r: StopReason) -> &'static str {
         StopReason::MaxTokens => "max tokens",
         StopReason::Stop => "stop string",
         StopReason::Cancelled => "cancelled",
+        StopReason::Completed => "completed",
         StopReason::Unknown => "unknown",
     }
-}
-
-async fn up(home: &std::path::Path, port: u16) -> anyhow::Result<ExitCode> {
-    if let Some(state) = local::running_stack(home) {
-        println!("rbee is already up: {} (hive {})", state.url, state.hive_id);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let state = local::up(home, port).await?;
-    println!("rbee is up: {} (hive {}); logs in {}", state.url, state.hive_id, home.join("logs").display());
-    println!("stop it with: rbee down");
-    Ok(ExitCode::SUCCESS)
-}
-
-fn down(home: &std::path::Path) -> anyhow::Result<ExitCode> {
-    if local::down(home)? {
-        println!("rbee is down");
-    } else {
-        println!("rbee was not up");
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,170 @@
+//! What this hive knows of the others, for placement without a scheduler.
+//!
+//! - A view of the live hives (heartbeats: catalogs, free memory, protocol)
+//!   refreshed every 2 s from the `rbee-hives` bucket; entries older than the
+//!   heartbeat TTL are treated as gone.
+//! - Cold-start leases in `rbee-leases`: the key of a model names the hive
+//!   that serves it (or is starting a worker for it). A hive without a worker
+//!   for a model may start one only by *creating* that key (compare-and-set):
+//!   so under a burst of jobs for an unserved model exactly one hive
+//!   cold-starts, and the others leave the jobs in the queue for it (warm
+//!   first). Holders refresh their leases with every heartbeat; the bucket's
+//!   TTL frees the lease of a hive that died.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use rbee_schemas::codec::Encoding;
+use rbee_schemas::hive::{HiveInfo, HIVE_TTL_SECS};
+use rbee_schemas::subjects;
+
+/// Whether this hive may serve a model it runs no worker for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Yes: it holds the model's lease.
+    Here,
+    /// No: `hive` serves it (or is starting a worker for it).
+    Elsewhere { hive: String },
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    hive_id: String,
+    hives_kv: Mutex<kv::Store>,
+    leases: Mutex<kv::Store>,
+    hives: Mutex<HashMap<String, HiveInfo>>,
+    /// Leases this hive holds, and when it last served or took each.
+    held: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// A lease held this long with no worker for its model is given up.
+const UNUSED_LEASE: Duration = Duration::from_secs(15);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fleet {
+    pub fn new(hive_id: &str, hives_kv: kv::Store, leases: kv::Store) -> Self {
+        Self {
+            hive_id: hive_id.to_owned(),
+            hives_kv: Mutex::new(hives_kv),
+            leases: Mutex::new(leases),
+            hives: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// After a broker restart the memory-backed buckets are new.
+    pub fn replace_stores(&self, hives_kv: kv::Store, leases: kv::Store) {
+        *lock(&self.hives_kv) = hives_kv;
+        *lock(&self.leases) = leases;
+    }
+
+    /// Refreshes the hives view every 2 s until the connection closes.
+    pub async fn refresh_forever(self: std::sync::Arc<Self>) {
+        loop {
+            self.refresh().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    pub async fn refresh(&self) {
+        let store = lock(&self.hives_kv).clone();
+        let Ok(mut keys) = store.keys().await else { return };
+        let mut ids = Vec::new();
+        while let Some(Ok(k)) = keys.next().await {
+            ids.push(k);
+        }
+        let mut fresh = HashMap::new();
+        for id in ids {
+            if let Ok(Some(v)) = store.get(&id).await {
+                if let Ok(info) = Encoding::Json.decode::<HiveInfo>(&v) {
+                    fresh.insert(id, info);
+                }
+            }
+        }
+        *lock(&self.hives) = fresh;
+    }
+
+    /// Live hives other than this one.
+    pub fn others(&self) -> Vec<HiveInfo> {
+        let cutoff = now_ms().saturating_sub(HIVE_TTL_SECS * 1000);
+        lock(&self.hives)
+            .values()
+            .filter(|h| h.hive_id != self.hive_id && h.updated_at_ms >= cutoff)
+            .cloned()
+            .collect()
+    }
+
+    /// May this hive start a worker for `model_key`? Takes the lease if it is free.
+    pub async fn place(&self, model_key: &str) -> Result<Placement, String> {
+        let key = subjects::cold_start_lease_key(model_key);
+        let store = lock(&self.leases).clone();
+        for _ in 0..4 {
+            match store.get(&key).await {
+                Ok(Some(holder)) => {
+                    let holder = String::from_utf8_lossy(&holder).into_owned();
+                    if holder == self.hive_id {
+                        lock(&self.held).entry(model_key.to_owned()).or_insert_with(std::time::Instant::now);
+                        return Ok(Placement::Here);
+                    }
+                    return Ok(Placement::Elsewhere { hive: holder });
+                }
+                Ok(None) => match store.create(&key, self.hive_id.clone().into()).await {
+                    Ok(_) => {
+                        lock(&self.held).insert(model_key.to_owned(), std::time::Instant::now());
+                        return Ok(Placement::Here);
+                    }
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e.to_string()),
+                },
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("the lease kept changing".to_owned())
+    }
+
+    /// Keeps the leases of the models this hive serves alive, and gives up
+    /// those it took but has had no worker for since [`UNUSED_LEASE`] (a
+    /// worker that failed to load, or exited).
+    pub async fn refresh_leases(&self, model_keys: &[String]) {
+        let store = lock(&self.leases).clone();
+        let stale: Vec<String> = {
+            let mut held = lock(&self.held);
+            let now = std::time::Instant::now();
+            for m in model_keys {
+                held.insert(m.clone(), now);
+            }
+            let stale: Vec<String> = held.iter().filter(|(m, t)| !model_keys.contains(m) && t.elapsed() > UNUSED_LEASE).map(|(m, _)| m.clone()).collect();
+            for m in &stale {
+                held.remove(m);
+            }
+            stale
+        };
+        for m in model_keys {
+            let _ = store.put(subjects::cold_start_lease_key(m), self.hive_id.clone().into()).await;
+        }
+        for m in stale {
+            self.release(&m).await;
+        }
+    }
+
+    /// Gives up the lease of a model this hive no longer serves.
+    pub async fn release(&self, model_key: &str) {
+        let key = subjects::cold_start_lease_key(model_key);
+        let store = lock(&self.leases).clone();
+        if let Ok(Some(holder)) = store.get(&key).await {
+            if holder.as_ref() == self.hive_id.as_bytes() {
+                let _ = store.purge(&key).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! One claimed job, from the message to its ack. One task per job.
+//!
+//! The rules (docs/architecture.md has the whole table):
+//! - The job record decides. The hive first claims the job in its record
+//!   (compare-and-set, [`claim`]): a job that already ended is not run again
+//!   (its terminal event is sent once more), a second message with the id of a
+//!   running job is dropped as a duplicate, a cancelled job ends unstarted.
+//! - A job that cannot run as sent (malformed, invalid, unknown model, wrong
+//!   version) gets one `error` event and is terminated: never redelivered.
+//! - A job that runs publishes `started`, `token`s and one terminal event.
+//!   Terminal states are written to the record first (with the event), then
+//!   published, then the message is acked, so a crash anywhere in between
+//!   still ends the job exactly once.
+//! - While it waits for a worker or generates, the hive sends in-progress acks
+//!   every third of `ack_wait`; it stops a job at its deadline or on a cancel
+//!   request within about one token ([`run`]).
+//! - If the worker dies, the job gets `restarted` and is handed back (nak,
+//!   with backoff) carrying the tokens generated so far, so the next attempt
+//!   continues the text; after `max_attempts` it is dead: `WORKER_CRASHED`,
+//!   and its original message goes to `RBEE_DEAD` for `rbee jobs retry`.
+
+mod claim;
+mod place;
+mod run;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::Client;
+use rbee_broker::records::Records;
+use rbee_schemas::codec::Encoding;
+use rbee_schemas::error::{ErrorCode, JobError};
+use rbee_schemas::job::{is_valid_job_id, GenerateParams, InferRequest, JobProbe};
+use rbee_schemas::model::ModelRef;
+use rbee_schemas::subjects::{self, Lane, HEADER_CONTENT_TYPE, HEADER_MSG_ID};
+use rbee_schemas::PROTOCOL_VERSION;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::claimer::SlotGuard;
+use crate::fleet::Fleet;
+use crate::pool::Pool;
+use crate::running::Running;
+
+/// What every job task shares.
+#[derive(Debug)]
+pub struct JobCtx {
+    pub hive_id: String,
+    pub client: Client,
+    pub js: jetstream::Context,
+    pub records: Records,
+    pub events: jetstream::stream::Stream,
+    pub catalog: Arc<Catalog>,
+    pub pool: Arc<Pool>,
+    pub fleet: Arc<Fleet>,
+    pub running: Arc<Running>,
+    /// The hive's memory budget for workers, bytes; 0 = none.
+    pub memory_limit: u64,
+    pub ack_wait: Duration,
+    pub max_attempts: u32,
+    /// First retry delay; doubled per attempt, at most 30 s.
+    pub retry_backoff: Duration,
+    /// Cancelled when the drain deadline passes: running jobs are handed back.
+    pub hand_back: CancellationToken,
+}
+
+/// Who to answer and how, known before the body is trusted.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub job_id: String,
+    pub reply_to: String,
+    pub encoding: Encoding,
+    pub lane: Lane,
+    pub model_key: String,
+    pub stream_seq: u64,
+    /// When the broker stored the job, Unix ms.
+    pub received_ms: u64,
+    pub queued_ms: f64,
+}
+
+/// A job that passed every check that needs no worker.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub model: ModelRef,
+    pub params: GenerateParams,
+    pub deadline_ms: Option<u64>,
+    pub keep_alive_ms: Option<i64>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
+
+/// Runs one claimed job to its end. Never panics on bad input.
+pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, lane: Lane, slot: SlotGuard) {
+    let claimed = Instant::now();
+    let Some((env, probe, encoding_error)) = envelope(&msg, lane) else {
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    };
+    let span = tracing::info_span!("job", job_id = %env.job_id);
+    let _enter = span.enter();
+    let prepared = match encoding_error {
+        Some(e) => Err(JobError::invalid(e)),
+        None => prepare(&msg.subject, &msg.payload, &probe, &env),
+    };
+    // Placement comes before the record: a job left for another hive must
+    // reach it untouched.
+    let prepared = match prepared {
+        Ok(p) => match place::place(&ctx, &p).await {
+            place::Decision::Go(entry) => Ok((p, entry)),
+            place::Decision::Defer { delay, why } => {
+                tracing::debug!(%why, "leaving the job for another hive");
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                return;
+            }
+            place::Decision::Fail(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    // Registered before the record says "running", so no cancel request is missed.
+    let registration = ctx.running.register(&env.job_id);
+    let claim = claim::claim(&ctx, &env, prepared.as_ref().ok().map(|(p, _)| p)).await;
+    let run = run::Run { ctx: &ctx, msg: &msg, env: &env, claimed, cancel: registration.cancelled.clone() };
+    run.go(claim, prepared, slot).await;
+}
+
+/// Reads the job id, reply subject and encoding without trusting the body.
+/// `None` when there is nowhere to answer (the message is terminated).
+fn envelope(msg: &jetstream::Message, lane: Lane) -> Option<(Envelope, JobProbe, Option<String>)> {
+    let (stream_seq, received_ms, queued_ms) = match msg.info() {
+        Ok(i) => {
+            let received = (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let queued = (time::OffsetDateTime::now_utc() - i.published).as_seconds_f64().max(0.0) * 1e3;
+            (i.stream_sequence, received, queued)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, subject = %msg.subject, "message without JetStream metadata; terminating it");
+            return None;
+        }
+    };
+    let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+    let (encoding, encoding_error) = match Encoding::from_content_type(header(HEADER_CONTENT_TYPE).as_deref()) {
+        Ok(e) => (e, None),
+        Err(e) => (Encoding::Json, Some(e)),
+    };
+    let probe: JobProbe = encoding.decode(&msg.payload).unwrap_or_default();
+    let job_id = rbee_schemas::job::job_id(header(HEADER_MSG_ID), probe.id.clone(), stream_seq);
+    let reply_to = match &probe.reply_to {
+        Some(r) if subjects::is_valid_publish_subject(r) && is_valid_job_id(&job_id) => r.clone(),
+        _ if is_valid_job_id(&job_id) => subjects::events_subject(&job_id),
+        _ => {
+            tracing::warn!(subject = %msg.subject, "job id {job_id:?} is not a valid subject token; terminating it unanswered");
+            return None;
+        }
+    };
+    let model_key = subjects::model_key_of(&msg.subject).unwrap_or_default().to_owned();
+    let env = Envelope { job_id, reply_to, encoding, lane, model_key, stream_seq, received_ms, queued_ms };
+    Some((env, probe, encoding_error))
+}
+
+/// Decodes and checks everything about the job that does not need a worker.
+fn prepare(subject: &str, payload: &[u8], probe: &JobProbe, env: &Envelope) -> Result<Prepared, JobError> {
+    if let Some(v) = probe.v {
+        if v != PROTOCOL_VERSION {
+            return Err(JobError::new(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "the job speaks rbee protocol v{v}; this hive (rbee {}) speaks v{PROTOCOL_VERSION}. \
+                     Upgrade the hive or submit with a client of the same protocol version",
+                    rbee_schemas::RBEE_VERSION
+                ),
+            ));
+        }
+    }
+    if let Some(r) = &probe.reply_to {
+        if !subjects::is_valid_publish_subject(r) {
+            return Err(JobError::invalid(format!("reply_to {r:?} is not a subject one can publish to")));
+        }
+    }
+    let req: InferRequest = env
+        .encoding
+        .decode(payload)
+        .map_err(|e| JobError::invalid(format!("invalid job body: {e}")))?;
+    let key = env.model_key.as_str();
+    let model = ModelRef::from_subject_key(key).map_err(|e| JobError::invalid(format!("subject {subject}: {e}")))?;
+    if let Some(m) = &req.model {
+        let body_model = ModelRef::parse(m).map_err(|e| JobError::invalid(e.to_string()))?;
+        if body_model.subject_key() != key {
+            return Err(JobError::invalid(format!(
+                "model {m:?} in the body does not match the subject's model key {key:?}; publish to {}",
+                subjects::job_subject(env.lane, &body_model.subject_key())
+            )));
+        }
+    }
+    let params = req.validate(random_seed())?;
+    Ok(Prepared { model, params, deadline_ms: req.deadline(env.received_ms), keep_alive_ms: req.keep_alive_ms })
+}

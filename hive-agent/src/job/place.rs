@@ -1,0 +1,85 @@
+//! Should this hive run the job, with no scheduler to ask?
+//!
+//! 1. The model must be known here (catalog, or a known model on disk). If
+//!    not, but another live hive lists it, the job is left for that hive.
+//! 2. A worker for it runs here: warm start, go.
+//! 3. Its estimated memory must fit here (free memory, and `--memory-limit`
+//!    minus what this hive's workers take). If not, but it fits another live
+//!    hive, the job is left for it; if it fits nowhere: `INSUFFICIENT_MEMORY`.
+//! 4. Cold start only with the model's lease ([`crate::fleet`]): when another
+//!    hive holds it (serves the model, or is starting a worker), the job is
+//!    left in the queue for that hive. So a burst of jobs for an unserved
+//!    model starts exactly one worker, and jobs go where one is warm.
+
+use std::time::Duration;
+
+use rbee_schemas::error::{ErrorCode, JobError};
+
+use super::{JobCtx, Prepared};
+use crate::catalog::ModelEntry;
+use crate::fleet::Placement;
+use crate::system::{human, model_memory};
+
+/// Delay before a job left for another hive comes back to the queue.
+const LEAVE_FOR_WARM: Duration = Duration::from_millis(250);
+const LEAVE_FOR_MEMORY: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+pub enum Decision {
+    Go(ModelEntry),
+    Defer { delay: Duration, why: String },
+    Fail(JobError),
+}
+
+pub async fn place(ctx: &JobCtx, p: &Prepared) -> Decision {
+    let catalog = ctx.catalog.clone();
+    let hive = ctx.hive_id.clone();
+    let model = p.model.clone();
+    let entry = match tokio::task::spawn_blocking(move || catalog.resolve(&model, &hive)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            let wanted = p.model.to_string();
+            let elsewhere = ctx.fleet.others().into_iter().find(|h| h.models.iter().any(|m| m.present && (m.key == wanted || m.source == wanted)));
+            return match elsewhere {
+                Some(h) if matches!(e.code, ErrorCode::UnknownModel | ErrorCode::ModelSourceUnreachable) => {
+                    Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {} has {wanted}", h.hive_id) }
+                }
+                _ => Decision::Fail(e),
+            };
+        }
+        Err(e) => return Decision::Fail(JobError::internal(e.to_string())),
+    };
+    if ctx.pool.has(&entry.key) {
+        return Decision::Go(entry);
+    }
+    let need = model_memory(entry.size);
+    let (_, free) = crate::system::memory();
+    let by_limit = if ctx.memory_limit > 0 { ctx.memory_limit.saturating_sub(ctx.pool.memory_used()) } else { u64::MAX };
+    let here = if free > 0 { free.min(by_limit) } else { by_limit };
+    if need > here {
+        let fits = ctx.fleet.others().into_iter().find(|h| h.memory_available() >= need);
+        return match fits {
+            Some(h) => Decision::Defer { delay: LEAVE_FOR_MEMORY, why: format!("{} needs {} and fits hive {}", entry.key, human(need), h.hive_id) },
+            None => Decision::Fail(JobError::new(
+                ErrorCode::InsufficientMemory,
+                format!(
+                    "model {} needs about {} of memory; hive {} has {} available{} and no other hive has more. \
+                     Free memory, raise --memory-limit, or use a smaller quantization",
+                    entry.key,
+                    human(need),
+                    ctx.hive_id,
+                    human(here),
+                    if ctx.memory_limit > 0 { format!(" (limit {})", human(ctx.memory_limit)) } else { String::new() }
+                ),
+            )),
+        };
+    }
+    match ctx.fleet.place(&entry.key).await {
+        Ok(Placement::Here) => Decision::Go(entry),
+        Ok(Placement::Elsewhere { hive }) => Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {hive} serves {}", entry.key) },
+        Err(e) => {
+            tracing::warn!(error = %e, "cold-start lease unavailable; starting a worker here");
+            Decision::Go(entry)
+        }
+    }
+}
