@@ -8,8 +8,9 @@
 //! single-token greedy steps from an empty cache, like llama-bench's tests.
 //! rbee's engines are measured through `Engine::logits`, the worker's own
 //! entry point. The job-loop rows run whole greedy jobs through the worker's
-//! batch loop (`rbee_worker::batch::serve`): one job alone, then `--jobs`
-//! concurrent ones on as many slots; tokens/s counts every generated token of
+//! batch loop (`rbee_worker::batch::serve`): one job alone (on candle, the
+//! worker's engine before the fast one, and on the fast engine), then
+//! `--jobs` concurrent ones on as many slots (fast engine); tokens/s counts every generated token of
 //! every job over the wall time (short prompts included).
 
 use std::path::{Path, PathBuf};
@@ -203,11 +204,12 @@ pub fn run(a: &Args) -> Result<()> {
     }
 
     let (mut f, mut c, mut l) = (Samples::default(), Samples::default(), Samples::default());
-    let (mut one, mut many) = (Vec::new(), Vec::new());
+    let (mut one, mut many, mut candle_one) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..a.reps.max(1) {
         eprint!("\rround {}/{}", round + 1, a.reps.max(1));
         if let Some(e) = candle.as_mut() {
             round_engine(e, &prompt, a.gen, &mut c)?;
+            candle_one.push(round_job_loop(e, 1, a.gen)?);
         }
         round_engine(&mut fast, &prompt, a.gen, &mut f)?;
         if llama_err.is_none() {
@@ -231,10 +233,14 @@ pub fn run(a: &Args) -> Result<()> {
     if llama_err.is_none() {
         rows.push(Row { engine: "llama.cpp (llama-bench -r 1)".into(), pp: stat(&l.pp), tg: stat(&l.tg) });
     }
-    let job_loop = vec![
+    let mut job_loop = Vec::new();
+    if candle.is_some() {
+        job_loop.push(Row { engine: "rbee candle, worker loop, 1 job".into(), pp: None, tg: stat(&candle_one) });
+    }
+    job_loop.extend([
         Row { engine: "rbee fast, worker loop, 1 job".into(), pp: None, tg: stat(&one) },
         Row { engine: format!("rbee fast, worker loop, {} jobs on {0} slots", a.jobs), pp: None, tg: stat(&many) },
-    ];
+    ]);
     let report = Report {
         model: model.display().to_string(),
         threads,
@@ -273,7 +279,7 @@ fn print_table(r: &Report, model: &Path) {
     for row in &r.job_loop {
         println!("| {:<45} | {:>28} |", row.engine, cell(&row.tg));
     }
-    if let [one, many] = &r.job_loop[..] {
+    if let [.., one, many] = &r.job_loop[..] {
         if let (Some(o), Some(m)) = (&one.tg, &many.tg) {
             println!("\nconcurrent jobs vs one: {:.2}× aggregate tokens/s (medians)", m.median / o.median);
         }
