@@ -102,7 +102,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(worker = %args.id, load_ms = engine.info().load_ms, "ready");
+    let (engine_name, slots) = match &engine {
+        Loaded::Llama(e) => (e.kind().name(), if e.kind() == crate::backend::EngineKind::Fast { args.slots } else { 1 }),
+        Loaded::Noop(_) => ("noop", 1),
+    };
+    tracing::info!(worker = %args.id, load_ms = engine.info().load_ms, engine = engine_name, slots, "ready");
     if write_frame(&mut out, &FromWorker::Ready { info: engine.info().clone() }).is_err() {
         return ExitCode::FAILURE;
     }
