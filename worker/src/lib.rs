@@ -6,17 +6,30 @@
 //! talks to NATS; its hive publishes the events, so each job's event sequence
 //! has exactly one writer.
 //!
-//! Threads: the main thread loads the model and then runs jobs one at a time
-//! (generation is synchronous candle code); a reader thread decodes frames from
+//! Engines: the fast CPU path ([`fast`]) for llama GGUFs it supports on AVX2
+//! CPUs, else candle's quantized llama (`--engine auto|fast|candle`, see
+//! [`backend`]).
+//!
+//! Threads: the main thread loads the model and then runs the job loop
+//! ([`batch`]: up to `--slots` jobs at once, stepped through the model
+//! together; generation is synchronous); a reader thread decodes frames from
 //! stdin, hands jobs over a channel and flips cancel flags. When stdin closes
 //! (the hive exited or was killed) the worker exits at once, so a worker never
 //! outlives its hive.
 
+pub mod backend;
+pub mod batch;
 pub mod chat;
 pub mod engine;
+pub mod fast;
+pub mod generation;
 pub mod noop;
 pub mod process;
 pub mod stream;
 pub mod tokenizer;
 
+pub use backend::{EngineChoice, EngineKind};
 pub use engine::Engine;
+
+#[cfg(test)]
+mod tests;

@@ -1,24 +1,23 @@
 //! The worker process: command line, protocol pipe, reader thread and job loop.
 
-use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use rbee_schemas::error::{ErrorCode, JobError};
-use rbee_schemas::job::GenerateParams;
 use rbee_schemas::worker::{read_frame, write_frame, FromWorker, ToWorker};
 
-use rbee_schemas::record::Resume;
-use rbee_schemas::worker::{ModelInfo, Outcome};
+use rbee_schemas::worker::ModelInfo;
 
-use crate::engine::{device_for, Engine, OnToken};
+use crate::backend::EngineChoice;
+use crate::batch::{serve, Cancels, Frames, Job};
+use crate::engine::{device_for, Engine};
 use crate::noop::NoopEngine;
 
 /// The engine this process runs.
@@ -35,22 +34,7 @@ impl Loaded {
             Loaded::Noop(e) => e.info(),
         }
     }
-
-    fn generate(
-        &mut self,
-        params: &GenerateParams,
-        resume: Option<&Resume>,
-        cancel: &AtomicBool,
-        on_token: &mut OnToken<'_>,
-    ) -> Result<Outcome, JobError> {
-        match self {
-            Loaded::Llama(e) => e.generate(params, resume, cancel, on_token),
-            Loaded::Noop(e) => e.generate(params, resume, cancel, on_token),
-        }
-    }
 }
-
-type Job = (u64, GenerateParams, Option<Resume>);
 
 /// rbee's inference process. Started and driven by `rbee-hive`; not meant to be run by hand.
 #[derive(Debug, Parser)]
@@ -74,13 +58,14 @@ pub struct Args {
     /// Worker id, for log lines.
     #[arg(long, default_value = "worker")]
     pub id: String,
-}
-
-/// Jobs waiting for the generation thread and the cancel flags of started ones.
-#[derive(Debug, Default)]
-struct Cancels {
-    running: HashMap<u64, Arc<AtomicBool>>,
-    early: HashSet<u64>,
+    /// Inference engine: `fast` (rbee's AVX2 CPU path for llama GGUF), `candle`,
+    /// or `auto`: fast when the model, device and CPU allow it, else candle.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto, env = "RBEE_ENGINE")]
+    pub engine: EngineChoice,
+    /// Jobs this process runs at once, stepped through the model together
+    /// (continuous batching; the fast engine only, candle runs one at a time).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "RBEE_SLOTS")]
+    pub slots: u16,
 }
 
 pub fn main() -> ExitCode {
@@ -122,44 +107,44 @@ pub fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    for (job, params, resume) in jobs_rx {
-        let flag = Arc::new(AtomicBool::new(false));
-        {
-            let mut c = cancels.lock().unwrap_or_else(|p| p.into_inner());
-            if c.early.remove(&job) {
-                flag.store(true, Ordering::Relaxed);
-            }
-            c.running.insert(job, flag.clone());
-        }
-        let mut pipe_ok = true;
-        let mut carry = String::new();
-        let result = engine.generate(&params, resume.as_ref(), &flag, &mut |id, text| {
-            let Some(id) = id else {
-                carry.push_str(text); // released without a token: goes with the next frame
-                return;
-            };
-            let text = if carry.is_empty() { text.to_owned() } else { std::mem::take(&mut carry) + text };
-            if pipe_ok && write_frame(&mut out, &FromWorker::Token { job, id, text }).is_err() {
-                pipe_ok = false;
-                // The hive is gone: stop generating for nobody.
-                flag.store(true, Ordering::Relaxed);
+    let result = match &mut engine {
+        Loaded::Llama(e) => serve(e, args.slots as usize, &jobs_rx, &cancels, &mut out),
+        Loaded::Noop(e) => serve_noop(e, &jobs_rx, &cancels, &mut out),
+    };
+    if let Err(error) = result.and_then(|()| out.flush()) {
+        tracing::error!(worker = %args.id, %error, "the protocol pipe broke; exiting");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// The no-op engine's loop: one job at a time.
+fn serve_noop(
+    engine: &mut NoopEngine,
+    jobs: &mpsc::Receiver<Job>,
+    cancels: &Mutex<Cancels>,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    for job in jobs {
+        let flag = cancels.lock().unwrap_or_else(|p| p.into_inner()).start(job.id);
+        let mut frames = Frames::new(job.id);
+        let mut pipe = Ok(());
+        let result = engine.generate(&job.params, job.resume.as_ref(), &flag, &mut |id, text| {
+            frames.token(id, text);
+            if pipe.is_ok() {
+                pipe = frames.flush(out);
+                if pipe.is_err() {
+                    // The hive is gone: stop generating for nobody.
+                    flag.store(true, Ordering::Relaxed);
+                }
             }
         });
-        if pipe_ok && !carry.is_empty() {
-            // Text released at the very end (held back for a stop string that never came).
-            pipe_ok = write_frame(&mut out, &FromWorker::Token { job, id: u32::MAX, text: carry }).is_ok();
-        }
-        cancels.lock().unwrap_or_else(|p| p.into_inner()).running.remove(&job);
-        let frame = match result {
-            Ok(outcome) => FromWorker::Finished { job, outcome },
-            Err(error) => FromWorker::Failed { job, error },
-        };
-        if !pipe_ok || write_frame(&mut out, &frame).is_err() {
-            return ExitCode::FAILURE;
-        }
+        pipe?;
+        cancels.lock().unwrap_or_else(|p| p.into_inner()).end(job.id);
+        frames.end(result);
+        frames.flush(out)?;
     }
-    let _ = out.flush();
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 fn load(args: &Args) -> Result<Loaded, JobError> {
@@ -169,8 +154,16 @@ fn load(args: &Args) -> Result<Loaded, JobError> {
     }
     let device = device_for(&args.backend, args.device).map_err(|m| JobError::new(ErrorCode::ModelLoadFailed, m))?;
     let model = args.model.as_deref().ok_or_else(|| JobError::new(ErrorCode::ModelLoadFailed, "no --model given"))?;
-    tracing::info!(worker = %args.id, model = %model.display(), backend = %args.backend, "loading");
-    Engine::load(model, device).map(|e| Loaded::Llama(Box::new(e)))
+    tracing::info!(worker = %args.id, model = %model.display(), backend = %args.backend, engine = ?args.engine, "loading");
+    let engine = Engine::load_with(model, device, args.engine)?;
+    match engine.fallback_reason() {
+        Some(why) => tracing::info!(worker = %args.id, engine = %engine.kind(), "not on the fast engine: {why}"),
+        None => tracing::info!(worker = %args.id, engine = %engine.kind(), "engine chosen"),
+    }
+    if args.slots > 1 && engine.kind() != crate::backend::EngineKind::Fast {
+        tracing::warn!(worker = %args.id, slots = args.slots, "the candle engine runs one job at a time; --slots is ignored");
+    }
+    Ok(Loaded::Llama(Box::new(engine)))
 }
 
 /// Duplicates stdout into a file for the protocol and points fd 1 at stderr.
@@ -192,17 +185,11 @@ fn spawn_reader(jobs: mpsc::Sender<Job>, cancels: Arc<Mutex<Cancels>>) {
                 match read_frame::<_, ToWorker>(&mut input) {
                     Ok(Some(ToWorker::Generate { job, params, resume })) => {
                         if let Some(tx) = &jobs {
-                            let _ = tx.send((job, params, resume));
+                            let _ = tx.send(Job { id: job, params, resume });
                         }
                     }
                     Ok(Some(ToWorker::Cancel { job })) => {
-                        let mut c = cancels.lock().unwrap_or_else(|p| p.into_inner());
-                        match c.running.get(&job) {
-                            Some(flag) => flag.store(true, Ordering::Relaxed),
-                            None => {
-                                c.early.insert(job);
-                            }
-                        }
+                        cancels.lock().unwrap_or_else(|p| p.into_inner()).cancel(job);
                     }
                     // Finish what was sent, then leave the job loop.
                     Ok(Some(ToWorker::Shutdown)) => jobs = None,

@@ -1,0 +1,41 @@
+//! `rbee-bench`: measurements behind `docs/benchmarks.md`.
+//!
+//! `cargo run --release -p rbee-bench -- engine` compares rbee's two inference
+//! engines with llama.cpp on one GGUF. Not a default workspace member, so CI
+//! never builds it.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod engine;
+mod llama_cpp;
+
+#[derive(Debug, Parser)]
+#[command(name = "rbee-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prompt processing and decode speed: rbee's fast engine, rbee's candle
+    /// engine and llama.cpp's llama-bench on the same GGUF and threads, plus
+    /// the worker's job loop with one job vs several concurrent ones.
+    Engine(engine::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Engine(args) => engine::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rbee-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

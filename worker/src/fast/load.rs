@@ -1,0 +1,250 @@
+//! Reading a llama-architecture GGUF into the fast path's weights: the
+//! hyper-parameters from the metadata (parsed by candle) and each tensor's raw
+//! bytes, read straight from the file at the offsets candle's parser found and
+//! repacked into one [`Arena`] in reading order.
+//!
+//! Anything the fast path cannot run exactly like candle's `quantized_llama`
+//! (another architecture, mixture of experts, an unsupported weight type, odd
+//! shapes) is an `Err` naming the reason, so the caller can fall back to candle.
+//! Runs once, on the caller's thread.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+
+use super::arena::{Arena, Bytes};
+use super::matmul::Matrix;
+use super::quant::{dequantize_gguf_row, pack_into, Src, QK};
+
+/// The model's shape and numerics, as candle's `quantized_llama` reads them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub n_layer: usize,
+    pub dim: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope_base: f32,
+    /// `llama.context_length` (0 if absent).
+    pub context: usize,
+}
+
+impl Config {
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    /// Query heads per key/value head.
+    pub fn group(&self) -> usize {
+        self.n_head / self.n_kv_head
+    }
+}
+
+/// One transformer block's weights.
+#[derive(Debug)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+    pub ffn_norm: Vec<f32>,
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+/// All weights, read-only after loading (shared between threads and models).
+#[derive(Debug)]
+pub struct Weights {
+    pub cfg: Config,
+    pub embd: Matrix,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    /// `None`: the output head is tied to `embd` (no `output.weight`).
+    pub output: Option<Matrix>,
+}
+
+impl Weights {
+    pub fn output(&self) -> &Matrix {
+        self.output.as_ref().unwrap_or(&self.embd)
+    }
+}
+
+/// Largest head size and query-heads-per-kv-head the attention kernel's stack buffers hold.
+pub const MAX_HEAD_DIM: usize = 256;
+pub const MAX_GROUP: usize = 16;
+
+fn meta<'a>(ct: &'a Content, key: &str) -> Result<&'a Value, String> {
+    ct.metadata.get(key).ok_or_else(|| format!("metadata {key} is missing"))
+}
+
+fn meta_usize(ct: &Content, key: &str) -> Result<usize, String> {
+    let v = meta(ct, key)?;
+    v.to_u32()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u64().map(|x| x as usize))
+        .map_err(|e| format!("metadata {key}: {e}"))
+}
+
+fn config(ct: &Content) -> Result<Config, String> {
+    let arch = meta(ct, "general.architecture")?.to_string().map_err(|e| e.to_string())?;
+    if arch != "llama" {
+        return Err(format!("architecture {arch:?}: the fast path runs llama only"));
+    }
+    if meta_usize(ct, "llama.expert_count").unwrap_or(0) > 1 {
+        return Err("mixture-of-experts models are not supported by the fast path".to_owned());
+    }
+    let n_head = meta_usize(ct, "llama.attention.head_count")?;
+    let n_kv_head = meta_usize(ct, "llama.attention.head_count_kv")?;
+    let dim = meta_usize(ct, "llama.embedding_length")?;
+    let rope_dim = meta_usize(ct, "llama.rope.dimension_count")?;
+    let eps = meta(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32().map_err(|e| e.to_string())?;
+    let rope_base = ct.metadata.get("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
+    if n_head == 0 || n_kv_head == 0 || dim % n_head != 0 || n_head % n_kv_head != 0 {
+        return Err(format!("inconsistent head counts: dim {dim}, {n_head} heads, {n_kv_head} kv heads"));
+    }
+    let head_dim = dim / n_head;
+    if rope_dim != head_dim {
+        return Err(format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"));
+    }
+    if head_dim > MAX_HEAD_DIM || n_head / n_kv_head > MAX_GROUP || head_dim % 2 != 0 {
+        return Err(format!("head size {head_dim} or group {} is beyond the fast path's limits", n_head / n_kv_head));
+    }
+    let embd = ct.tensor_infos.get("token_embd.weight").ok_or("tensor token_embd.weight is missing")?;
+    let vocab = embd.shape.dims().first().copied().unwrap_or(0);
+    let ffn = match ct.tensor_infos.get("blk.0.ffn_gate.weight") {
+        Some(t) => t.shape.dims().first().copied().unwrap_or(0),
+        None => meta_usize(ct, "llama.feed_forward_length")?,
+    };
+    Ok(Config {
+        n_layer: meta_usize(ct, "llama.block_count")?,
+        dim,
+        n_head,
+        n_kv_head,
+        head_dim,
+        ffn,
+        vocab,
+        eps,
+        rope_base,
+        context: meta_usize(ct, "llama.context_length").unwrap_or(0),
+    })
+}
+
+/// Checks tensor `name` has shape `dims` (candle's order: outermost first,
+/// so a matrix is `[rows, cols]`) and a supported type; returns the type,
+/// the file offset and the byte size.
+fn locate(ct: &Content, name: &str, dims: &[usize]) -> Result<(Src, u64, usize), String> {
+    let info = ct.tensor_infos.get(name).ok_or_else(|| format!("tensor {name} is missing"))?;
+    if info.shape.dims() != dims {
+        return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", info.shape.dims()));
+    }
+    let t = Src::from_ggml(info.ggml_dtype).map_err(|e| format!("{name}: {e}"))?;
+    // Blocks run along the innermost dimension (a row).
+    if dims.last().is_none_or(|&n| n % t.block_elems() != 0) {
+        return Err(format!("tensor {name}: rows of {dims:?} do not fill whole {t:?} blocks"));
+    }
+    let elems: usize = dims.iter().product();
+    Ok((t, ct.tensor_data_offset + info.offset, elems / t.block_elems() * t.block_bytes()))
+}
+
+fn read_at<R: Read + Seek>(r: &mut R, name: &str, at: u64, out: &mut [u8]) -> Result<(), String> {
+    r.seek(SeekFrom::Start(at)).map_err(|e| format!("seeking to {name}: {e}"))?;
+    r.read_exact(out).map_err(|e| format!("reading {name}: {e}"))
+}
+
+fn vector<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, len: usize) -> Result<Vec<f32>, String> {
+    let (t, at, size) = locate(ct, name, &[len])?;
+    let mut bytes = vec![0u8; size];
+    read_at(r, name, at, &mut bytes)?;
+    let mut out = vec![0f32; len];
+    dequantize_gguf_row(t, &bytes, &mut out);
+    Ok(out)
+}
+
+/// One matrix to place in the arena.
+struct Slot {
+    name: String,
+    rows: usize,
+    cols: usize,
+    src: Src,
+    file_at: u64,
+    file_len: usize,
+    arena_at: usize,
+    len: usize,
+}
+
+/// Reads every weight the llama forward pass uses: the matrices, repacked,
+/// into one arena in the order a forward step reads them; the norms as f32.
+pub fn load<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Weights, String> {
+    let cfg = config(ct)?;
+    let (d, f, kv, qd) = (cfg.dim, cfg.ffn, cfg.kv_dim(), cfg.q_dim());
+    if d % QK != 0 || f % QK != 0 {
+        return Err(format!("embedding {d} or feed-forward {f} size is not a multiple of {QK}"));
+    }
+    let mut shapes: Vec<(String, usize, usize)> = Vec::new();
+    for i in 0..cfg.n_layer {
+        let p = format!("blk.{i}");
+        shapes.push((format!("{p}.attn_q.weight"), qd, d));
+        shapes.push((format!("{p}.attn_k.weight"), kv, d));
+        shapes.push((format!("{p}.attn_v.weight"), kv, d));
+        shapes.push((format!("{p}.attn_output.weight"), d, qd));
+        shapes.push((format!("{p}.ffn_up.weight"), f, d));
+        shapes.push((format!("{p}.ffn_gate.weight"), f, d));
+        shapes.push((format!("{p}.ffn_down.weight"), d, f));
+    }
+    let tied = !ct.tensor_infos.contains_key("output.weight");
+    if !tied {
+        shapes.push(("output.weight".to_owned(), cfg.vocab, d));
+    }
+    shapes.push(("token_embd.weight".to_owned(), cfg.vocab, d));
+    let mut slots = Vec::with_capacity(shapes.len());
+    let mut size = 0usize;
+    for (name, rows, cols) in shapes {
+        let (src, file_at, file_len) = locate(ct, &name, &[rows, cols])?;
+        let len = rows * src.packed().row_bytes(cols);
+        Matrix::check(src.packed(), rows, cols, len).map_err(|e| format!("{name}: {e}"))?;
+        slots.push(Slot { name, rows, cols, src, file_at, file_len, arena_at: size, len });
+        size = (size + len).next_multiple_of(64);
+    }
+    let mut arena = Arena::new(size);
+    let mut gguf = Vec::new();
+    for s in &slots {
+        gguf.resize(s.file_len, 0);
+        read_at(r, &s.name, s.file_at, &mut gguf)?;
+        pack_into(s.src, &gguf, s.rows, s.cols, &mut arena.bytes_mut()[s.arena_at..s.arena_at + s.len]);
+    }
+    let arena = Arc::new(arena);
+    let mut mats = slots.iter().map(|s| {
+        Matrix::packed(s.src.packed(), s.rows, s.cols, Bytes::new(Arc::clone(&arena), s.arena_at, s.len))
+            .map_err(|e| format!("{}: {e}", s.name))
+    });
+    let mut next = || mats.next().unwrap_or_else(|| Err("internal: too few matrices".to_owned()));
+    let mut layers = Vec::with_capacity(cfg.n_layer);
+    for i in 0..cfg.n_layer {
+        let p = format!("blk.{i}");
+        let (wq, wk, wv, wo) = (next()?, next()?, next()?, next()?);
+        let (up, gate, down) = (next()?, next()?, next()?);
+        layers.push(Layer {
+            attn_norm: vector(ct, r, &format!("{p}.attn_norm.weight"), d)?,
+            wq,
+            wk,
+            wv,
+            wo,
+            ffn_norm: vector(ct, r, &format!("{p}.ffn_norm.weight"), d)?,
+            gate,
+            up,
+            down,
+        });
+    }
+    let output = if tied { None } else { Some(next()?) };
+    let embd = next()?;
+    let norm = vector(ct, r, "output_norm.weight", d)?;
+    Ok(Weights { cfg, embd, layers, norm, output })
+}

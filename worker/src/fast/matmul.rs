@@ -1,0 +1,245 @@
+//! Weight matrices and the parallel matrix multiply over several activation
+//! columns at once (prefill tokens, or one token of each batched sequence).
+//!
+//! A section splits the rows of one or more matrices that share an input into
+//! tasks of a few dozen rows; each task streams its rows once for all columns
+//! (see [`super::simd::gemm_q`] for the tiling) and writes its own rows of every
+//! output column. Threads therefore write disjoint elements of the output,
+//! which is the one `unsafe` claim in this module.
+#![allow(unsafe_code)]
+
+use super::arena::Bytes;
+use super::pool::Pool;
+use super::quant::{pack, Q8View, Src, WType, QK};
+use super::simd;
+
+/// One weight matrix: `rows` output features × `cols` input features, each row
+/// of type `t` in the packed layout (see [`super::quant`]).
+#[derive(Debug)]
+pub struct Matrix {
+    pub t: WType,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+    pub data: Bytes,
+}
+
+impl Matrix {
+    /// Takes `rows` GGUF rows of type `src` and repacks them into their own buffer.
+    pub fn from_gguf(src: Src, rows: usize, cols: usize, data: &[u8]) -> Result<Self, String> {
+        let t = src.packed();
+        if data.len() != rows * src.row_bytes(cols) {
+            return Err(format!("a {rows}×{cols} {src:?} tensor needs {} bytes", rows * src.row_bytes(cols)));
+        }
+        let data = Bytes::copy_of(&pack(src, data, rows, cols));
+        Self::packed(t, rows, cols, data)
+    }
+
+    /// A matrix whose packed rows are already in `data` (a range of the weight arena).
+    pub fn packed(t: WType, rows: usize, cols: usize, data: Bytes) -> Result<Self, String> {
+        Self::check(t, rows, cols, data.len())?;
+        Ok(Self { t, rows, cols, row_bytes: t.row_bytes(cols), data })
+    }
+
+    /// Whether a `rows × cols` matrix of type `t` can be stored in `len` bytes.
+    pub fn check(t: WType, rows: usize, cols: usize, len: usize) -> Result<(), String> {
+        if cols % t.block_elems() != 0 || cols % QK != 0 {
+            return Err(format!("a {rows}×{cols} {t:?} matrix: {cols} is not a multiple of {QK}"));
+        }
+        if len != rows * t.row_bytes(cols) {
+            return Err(format!("a {rows}×{cols} {t:?} matrix needs {} bytes, got {len}", rows * t.row_bytes(cols)));
+        }
+        Ok(())
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}
+
+/// The input of a section: `n` activation columns of `k` features, as f32
+/// (for float weights) and quantized (for quantized weights).
+#[derive(Clone, Copy, Debug)]
+pub struct Acts<'a> {
+    pub f: &'a [f32],
+    pub q: Q8View<'a>,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// An output buffer that tasks write disjoint elements of.
+struct Out {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: shared between the tasks of one section, which write disjoint
+// elements (each task owns a row range) and never read; see `set`.
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn new(s: &mut [f32]) -> Self {
+        Self { ptr: s.as_mut_ptr(), len: s.len() }
+    }
+    /// SAFETY: no other thread writes or reads element `i` during the section.
+    #[inline(always)]
+    unsafe fn set(&self, i: usize, v: f32) {
+        assert!(i < self.len, "matmul output index out of range");
+        *self.ptr.add(i) = v;
+    }
+}
+
+/// Rows per task: enough tasks to balance `threads`, but not so small that the
+/// claim overhead shows. Multiples of 16 keep the tile loops whole.
+fn rows_per_task(total_rows: usize, threads: usize, n: usize) -> usize {
+    let target_tasks = threads * if n == 1 { 4 } else { 8 };
+    let r = total_rows.div_ceil(target_tasks).next_multiple_of(16);
+    r.clamp(16, 512)
+}
+
+/// The row-range tasks of one section over `mats`: `(matrix, first row, end row)`.
+fn tasks(mats: &[&Matrix], threads: usize, n: usize, out: &mut Vec<(usize, usize, usize)>) {
+    out.clear();
+    let total: usize = mats.iter().map(|m| m.rows).sum();
+    let per = rows_per_task(total, threads, n);
+    for (i, m) in mats.iter().enumerate() {
+        let mut r = 0;
+        while r < m.rows {
+            let e = (r + per).min(m.rows);
+            out.push((i, r, e));
+            r = e;
+        }
+    }
+}
+
+/// Computes rows `r0..r1` of `m · x` for every column, passing each result to `store`.
+fn block<F: FnMut(usize, usize, f32)>(m: &Matrix, r0: usize, r1: usize, x: &Acts<'_>, store: &mut F) {
+    let w = &m.data[r0 * m.row_bytes..r1 * m.row_bytes];
+    let mut shifted = |r: usize, c: usize, v: f32| store(r0 + r, c, v);
+    match m.t {
+        WType::F32 | WType::F16 => simd::gemm_f(m.t, w, m.row_bytes, r1 - r0, (x.f, x.n), &mut shifted),
+        _ => simd::gemm_q(m.t, w, m.row_bytes, r1 - r0, (x.q, x.n), &mut shifted),
+    }
+}
+
+/// Matrices one section can multiply (Q, K and V share one).
+const MAX_MATS: usize = 4;
+
+/// Reusable bookkeeping for sections (so a forward step does not allocate).
+#[derive(Debug, Default)]
+pub struct Plan {
+    tasks: Vec<(usize, usize, usize)>,
+}
+
+/// `outs[i] = mats[i] · x` for every column: `outs[i]` is `x.n × mats[i].rows`,
+/// column-major by token (token `c`'s outputs are contiguous). All matrices
+/// must take `x.k` inputs.
+pub fn matmul(pool: &Pool, plan: &mut Plan, mats: &[&Matrix], outs: &mut [&mut [f32]], x: Acts<'_>) {
+    assert_eq!(mats.len(), outs.len());
+    for (m, o) in mats.iter().zip(outs.iter()) {
+        assert_eq!(m.cols, x.k, "matmul: a {}×{} matrix cannot take {} inputs", m.rows, m.cols, x.k);
+        assert!(o.len() >= x.n * m.rows, "matmul: output too short");
+    }
+    tasks(mats, pool.threads(), x.n, &mut plan.tasks);
+    assert!(mats.len() <= MAX_MATS, "matmul: at most {MAX_MATS} matrices per section");
+    let mut outs_arr: [Out; MAX_MATS] = std::array::from_fn(|_| Out { ptr: std::ptr::null_mut(), len: 0 });
+    for (slot, o) in outs_arr.iter_mut().zip(outs.iter_mut()) {
+        *slot = Out::new(o);
+    }
+    let outs = &outs_arr;
+    let task_list = &plan.tasks;
+    pool.run(task_list.len(), &|t| {
+        let (i, r0, r1) = task_list[t];
+        let m = mats[i];
+        let o = &outs[i];
+        block(m, r0, r1, &x, &mut |r, c, v| {
+            // SAFETY: this task owns rows r0..r1 of matrix i: element (c, r)
+            // is written by no other task, and nothing reads until `run` returns.
+            unsafe { o.set(c * m.rows + r, v) }
+        });
+    });
+}
+
+/// `out = silu(gate · x) * (up · x)` for every column (`x.n × gate.rows`),
+/// with `up_tmp` (same size) as scratch. Gate and up rows are split together,
+/// so the product is formed in the same task, no second section.
+pub fn matmul_swiglu(
+    pool: &Pool,
+    plan: &mut Plan,
+    (gate, up): (&Matrix, &Matrix),
+    out: &mut [f32],
+    up_tmp: &mut [f32],
+    x: Acts<'_>,
+) {
+    assert_eq!(gate.rows, up.rows, "gate and up differ in size");
+    assert!(gate.cols == x.k && up.cols == x.k, "swiglu: matrices do not take {} inputs", x.k);
+    assert!(out.len() >= x.n * gate.rows && up_tmp.len() >= x.n * gate.rows);
+    tasks(&[gate], pool.threads(), x.n, &mut plan.tasks);
+    let rows = gate.rows;
+    let (o, u) = (Out::new(out), Out::new(up_tmp));
+    let task_list = &plan.tasks;
+    pool.run(task_list.len(), &|t| {
+        let (_, r0, r1) = task_list[t];
+        // SAFETY (all three writes): this task owns rows r0..r1 of every
+        // column in both buffers, and reads back only those elements.
+        block(up, r0, r1, &x, &mut |r, c, v| unsafe { u.set(c * rows + r, v) });
+        block(gate, r0, r1, &x, &mut |r, c, g| unsafe {
+            let upv = *u.ptr.add(c * rows + r);
+            o.set(c * rows + r, g / (1.0 + (-g).exp()) * upv)
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pool::PoolKind;
+    use super::super::quant::testing::*;
+    use super::super::quant::{dequantize_row, quantize_q8_scalar, Q8Buf};
+    use super::*;
+
+    #[test]
+    fn parallel_matmul_matches_dequantized_reference() {
+        let mut rng = Rng(17);
+        let k = 96;
+        for threads in [1, 2, 3] {
+            let pool = Pool::new(threads, PoolKind::Spin).expect("pool");
+            let mut plan = Plan::default();
+            for (src, t) in [(Src::Q4_1, WType::Q4_1), (Src::Q8_0, WType::Q8_0), (Src::F16, WType::F16)] {
+                let a = Matrix::from_gguf(src, 70, k, &random_weights(t, 70, k, &mut rng)).expect("a");
+                let b = Matrix::from_gguf(src, 33, k, &random_weights(t, 33, k, &mut rng)).expect("b");
+                for n in [1, 3, 9] {
+                    let xf = rng.vec(n * k);
+                    let mut xq = Q8Buf::default();
+                    quantize_q8_scalar(&xf, &mut xq);
+                    let x = Acts { f: &xf, q: xq.view(n * k / QK), n, k };
+                    let (mut oa, mut ob) = (vec![0f32; n * 70], vec![0f32; n * 33]);
+                    matmul(&pool, &mut plan, &[&a, &b], &mut [&mut oa, &mut ob], x);
+                    // Exact reference: dequantized weights × the activations
+                    // the kernel sees (quantized ones for quantized weights).
+                    let mut xs = xf.clone();
+                    if t != WType::F16 {
+                        for (i, v) in xs.iter_mut().enumerate() {
+                            *v = xq.d[i / QK] * xq.qs[i] as f32;
+                        }
+                    }
+                    let mut wrow = vec![0f32; k];
+                    for (m, o) in [(&a, &oa), (&b, &ob)] {
+                        for r in 0..m.rows {
+                            dequantize_row(t, m.row(r), &mut wrow);
+                            for c in 0..n {
+                                let want: f32 = wrow.iter().zip(&xs[c * k..(c + 1) * k]).map(|(p, q)| p * q).sum();
+                                let got = o[c * m.rows + r];
+                                assert!((want - got).abs() < 1e-4 * (1.0 + want.abs()), "{t:?} {want} {got}");
+                            }
+                        }
+                    }
+                    let (mut h, mut tmp) = (vec![0f32; n * 70], vec![0f32; n * 70]);
+                    matmul_swiglu(&pool, &mut plan, (&a, &a), &mut h, &mut tmp, x);
+                    for (hv, av) in h.iter().zip(&oa) {
+                        let want = av / (1.0 + (-av).exp()) * av;
+                        assert!((hv - want).abs() < 1e-4 * (1.0 + want.abs()));
+                    }
+                }
+            }
+        }
+    }
+}

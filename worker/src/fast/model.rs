@@ -1,0 +1,410 @@
+//! The llama forward pass over any mix of sequences: a prompt (many tokens of
+//! one sequence), a decode step of many sequences (one token each), or both.
+//!
+//! Every token in a step is one "row"; all rows go through each weight matrix
+//! together, so weights are streamed once per step, not once per sequence.
+//! Attention is per row against its own sequence's cache. Scratch buffers live
+//! in the model and only grow (no allocation per token once warm).
+//!
+//! Concurrency: a `FastModel` is driven by one thread at a time (`&mut self`);
+//! inside a step its [`Pool`] runs each matmul and the attention as parallel
+//! sections. Weights sit behind an `Arc` and are never written after loading,
+//! so several models (e.g. one per engine thread) can share them via
+//! [`FastModel::share`].
+
+use std::sync::Arc;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::attention::{attend_partial, merge, partial_len, KvView};
+use super::load::{Config, Weights};
+use super::matmul::{matmul, matmul_swiglu, Acts, Plan};
+use super::pool::{default_threads, Pool, PoolKind};
+use super::quant::{dequantize_row, Q8Buf, QK};
+use super::simd::quantize_q8;
+
+/// Rows (tokens) per step: longer prompts are processed in chunks this big,
+/// which bounds the scratch memory (~40 KB per row for a 7B model).
+pub const MAX_ROWS: usize = 256;
+
+/// How a model runs its parallel sections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastConfig {
+    /// Threads in all, the calling thread included.
+    pub threads: usize,
+    pub pool: PoolKind,
+}
+
+impl Default for FastConfig {
+    /// `RAYON_NUM_THREADS` (else all cores) threads on the spin pool.
+    fn default() -> Self {
+        Self { threads: default_threads(), pool: PoolKind::Spin }
+    }
+}
+
+/// One sequence's state: its key/value cache (f16) and length.
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    len: usize,
+    max_len: usize,
+    kv_dim: usize,
+    /// Per layer, `positions × kv_dim`.
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+}
+
+impl Sequence {
+    /// Tokens in the cache (the position the next token gets).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+    /// Forgets all but the first `len` tokens (e.g. to reuse a shared prompt prefix).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            self.len = len;
+            for c in self.k.iter_mut().chain(self.v.iter_mut()) {
+                c.truncate(len * self.kv_dim);
+            }
+        }
+    }
+    /// Grows each layer's cache to hold `n` more positions: doubling, capped
+    /// at `max_len`, so appends allocate O(log n) times in all.
+    fn reserve(&mut self, n: usize) {
+        let need = (self.len + n) * self.kv_dim;
+        let cap = self.max_len * self.kv_dim;
+        for c in self.k.iter_mut().chain(self.v.iter_mut()) {
+            // Drops entries a step that panicked half-way may have left.
+            c.truncate(self.len * self.kv_dim);
+            if c.capacity() < need {
+                let target = need.max(c.capacity() * 2).max(64 * self.kv_dim).min(cap);
+                c.reserve_exact(target - c.len());
+            }
+        }
+    }
+}
+
+/// One token of a step: which sequence, at which position.
+#[derive(Clone, Copy, Debug)]
+struct Row {
+    seq: usize,
+    pos: usize,
+    token: u32,
+}
+
+/// Buffers for one step, `rows × features` each (grown on demand).
+#[derive(Debug, Default)]
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    xq: Q8Buf,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    h: Vec<f32>,
+    h2: Vec<f32>,
+    hq: Q8Buf,
+    /// Per row, `head_dim / 2` (cos, sin) pairs for its position.
+    rope: Vec<(f32, f32)>,
+    logits: Vec<f32>,
+    /// Attention partial states, `rows × kv heads × splits × group × (hd + 2)`.
+    parts: Vec<f32>,
+    rows: Vec<Row>,
+    /// Rows whose logits are wanted, with the output slot each fills.
+    outs: Vec<(usize, usize)>,
+    plan: Plan,
+}
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
+/// A llama model on the fast CPU path.
+#[derive(Debug)]
+pub struct FastModel {
+    w: Arc<Weights>,
+    pool: Pool,
+    s: Scratch,
+    /// `1 / base^(2i / head_dim)`, as candle computes it.
+    inv_freq: Vec<f32>,
+}
+
+impl FastModel {
+    /// Reads a llama GGUF (`ct` parsed from `file`) for the fast path, with the
+    /// default threads. `Err` says why this model cannot use it.
+    pub fn load(ct: &candle_core::quantized::gguf_file::Content, file: &mut std::fs::File) -> Result<Self, String> {
+        Self::load_with(ct, file, FastConfig::default())
+    }
+
+    pub fn load_with(
+        ct: &candle_core::quantized::gguf_file::Content,
+        file: &mut std::fs::File,
+        config: FastConfig,
+    ) -> Result<Self, String> {
+        Self::from_weights(Arc::new(super::load::load(ct, file)?), config)
+    }
+
+    fn from_weights(w: Arc<Weights>, config: FastConfig) -> Result<Self, String> {
+        let hd = w.cfg.head_dim;
+        let inv_freq = (0..hd).step_by(2).map(|i| 1f32 / w.cfg.rope_base.powf(i as f32 / hd as f32)).collect();
+        Ok(Self { w, pool: Pool::new(config.threads, config.pool)?, s: Scratch::default(), inv_freq })
+    }
+
+    /// Another model over the same weights (no copy) with its own threads and scratch.
+    pub fn share(&self, config: FastConfig) -> Result<Self, String> {
+        Self::from_weights(Arc::clone(&self.w), config)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.w.cfg
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// An empty sequence that can hold `max_len` tokens (its cache grows as it fills).
+    pub fn new_sequence(&self, max_len: usize) -> Sequence {
+        let n = self.w.cfg.n_layer;
+        Sequence { len: 0, max_len, kv_dim: self.w.cfg.kv_dim(), k: vec![Vec::new(); n], v: vec![Vec::new(); n] }
+    }
+
+    /// Appends `tokens` (a prompt, or one decode token) to `seq`; returns the
+    /// logits after the last one.
+    pub fn forward(&mut self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        let mut out = self.forward_many(&mut [seq], &[tokens])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// One decode step for several sequences at once: `tokens[i]` is appended
+    /// to `seqs[i]`; returns the logits of each.
+    pub fn forward_batch(&mut self, seqs: &mut [&mut Sequence], tokens: &[u32]) -> Result<Vec<Vec<f32>>, String> {
+        if seqs.len() != tokens.len() {
+            return Err(format!("{} sequences but {} tokens", seqs.len(), tokens.len()));
+        }
+        self.forward_with(seqs, |i| std::slice::from_ref(&tokens[i]))
+    }
+
+    /// The general step: `tokens[i]` (any number, at least one) is appended to
+    /// `seqs[i]`, all sequences going through the weights together (so a new
+    /// prompt can join running decodes); returns each sequence's last logits.
+    pub fn forward_many(&mut self, seqs: &mut [&mut Sequence], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
+        if seqs.len() != tokens.len() {
+            return Err(format!("{} sequences but {} token lists", seqs.len(), tokens.len()));
+        }
+        self.forward_with(seqs, |i| tokens[i])
+    }
+
+    /// [`Self::forward_many`] with sequence `i`'s tokens given by `tokens(i)`.
+    /// Allocates only the returned logits.
+    fn forward_with<'t>(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        tokens: impl Fn(usize) -> &'t [u32],
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let cfg = &self.w.cfg;
+        for (i, s) in seqs.iter().enumerate() {
+            let t = tokens(i);
+            if t.is_empty() {
+                return Err("a sequence was given no tokens".to_owned());
+            }
+            if s.kv_dim != cfg.kv_dim() || s.k.len() != cfg.n_layer {
+                return Err("this sequence belongs to a different model".to_owned());
+            }
+            if s.len + t.len() > s.max_len {
+                return Err(format!("{} + {} tokens exceed the sequence's {} positions", s.len, t.len(), s.max_len));
+            }
+            if let Some(bad) = t.iter().find(|&&x| x as usize >= cfg.vocab) {
+                return Err(format!("token {bad} is outside the vocabulary ({})", cfg.vocab));
+            }
+        }
+        for (i, s) in seqs.iter_mut().enumerate() {
+            s.reserve(tokens(i).len());
+        }
+        let vocab = cfg.vocab;
+        let mut logits = vec![Vec::new(); seqs.len()];
+        // Walk all tokens, sequence by sequence, in steps of at most MAX_ROWS.
+        let (mut si, mut off) = (0, 0);
+        while si < seqs.len() {
+            self.s.rows.clear();
+            self.s.outs.clear();
+            while si < seqs.len() && self.s.rows.len() < MAX_ROWS {
+                let t = tokens(si);
+                let r = self.s.rows.len();
+                self.s.rows.push(Row { seq: si, pos: seqs[si].len + off, token: t[off] });
+                off += 1;
+                if off == t.len() {
+                    self.s.outs.push((r, si));
+                    (si, off) = (si + 1, 0);
+                }
+            }
+            self.step(seqs);
+            for (o, &(_, seq)) in self.s.outs.iter().enumerate() {
+                logits[seq] = self.s.logits[o * vocab..(o + 1) * vocab].to_vec();
+            }
+        }
+        for (i, s) in seqs.iter_mut().enumerate() {
+            s.len += tokens(i).len();
+        }
+        Ok(logits)
+    }
+
+    /// Runs `self.s.rows` through the model, appending to the caches, and
+    /// leaves the logits of `self.s.outs` rows in `self.s.logits`.
+    fn step(&mut self, seqs: &mut [&mut Sequence]) {
+        let w = &*self.w;
+        let cfg = &w.cfg;
+        let pool = &self.pool;
+        let s = &mut self.s;
+        let n = s.rows.len();
+        let (dim, qd, kvd, ffn, hd) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn, cfg.head_dim);
+        let x = grow(&mut s.x, n * dim);
+        let xn = grow(&mut s.xn, n * dim);
+        let xq = &mut s.xq;
+        let q = grow(&mut s.q, n * qd);
+        let k = grow(&mut s.k, n * kvd);
+        let v = grow(&mut s.v, n * kvd);
+        let att = grow(&mut s.att, n * qd);
+        let tmp = grow(&mut s.tmp, n * dim);
+        let h = grow(&mut s.h, n * ffn);
+        let h2 = grow(&mut s.h2, n * ffn);
+        let hq = &mut s.hq;
+        let rope = grow(&mut s.rope, n * hd / 2);
+        let rows = &s.rows;
+        let plan = &mut s.plan;
+
+        for (i, r) in rows.iter().enumerate() {
+            dequantize_row(w.embd.t, w.embd.row(r.token as usize), &mut x[i * dim..(i + 1) * dim]);
+            for (j, cs) in rope[i * hd / 2..(i + 1) * hd / 2].iter_mut().enumerate() {
+                let a = r.pos as f32 * self.inv_freq[j];
+                *cs = (a.cos(), a.sin());
+            }
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = cfg.group();
+        let splits = key_splits(rows, cfg.n_kv_head, pool.threads());
+        for (li, l) in w.layers.iter().enumerate() {
+            // Attention block.
+            rms_norm(x, &l.attn_norm, cfg.eps, xn, dim);
+            quantize_q8(xn, xq);
+            let xa = Acts { f: xn, q: xq.view(n * dim / QK), n, k: dim };
+            matmul(pool, plan, &[&l.wq, &l.wk, &l.wv], &mut [&mut *q, &mut *k, &mut *v], xa);
+            for i in 0..n {
+                let cs = &rope[i * hd / 2..(i + 1) * hd / 2];
+                rope_i(&mut q[i * qd..(i + 1) * qd], cs, hd);
+                rope_i(&mut k[i * kvd..(i + 1) * kvd], cs, hd);
+            }
+            for (i, r) in rows.iter().enumerate() {
+                let sq = &mut *seqs[r.seq];
+                assert_eq!(sq.k[li].len(), r.pos * kvd, "rows of a sequence arrive in order");
+                append_f16(&mut sq.k[li], &k[i * kvd..(i + 1) * kvd]);
+                append_f16(&mut sq.v[li], &v[i * kvd..(i + 1) * kvd]);
+            }
+            // One task per (row, kv head, key range); long contexts with few
+            // rows are split so every thread has work, then merged.
+            let seqs_ro: &[&mut Sequence] = seqs;
+            let q_ro: &[f32] = q;
+            let nkv = cfg.n_kv_head;
+            let pl = partial_len(hd);
+            let parts = grow(&mut s.parts, n * nkv * splits * group * pl);
+            pool.run_chunks(parts, group * pl, &|t, out| {
+                let (i, g, sp) = (t / (nkv * splits), t / splits % nkv, t % splits);
+                let r = rows[i];
+                let keys = r.pos + 1;
+                let (k0, k1) = (keys * sp / splits, keys * (sp + 1) / splits);
+                let sq = &*seqs_ro[r.seq];
+                let kv = KvView { k: &sq.k[li], v: &sq.v[li], kv_dim: kvd };
+                let qg = &q_ro[i * qd + g * group * hd..][..group * hd];
+                attend_partial(qg, kv, g * hd, k0..k1, hd, scale, out);
+            });
+            for (i, row_out) in att.chunks_exact_mut(qd).enumerate() {
+                for (h, o) in row_out.chunks_exact_mut(hd).enumerate() {
+                    let (g, j) = (h / group, h % group);
+                    let base = (i * nkv + g) * splits;
+                    merge((0..splits).map(|sp| &parts[((base + sp) * group + j) * pl..][..pl]), o);
+                }
+            }
+            quantize_q8(att, xq);
+            let xa = Acts { f: att, q: xq.view(n * qd / QK), n, k: qd };
+            matmul(pool, plan, &[&l.wo], &mut [&mut *tmp], xa);
+            x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+
+            // Feed-forward block.
+            rms_norm(x, &l.ffn_norm, cfg.eps, xn, dim);
+            quantize_q8(xn, xq);
+            let xa = Acts { f: xn, q: xq.view(n * dim / QK), n, k: dim };
+            matmul_swiglu(pool, plan, (&l.gate, &l.up), h, h2, xa);
+            quantize_q8(h, hq);
+            let ha = Acts { f: h, q: hq.view(n * ffn / QK), n, k: ffn };
+            matmul(pool, plan, &[&l.down], &mut [&mut *tmp], ha);
+            x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+        }
+
+        // Output head, only for the rows whose logits are wanted.
+        let no = s.outs.len();
+        for (o, &(i, _)) in s.outs.iter().enumerate() {
+            let src = &x[i * dim..(i + 1) * dim];
+            let dst = &mut xn[o * dim..(o + 1) * dim];
+            rms_norm_row(src, &w.norm, cfg.eps, dst);
+        }
+        quantize_q8(&xn[..no * dim], xq);
+        let out_m = w.output();
+        let logits = grow(&mut s.logits, no * out_m.rows);
+        let xa = Acts { f: &xn[..no * dim], q: xq.view(no * dim / QK), n: no, k: dim };
+        matmul(pool, plan, &[out_m], &mut [logits], xa);
+    }
+}
+
+/// Key ranges per (row, kv head): 1, unless there are fewer such tasks than
+/// twice the threads and the longest context is long enough (≥ 256 keys per
+/// range) to be worth splitting.
+fn key_splits(rows: &[Row], n_kv: usize, threads: usize) -> usize {
+    let tasks = rows.len() * n_kv;
+    let longest = rows.iter().map(|r| r.pos + 1).max().unwrap_or(1);
+    if threads == 1 || tasks >= 2 * threads {
+        return 1;
+    }
+    (2 * threads).div_ceil(tasks).min(longest / 256).max(1)
+}
+
+fn append_f16(cache: &mut Vec<f16>, src: &[f32]) {
+    let at = cache.len();
+    cache.resize(at + src.len(), f16::ZERO);
+    cache[at..].convert_from_f32_slice(src);
+}
+
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &a), &b) in out.iter_mut().zip(x).zip(w) {
+        *o = a * inv * b;
+    }
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], dim: usize) {
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        rms_norm_row(xr, w, eps, or);
+    }
+}
+
+/// candle's `rope_i`: in each head, pair `(2j, 2j+1)` rotates by angle `j`.
+fn rope_i(v: &mut [f32], cs: &[(f32, f32)], hd: usize) {
+    for head in v.chunks_exact_mut(hd) {
+        for (p, &(c, s)) in head.chunks_exact_mut(2).zip(cs) {
+            let (a, b) = (p[0], p[1]);
+            p[0] = a * c - b * s;
+            p[1] = a * s + b * c;
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The safe entry points of the hot kernels: activation quantization,
+//! packed-weight × activation tiles, and the f32/f16 vector ops attention needs.
+//!
+//! Each function checks its slice lengths, then picks its implementation at
+//! compile time: [`super::avx2`] when the build targets AVX2 + FMA + F16C (the
+//! workspace builds with `target-cpu=native`), else the portable scalar code
+//! in [`super::quant`]. The only `unsafe` here is those checked calls. Pure
+//! functions; callers parallelise by handing disjoint rows to threads.
+#![allow(unsafe_code)]
+
+use half::f16;
+
+use super::quant::{self, Q8Buf, Q8View, WType, QK};
+
+/// Whether the SIMD kernels are compiled in (else the scalar fallback runs).
+pub const SIMD: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"));
+
+/// Quantizes `x` (a multiple of 32 long) into the first `x.len() / 32` blocks of `out`.
+pub fn quantize_q8(x: &[f32], out: &mut Q8Buf) {
+    assert!(x.len() % QK == 0, "quantize_q8: length is not a multiple of {QK}");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    {
+        out.reserve_blocks(x.len() / QK);
+        for (i, xb) in x.chunks_exact(QK).enumerate() {
+            let qs = &mut out.qs[i * QK..(i + 1) * QK];
+            // SAFETY: `xb` and `qs` are exactly 32 long (chunks_exact, slicing).
+            let (d, s) = unsafe { super::avx2::quantize_block(xb.as_ptr(), qs.as_mut_ptr()) };
+            out.d[i] = d;
+            out.s[i] = s;
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    quant::quantize_q8_scalar(x, out);
+}
+
+/// Multiplies `rows` packed rows of a quantized weight matrix (`w`,
+/// `row_bytes` each, see [`quant`]'s module doc) with `ncols` activation
+/// columns stored one after another in `y`, and hands each result to
+/// `store(row, col, value)`.
+pub fn gemm_q<F: FnMut(usize, usize, f32)>(
+    t: WType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    (y, ncols): (Q8View<'_>, usize),
+    store: &mut F,
+) {
+    assert!(matches!(t, WType::Q4_0 | WType::Q4_1 | WType::Q8_0 | WType::Q8_16), "gemm_q: {t:?} is not quantized");
+    let nb = row_bytes / t.block_bytes();
+    assert_eq!(nb * t.block_bytes(), row_bytes, "gemm_q: ragged rows");
+    assert!(w.len() >= rows * row_bytes, "gemm_q: weights shorter than {rows} rows");
+    assert!(y.blocks() >= ncols * nb, "gemm_q: activations shorter than {ncols} columns");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    super::avx2::gemm_q(t, w, row_bytes, rows, nb, (y, ncols), store);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    for r0 in (0..rows).step_by(16) {
+        for c in 0..ncols {
+            for r in r0..(r0 + 16).min(rows) {
+                store(r, c, quant::dot_row_scalar(t, &w[r * row_bytes..(r + 1) * row_bytes], y.range(c * nb, nb)));
+            }
+        }
+    }
+}
+
+/// Like [`gemm_q`] for float weights (F32 or F16) and f32 activations.
+pub fn gemm_f<F: FnMut(usize, usize, f32)>(
+    t: WType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    (xs, ncols): (&[f32], usize),
+    store: &mut F,
+) {
+    assert!(w.len() >= rows * row_bytes, "gemm_f: weights shorter than {rows} rows");
+    let k = row_bytes / t.block_bytes();
+    assert!(xs.len() >= ncols * k, "gemm_f: activations shorter than {ncols} columns");
+    for r in 0..rows {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        for (c, x) in xs.chunks_exact(k).take(ncols).enumerate() {
+            let v = match t {
+                // SAFETY: `row` holds `k == x.len()` f16 values.
+                #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+                WType::F16 => unsafe { super::avx2::dot_f16(x.as_ptr(), row.as_ptr(), k) },
+                _ => quant::dot_row_float(t, row, x),
+            };
+            store(r, c, v);
+        }
+    }
+}
+
+/// `Σ a[i] * b[i]` over f32 and f16 (`a.len() == b.len()`).
+#[inline]
+pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f16: length mismatch");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    // SAFETY: equal lengths checked above.
+    return unsafe { super::avx2::dot_f16(a.as_ptr(), b.as_ptr() as *const u8, a.len()) };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+/// `y[i] += a * v[i]` with f16 `v` (`y.len() == v.len()`).
+#[inline]
+pub fn axpy_f16(y: &mut [f32], a: f32, v: &[f16]) {
+    assert_eq!(y.len(), v.len(), "axpy_f16: length mismatch");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    // SAFETY: equal lengths checked above.
+    unsafe {
+        super::avx2::axpy_f16(y.as_mut_ptr(), a, v.as_ptr() as *const u8, y.len())
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    for (o, x) in y.iter_mut().zip(v) {
+        *o += a * x.to_f32();
+    }
+}
+
+/// Attention scores: `out[j] = scale · q·k_j` where key `j` is
+/// `k[j * stride..][..q.len()]`, for `j < out.len()`.
+#[inline]
+pub fn scores_f16(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+    let (hd, n) = (q.len(), out.len());
+    assert!(n == 0 || (n - 1) * stride + hd <= k.len(), "scores_f16: keys out of range");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    {
+        let (qp, kp, op) = (q.as_ptr(), k.as_ptr() as *const u8, out.as_mut_ptr());
+        // SAFETY: lengths checked above; each arm matches `hd`.
+        unsafe {
+            match hd {
+                64 => return super::avx2::scores_f16::<8>(qp, kp, stride, n, scale, op),
+                128 => return super::avx2::scores_f16::<16>(qp, kp, stride, n, scale, op),
+                _ => {}
+            }
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_f16(q, &k[j * stride..j * stride + hd]) * scale;
+    }
+}
+
+/// Attention values: `o += Σ_j p[j] · v_j` where value `j` is
+/// `v[j * stride..][..o.len()]`, for `j < p.len()`.
+#[inline]
+pub fn accumulate_f16(o: &mut [f32], p: &[f32], v: &[f16], stride: usize) {
+    let (hd, n) = (o.len(), p.len());
+    assert!(n == 0 || (n - 1) * stride + hd <= v.len(), "accumulate_f16: values out of range");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    {
+        let (op, pp, vp) = (o.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u8);
+        // SAFETY: lengths checked above; each arm matches `hd`.
+        unsafe {
+            match hd {
+                64 => return super::avx2::accumulate_f16::<8>(op, pp, vp, stride, n),
+                128 => return super::avx2::accumulate_f16::<16>(op, pp, vp, stride, n),
+                _ => {}
+            }
+        }
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        axpy_f16(o, pj, &v[j * stride..j * stride + hd]);
+    }
+}
+
+/// `s[i] = e^(s[i] - m)` in place; returns the sum (softmax's numerators).
+#[inline]
+pub fn exp_shift_sum(s: &mut [f32], m: f32) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    // SAFETY: the pointer and length come from one slice.
+    return unsafe { super::avx2::exp_shift_sum(s.as_mut_ptr(), s.len(), m) };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    s.iter_mut()
+        .map(|v| {
+            *v = (*v - m).exp();
+            *v
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::quant::testing::*;
+    use super::super::quant::{dot_row_scalar, pack, quantize_q8_scalar, Src};
+    use super::*;
+
+    #[test]
+    fn quantize_matches_scalar() {
+        let mut rng = Rng(3);
+        let mut x = rng.vec(32 * 64);
+        x[64..96].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+        let (mut a, mut b) = (Q8Buf::default(), Q8Buf::default());
+        quantize_q8(&x, &mut a);
+        quantize_q8_scalar(&x, &mut b);
+        assert_eq!(a.d, b.d);
+        for (p, q) in a.s.iter().zip(&b.s) {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{p} vs {q}");
+        }
+        let diff = a.qs.iter().zip(&b.qs).filter(|(u, v)| u != v).count();
+        assert!(diff <= 2, "quantized values differ in {diff} places");
+    }
+
+    /// Every quantized type, column counts 1..=11 (all tile shapes and
+    /// remainders), rows not a multiple of any tile height, and block counts
+    /// with whole, partial and odd scale groups.
+    #[test]
+    fn gemm_matches_scalar_reference() {
+        let mut rng = Rng(5);
+        let rows = 37;
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q6K] {
+            let t = src.packed();
+            for nb in [1, 8, 9, 18, 48] {
+                let k = nb * QK;
+                let rb = t.row_bytes(k);
+                let w = if src == Src::Q6K {
+                    // Random Q8_16 rows: scales, then int8 values in Q6_K's range.
+                    let mut w = random_weights(WType::Q8_0, rows, k, &mut rng);
+                    w.resize(rows * rb, 0);
+                    w.iter_mut().enumerate().for_each(|(i, b)| *b = if i % rb < 4 * nb { *b & 0x2F } else { (*b as i8 / 4) as u8 });
+                    w
+                } else {
+                    pack(src, &random_weights(t, rows, k, &mut rng), rows, k)
+                };
+                for ncols in [1, 2, 3, 4, 5, 7, 8, 11] {
+                    let mut y = Q8Buf::default();
+                    quantize_q8(&rng.vec(ncols * k), &mut y);
+                    let yv = y.view(ncols * nb);
+                    let mut got = vec![f32::NAN; rows * ncols];
+                    gemm_q(t, &w, rb, rows, (yv, ncols), &mut |r, c, v| got[r * ncols + c] = v);
+                    for r in 0..rows {
+                        for c in 0..ncols {
+                            let want = dot_row_scalar(t, &w[r * rb..(r + 1) * rb], yv.range(c * nb, nb));
+                            let g = got[r * ncols + c];
+                            assert!((want - g).abs() <= 1e-4 * (1.0 + want.abs()), "{t:?} nb{nb} r{r} c{c}: {want} vs {g}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn float_gemm_and_vector_ops_match_scalar() {
+        let mut rng = Rng(9);
+        let (rows, k) = (5, 72);
+        for t in [WType::F32, WType::F16] {
+            let w = random_weights(t, rows, k, &mut rng);
+            let x = rng.vec(k);
+            let rb = t.row_bytes(k);
+            let mut got = vec![0f32; rows];
+            gemm_f(t, &w, rb, rows, (&x, 1), &mut |r, _, v| got[r] = v);
+            for (r, g) in got.iter().enumerate() {
+                let want = quant::dot_row_float(t, &w[r * rb..(r + 1) * rb], &x);
+                assert!((want - g).abs() < 1e-4, "{t:?}: {want} vs {g}");
+            }
+        }
+        let a = rng.vec(75);
+        let b: Vec<f16> = rng.vec(75).into_iter().map(f16::from_f32).collect();
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y.to_f32()).sum();
+        assert!((dot_f16(&a, &b) - want).abs() < 1e-4);
+        let mut y = a.clone();
+        axpy_f16(&mut y, 0.5, &b);
+        for i in 0..75 {
+            assert!((y[i] - (a[i] + 0.5 * b[i].to_f32())).abs() < 1e-6);
+        }
+        // Softmax numerators over the range attention scores take (and beyond).
+        let mut s: Vec<f32> = (0..203).map(|i| (i as f32 - 150.0) * 0.7).collect();
+        let want: Vec<f32> = s.iter().map(|v| (v - 3.0f32).exp()).collect();
+        let sum = exp_shift_sum(&mut s, 3.0);
+        for (g, w) in s.iter().zip(&want) {
+            assert!((g - w).abs() <= 2e-7 * w.abs() + 1e-37, "{g} vs {w}");
+        }
+        assert!((sum - want.iter().sum::<f32>()).abs() <= 1e-6 * sum);
+    }
+}
