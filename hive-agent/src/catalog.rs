@@ -85,7 +85,7 @@ fn internal(what: &str, e: impl std::fmt::Display) -> JobError {
     JobError::internal(format!("model catalog: {what}: {e}"))
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -154,6 +154,27 @@ impl Catalog {
             table.insert(entry.key.as_str(), bytes.as_slice()).map_err(|e| internal("write", e))?;
         }
         tx.commit().map_err(|e| internal("commit", e))
+    }
+
+    /// Removes an entry; true if there was one.
+    pub fn remove(&self, key: &str) -> Result<bool, JobError> {
+        let tx = self.db.begin_write().map_err(|e| internal("write", e))?;
+        let had = {
+            let mut table = tx.open_table(MODELS).map_err(|e| internal("write", e))?;
+            let had = table.remove(key).map_err(|e| internal("write", e))?.is_some();
+            had
+        };
+        tx.commit().map_err(|e| internal("commit", e))?;
+        Ok(had)
+    }
+
+    /// The entry `model` names (by key, or by source reference), if any; no side effects.
+    pub fn find(&self, model: &str) -> Result<Option<ModelEntry>, JobError> {
+        let known = KNOWN_MODELS.iter().find(|k| k.hf == model).map_or(model, |k| k.alias);
+        match self.get(known)? {
+            Some(e) => Ok(Some(e)),
+            None => self.find_by_source(model),
+        }
     }
 
     /// Finds the local file for `model`, registering a known model found on
@@ -233,7 +254,7 @@ impl Catalog {
             }
             ModelRef::Hf(_) => Err(JobError::new(
                 ErrorCode::ModelSourceUnreachable,
-                format!("model {key} is not on hive {hive} and downloads are not enabled on it; import the file instead"),
+                format!("model {key} is not on hive {hive}; download it first (rbee models download {key}) or import a local copy (rbee models import PATH --alias NAME)"),
             )),
         }
     }

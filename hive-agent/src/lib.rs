@@ -17,10 +17,13 @@
 
 pub mod catalog;
 pub mod claimer;
+pub mod ctl;
 pub mod events;
 pub mod fleet;
 pub mod heartbeat;
 pub mod job;
+pub mod logs;
+pub mod models;
 pub mod pool;
 pub mod puller;
 pub mod running;
@@ -99,6 +102,12 @@ pub struct HiveArgs {
     /// How long an idle worker stays loaded (jobs may say otherwise with keep_alive_ms); "-1" = for ever.
     #[arg(long, env = "RBEE_KEEP_ALIVE", default_value = "5m", value_parser = parse_keep_alive, allow_hyphen_values = true)]
     pub keep_alive: i64,
+    /// The Hugging Face hub to download models from.
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    pub hf_endpoint: String,
+    /// Lifecycle jobs (downloads, imports, worker spawns) this hive runs at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub ctl_slots: u32,
     /// Offer the no-op test model `noop` (no weights; emits " t0", " t1", ...). For tests and benchmarks.
     #[arg(long, hide = true)]
     pub test_noop_model: bool,
@@ -134,16 +143,21 @@ fn parse_keep_alive(s: &str) -> Result<i64, String> {
     humantime::parse_duration(s).map(|d| d.as_millis() as i64).map_err(|e| e.to_string())
 }
 
-/// Logs to stderr; `RBEE_LOG` sets the filter (default `info`).
+/// Logs to stderr (`RBEE_LOG` sets the filter, default `info`) and, once
+/// connected, to `rbee.logs.<hive id>` at info and above ([`logs`]).
 pub fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("RBEE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
-        .try_init();
+        .with_filter(filter);
+    let bus = logs::BusLayer.with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let _ = tracing_subscriber::registry().with(stderr).with(bus).try_init();
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C (SIGINT).
@@ -220,6 +234,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let catalog = Arc::new(catalog);
 
     let client = connect(&args.nats_url, &format!("rbee-hive {hive_id}")).await?;
+    logs::start(client.clone(), &hive_id);
     let js = jetstream::new(client.clone());
     let limits = rbee_broker::Limits {
         jobs_max_msgs: args.queue_max_jobs,
@@ -261,6 +276,12 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         fleet: fleet.clone(),
         running,
         memory_limit: args.memory_limit,
+        downloader: models::Downloader {
+            endpoint: args.hf_endpoint.trim_end_matches('/').to_owned(),
+            cache_dir: models_dir.join("hf"),
+            token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
+            attempts: 4,
+        },
         ack_wait,
         max_attempts: args.max_attempts,
         retry_backoff: args.retry_backoff,
@@ -310,6 +331,22 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let claiming = tokio::spawn(claimer.run(shutdown.clone(), move |msg, lane, slot| {
         jobs.spawn(job::handle(job_ctx.clone(), msg, lane, slot));
     }));
+    // Lifecycle jobs: this hive's own consumer and the shared `any` one.
+    let own_ctl = rbee_schemas::ctl::ctl_consumer(&hive_id);
+    rbee_broker::ensure_consumer(&broker.jobs, rbee_broker::ctl_consumer(&limits, &hive_id)).await?;
+    let ctl_jobs = tracker.clone();
+    let ctl_ctx = ctx.clone();
+    let ctl_client = client.clone();
+    let ctl_js = js.clone();
+    let ctl_stop = shutdown.clone();
+    let ctl_slots = claimer::Slots::new(args.ctl_slots as usize);
+    let ctl_claiming = tokio::spawn(async move {
+        let consumers = [own_ctl.as_str(), rbee_schemas::ctl::CTL_ANY_CONSUMER];
+        claimer::claim_ctl(ctl_client, ctl_js, subjects::JOBS_STREAM, &consumers, ctl_slots, ctl_stop, move |msg, slot| {
+            ctl_jobs.spawn(ctl::handle(ctl_ctx.clone(), msg, slot));
+        })
+        .await
+    });
     tracing::info!(hive = %hive_id, nats = %args.nats_url, slots = args.slots, "hive ready");
 
     shutdown.cancelled().await;
@@ -318,6 +355,11 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         match claiming.await {
             Ok(Err(e)) => tracing::error!(error = %e, "claimer stopped with an error"),
             Err(e) => tracing::error!(error = %e, "claimer task failed"),
+            Ok(Ok(())) => {}
+        }
+        match ctl_claiming.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "lifecycle claimer stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "lifecycle claimer task failed"),
             Ok(Ok(())) => {}
         }
         tracker.close();

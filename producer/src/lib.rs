@@ -27,6 +27,7 @@
 //! it can start ([`local`]).
 
 pub mod cli;
+pub mod fleet;
 pub mod jobs;
 pub mod local;
 pub mod stream;
@@ -72,6 +73,13 @@ pub enum ClientError {
     NotFound(String),
     #[error("{0}")]
     Broker(String),
+    #[error("no hive {hive} is heartbeating on this broker; live hives: {live}")]
+    UnknownHive { hive: String, live: String },
+    #[error(
+        "hive {hive} runs rbee {hive_version} (protocol v{hive_protocol}); this rbee is {ours} (protocol v{our_protocol}). \
+         Upgrade the older side so both speak protocol v{newest}: install the same rbee release on the hive's machine and here"
+    )]
+    Incompatible { hive: String, hive_version: String, hive_protocol: u32, ours: String, our_protocol: u32, newest: u32 },
 }
 
 /// How to submit a job.
@@ -136,6 +144,13 @@ impl Client {
         if req.model.is_none() {
             req.model = Some(model_ref.to_string());
         }
+        let subject = subjects::job_subject(opts.lane, &model_ref.subject_key());
+        self.publish_job(subject, Bytes::from(opts.encoding.encode(&req)), job_id, opts.encoding).await
+    }
+
+    /// Subscribes to the job's events, then publishes it (with its id as
+    /// `Nats-Msg-Id`); the stream yields the events in order.
+    async fn publish_job(&self, subject: String, body: Bytes, job_id: String, encoding: Encoding) -> Result<JobStream, ClientError> {
         // Events always reach rbee.events.<id>; a custom reply_to gets them too.
         let live_subject = subjects::events_subject(&job_id);
         let live = self
@@ -143,15 +158,14 @@ impl Client {
             .subscribe(live_subject.clone())
             .await
             .map_err(|source| ClientError::Subscribe { subject: live_subject, source })?;
-        let mut publish = PublishMessage::build().payload(Bytes::from(opts.encoding.encode(&req))).message_id(&job_id);
-        if opts.encoding == Encoding::Msgpack {
-            publish = publish.header(HEADER_CONTENT_TYPE, opts.encoding.content_type());
+        let mut publish = PublishMessage::build().payload(body).message_id(&job_id);
+        if encoding == Encoding::Msgpack {
+            publish = publish.header(HEADER_CONTENT_TYPE, encoding.content_type());
         }
-        let subject = subjects::job_subject(opts.lane, &model_ref.subject_key());
         let ack = self.js.send_publish(subject.clone(), publish).await.map_err(|e| publish_error(&subject, e))?;
         let ack = async move { ack.await.map(|a| a.duplicate).map_err(|e| publish_error(&subject, e)) }.boxed();
         let kept = self.js.get_stream_no_info(subjects::EVENTS_STREAM).await.map_err(broker_err)?;
-        Ok(JobStream::new(job_id, opts.encoding, live, kept, Some(ack), 0))
+        Ok(JobStream::new(job_id, encoding, live, kept, Some(ack), 0))
     }
 
     /// The events of an existing job, replayed from `from_seq`, then live.

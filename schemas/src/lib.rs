@@ -20,6 +20,7 @@ pub mod error;
 pub mod event;
 pub mod hive;
 pub mod job;
+pub mod log;
 pub mod model;
 pub mod record;
 pub mod subjects;

@@ -81,11 +81,13 @@ pub struct HiveOpts {
     pub id: String,
     pub slots: u32,
     pub args: Vec<String>,
+    /// Default: the shared models directory with the demo model.
+    pub models_dir: Option<PathBuf>,
 }
 
 impl Default for HiveOpts {
     fn default() -> Self {
-        Self { id: unique("hive"), slots: 1, args: vec![] }
+        Self { id: unique("hive"), slots: 1, args: vec![], models_dir: None }
     }
 }
 
@@ -113,7 +115,7 @@ impl Hive {
             .arg("--slots")
             .arg(opts.slots.to_string())
             .arg("--models-dir")
-            .arg(models_dir())
+            .arg(opts.models_dir.clone().unwrap_or_else(models_dir))
             .arg("--worker-bin")
             .arg(bin("rbee-worker"))
             .args(&opts.args)

@@ -9,7 +9,9 @@
 mod cli;
 mod engine;
 mod faults;
+mod fleet;
 mod harness;
+mod hub;
 mod infer;
 mod jobs;
 mod python;

@@ -19,9 +19,9 @@
 //!   continues the text; after `max_attempts` it is dead: `WORKER_CRASHED`,
 //!   and its original message goes to `RBEE_DEAD` for `rbee jobs retry`.
 
-mod claim;
-mod place;
-mod run;
+pub(crate) mod claim;
+pub(crate) mod place;
+pub(crate) mod run;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +57,8 @@ pub struct JobCtx {
     pub running: Arc<Running>,
     /// The hive's memory budget for workers, bytes; 0 = none.
     pub memory_limit: u64,
+    /// Where and how models are downloaded.
+    pub downloader: crate::models::Downloader,
     pub ack_wait: Duration,
     pub max_attempts: u32,
     /// First retry delay; doubled per attempt, at most 30 s.
@@ -117,7 +119,7 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, lane: Lane, slot:
     // Placement comes before the record: a job left for another hive must
     // reach it untouched.
     let prepared = match prepared {
-        Ok(p) => match place::place(&ctx, &p).await {
+        Ok(p) => match place::place(&ctx, &p.model, place::Mode::Job).await {
             place::Decision::Go(entry) => Ok((p, entry)),
             place::Decision::Defer { delay, why } => {
                 tracing::debug!(%why, "leaving the job for another hive");
@@ -137,7 +139,7 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, lane: Lane, slot:
 
 /// Reads the job id, reply subject and encoding without trusting the body.
 /// `None` when there is nowhere to answer (the message is terminated).
-fn envelope(msg: &jetstream::Message, lane: Lane) -> Option<(Envelope, JobProbe, Option<String>)> {
+pub(crate) fn envelope(msg: &jetstream::Message, lane: Lane) -> Option<(Envelope, JobProbe, Option<String>)> {
     let (stream_seq, received_ms, queued_ms) = match msg.info() {
         Ok(i) => {
             let received = (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;

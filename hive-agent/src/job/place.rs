@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use rbee_schemas::error::{ErrorCode, JobError};
 
-use super::{JobCtx, Prepared};
+use rbee_schemas::model::ModelRef;
+
+use super::JobCtx;
 use crate::catalog::ModelEntry;
 use crate::fleet::Placement;
 use crate::system::{human, model_memory};
@@ -24,6 +26,17 @@ use crate::system::{human, model_memory};
 const LEAVE_FOR_WARM: Duration = Duration::from_millis(250);
 const LEAVE_FOR_MEMORY: Duration = Duration::from_secs(1);
 
+/// What is being placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// An inference job: may be left for another hive; cold starts need the lease.
+    Job,
+    /// `worker.spawn` sent to `any`: may be left for a hive that has the model or the memory.
+    SpawnAny,
+    /// `worker.spawn` sent to this hive: here or not at all.
+    SpawnHere,
+}
+
 #[derive(Debug)]
 pub enum Decision {
     Go(ModelEntry),
@@ -31,17 +44,18 @@ pub enum Decision {
     Fail(JobError),
 }
 
-pub async fn place(ctx: &JobCtx, p: &Prepared) -> Decision {
+pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
+    let wanted = model.to_string();
+    let may_defer = mode != Mode::SpawnHere;
     let catalog = ctx.catalog.clone();
     let hive = ctx.hive_id.clone();
-    let model = p.model.clone();
+    let model = model.clone();
     let entry = match tokio::task::spawn_blocking(move || catalog.resolve(&model, &hive)).await {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {
-            let wanted = p.model.to_string();
             let elsewhere = ctx.fleet.others().into_iter().find(|h| h.models.iter().any(|m| m.present && (m.key == wanted || m.source == wanted)));
             return match elsewhere {
-                Some(h) if matches!(e.code, ErrorCode::UnknownModel | ErrorCode::ModelSourceUnreachable) => {
+                Some(h) if may_defer && matches!(e.code, ErrorCode::UnknownModel | ErrorCode::ModelSourceUnreachable) => {
                     Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {} has {wanted}", h.hive_id) }
                 }
                 _ => Decision::Fail(e),
@@ -57,7 +71,7 @@ pub async fn place(ctx: &JobCtx, p: &Prepared) -> Decision {
     let by_limit = if ctx.memory_limit > 0 { ctx.memory_limit.saturating_sub(ctx.pool.memory_used()) } else { u64::MAX };
     let here = if free > 0 { free.min(by_limit) } else { by_limit };
     if need > here {
-        let fits = ctx.fleet.others().into_iter().find(|h| h.memory_available() >= need);
+        let fits = ctx.fleet.others().into_iter().filter(|_| may_defer).find(|h| h.memory_available() >= need);
         return match fits {
             Some(h) => Decision::Defer { delay: LEAVE_FOR_MEMORY, why: format!("{} needs {} and fits hive {}", entry.key, human(need), h.hive_id) },
             None => Decision::Fail(JobError::new(
@@ -73,6 +87,10 @@ pub async fn place(ctx: &JobCtx, p: &Prepared) -> Decision {
                 ),
             )),
         };
+    }
+    if mode != Mode::Job {
+        // An explicit spawn starts a worker whoever holds the lease.
+        return Decision::Go(entry);
     }
     match ctx.fleet.place(&entry.key).await {
         Ok(Placement::Here) => Decision::Go(entry),

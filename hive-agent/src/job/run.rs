@@ -318,7 +318,7 @@ impl Run<'_> {
     }
 
     /// Ends a job: terminal record first (with its event), then the event, then `ack`.
-    async fn end(&self, sink: &mut EventSink, rec: JobRecord, state: JobState, body: EventBody, ack: AckKind) {
+    pub(crate) async fn end(&self, sink: &mut EventSink, rec: JobRecord, state: JobState, body: EventBody, ack: AckKind) {
         self.end_inner(sink, rec, state, body).await;
         if let Err(e) = self.msg.ack_with(ack).await {
             tracing::error!(error = %e, "acknowledging the ended job failed");

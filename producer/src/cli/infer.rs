@@ -117,9 +117,8 @@ fn request(args: &InferArgs) -> anyhow::Result<InferRequest> {
 pub async fn run(nats_url: Option<String>, home: &Path, args: InferArgs) -> anyhow::Result<ExitCode> {
     let req = request(&args)?;
     let (client, mut embedded) = connect_or_embed(nats_url, home, args.verbose).await?;
-    if client.hives().await?.is_empty() {
-        return Err(ClientError::NoHive.into());
-    }
+    // Refuses when no hive is attached, or none speaks this protocol version.
+    client.compatible_hives().await?;
     let opts = SubmitOptions {
         job_id: Some(args.id.clone().unwrap_or_else(crate::new_job_id)),
         encoding: if args.msgpack { Encoding::Msgpack } else { Encoding::Json },

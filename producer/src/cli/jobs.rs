@@ -183,20 +183,7 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
     if hives.is_empty() {
         println!("no hive is attached");
     } else {
-        let rows: Vec<Vec<String>> = hives
-            .iter()
-            .map(|h| {
-                vec![
-                    h.hive_id.clone(),
-                    h.version.clone(),
-                    format!("{}/{}", h.busy, h.slots),
-                    h.backends.join(","),
-                    h.workers.iter().map(|w| format!("{}({})", w.model, w.state)).collect::<Vec<_>>().join(" "),
-                    age(h.started_at_ms),
-                ]
-            })
-            .collect();
-        println!("{}", table(&["HIVE", "VERSION", "BUSY", "BACKENDS", "WORKERS", "UP"], &rows));
+        println!("{}", table(&super::fleet::HIVE_HEADER, &super::fleet::hive_rows(&hives)));
     }
     println!();
     if depth.is_empty() {

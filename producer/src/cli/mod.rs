@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 the job or command failed (its code and message
 //! on stderr), 2 usage errors, 130 interrupted.
 
+mod fleet;
 mod infer;
 mod jobs;
 mod render;
@@ -17,6 +18,7 @@ use crate::local::{self, Embedded};
 use crate::Client;
 
 pub use infer::InferArgs;
+pub use fleet::{HivesCommand, ModelsCommand, WorkersCommand};
 pub use jobs::JobsCommand;
 
 /// rbee: LLM inference over NATS.
@@ -41,6 +43,26 @@ pub enum Command {
     /// Look at, follow, cancel and retry jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// List, inspect, download, import and delete models on the hives.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// List, start (pre-warm) and stop workers.
+    #[command(subcommand)]
+    Workers(WorkersCommand),
+    /// The hives attached to the broker.
+    #[command(subcommand)]
+    Hives(HivesCommand),
+    /// Stream a hive's log lines (its own and its workers').
+    Logs {
+        #[arg(long)]
+        hive: String,
+        /// Keep printing new lines.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The fleet at a glance: hives, their workers, and the queue per model.
     Status {
         /// Print JSON instead of a table.
@@ -74,6 +96,22 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Infer(args) => infer::run(cli.nats_url, &home, args).await,
         Command::Jobs(cmd) => match connect_existing(cli.nats_url, &home).await {
             Ok(client) => jobs::run(&client, cmd).await,
+            Err(e) => Err(e),
+        },
+        Command::Models(cmd) => match connect_existing(cli.nats_url, &home).await {
+            Ok(client) => fleet::models(&client, cmd).await,
+            Err(e) => Err(e),
+        },
+        Command::Workers(cmd) => match connect_existing(cli.nats_url, &home).await {
+            Ok(client) => fleet::workers(&client, cmd).await,
+            Err(e) => Err(e),
+        },
+        Command::Hives(cmd) => match connect_existing(cli.nats_url, &home).await {
+            Ok(client) => fleet::hives(&client, cmd).await,
+            Err(e) => Err(e),
+        },
+        Command::Logs { hive, follow, json } => match connect_existing(cli.nats_url, &home).await {
+            Ok(client) => fleet::logs(&client, &hive, follow, json).await,
             Err(e) => Err(e),
         },
         Command::Status { json } => match connect_existing(cli.nats_url, &home).await {

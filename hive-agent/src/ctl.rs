@@ -1,0 +1,323 @@
+//! Lifecycle jobs (`rbee.jobs.ctl.<hive>` and `rbee.jobs.ctl.any`): model
+//! download, import and delete, worker spawn and stop.
+//!
+//! They keep the inference jobs' contract: the job is claimed in its record
+//! first (so a redelivered or resubmitted job is not run twice), progress goes
+//! out as `progress` events, and exactly one terminal event ends it: `done`
+//! with stop reason `completed` and a `result` object, or `error`. The record
+//! is written before the terminal event, the message acked after it. A job
+//! that cannot run as sent is terminated, never redelivered. While one runs
+//! the hive sends in-progress acks; it can be cancelled (`rbee jobs cancel`),
+//! and a hive that drains hands it back (a download resumes where it stopped).
+//!
+//! `worker.spawn` sent to `any` is placed like an inference job: it is left
+//! for a hive that has the model when this one does not, or for one with the
+//! memory when it does not fit here.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use rbee_schemas::ctl::{CtlRequest, ANY_HIVE};
+use rbee_schemas::error::{ErrorCode, JobError};
+use rbee_schemas::event::{Done, EventBody, Progress, StopReason, Timings, Usage};
+use rbee_schemas::model::{HfRef, ModelRef};
+use rbee_schemas::record::JobState;
+use rbee_schemas::subjects::Lane;
+use rbee_schemas::PROTOCOL_VERSION;
+use serde_json::{json, Value};
+
+use crate::catalog::ModelEntry;
+use crate::claimer::SlotGuard;
+use crate::events::EventSink;
+use crate::job::claim::{claim, Claim};
+use crate::job::place::{place, Decision, Mode};
+use crate::job::run::Run;
+use crate::job::{envelope, JobCtx};
+use crate::models::{self, Transfer};
+use crate::pool::StartOptions;
+
+/// How often a running download reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+enum Outcome {
+    Done(Value),
+    Failed(JobError),
+    Cancelled,
+    HandBack,
+}
+
+/// Runs one claimed lifecycle job to its end.
+pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, slot: SlotGuard) {
+    let claimed = Instant::now();
+    let to_any = msg.subject.rsplit('.').next() == Some(ANY_HIVE);
+    let Some((mut env, _probe, encoding_error)) = envelope(&msg, Lane::Interactive) else {
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    };
+    let span = tracing::info_span!("ctl", job_id = %env.job_id);
+    let _enter = span.enter();
+    let mut req = match encoding_error {
+        Some(e) => Err(JobError::invalid(e)),
+        None => decode(&env, &msg.payload),
+    };
+    if let Ok(r) = &req {
+        env.model_key = match r {
+            CtlRequest::ModelDownload { model, .. } | CtlRequest::ModelDelete { model, .. } | CtlRequest::WorkerSpawn { model, .. } => {
+                model.clone()
+            }
+            CtlRequest::ModelImport { alias, .. } => alias.clone(),
+            CtlRequest::WorkerStop { worker, .. } => worker.clone(),
+        };
+    }
+    // A spawn is placed before the record is touched: one left for another
+    // hive must reach it untouched.
+    let mut spawn_entry = None;
+    if let Ok(CtlRequest::WorkerSpawn { model, .. }) = &req {
+        let mode = if to_any { Mode::SpawnAny } else { Mode::SpawnHere };
+        match ModelRef::parse(model) {
+            Ok(m) => match place(&ctx, &m, mode).await {
+                Decision::Go(entry) => spawn_entry = Some(entry),
+                Decision::Defer { delay, why } => {
+                    tracing::debug!(%why, "leaving the spawn for another hive");
+                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                    return;
+                }
+                Decision::Fail(e) => req = Err(e),
+            },
+            Err(e) => req = Err(JobError::invalid(e.to_string())),
+        }
+    }
+    let registration = ctx.running.register(&env.job_id);
+    let claimed_record = claim(&ctx, &env, None).await;
+    let run = Run { ctx: &ctx, msg: &msg, env: &env, claimed, cancel: registration.cancelled.clone() };
+    let Claim::Run { next_seq, record, .. } = claimed_record else {
+        // Ended before, duplicate, cancelled while waiting, records unavailable:
+        // handled as for any job.
+        return run.go(claimed_record, Err(JobError::internal("not run")), slot).await;
+    };
+    let mut sink = EventSink::new(ctx.client.clone(), &env.reply_to, &env.job_id, env.encoding, next_seq);
+    let outcome = match req {
+        Err(e) => Outcome::Failed(e),
+        Ok(req) => {
+            tracing::info!(op = req.op(), "lifecycle job");
+            let op = execute(&ctx, req, spawn_entry, &mut sink);
+            tokio::pin!(op);
+            let mut progress = tokio::time::interval(ctx.ack_wait / 3);
+            progress.tick().await;
+            loop {
+                tokio::select! {
+                    r = &mut op => break r,
+                    _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+                    _ = run.cancel.cancelled() => break Outcome::Cancelled,
+                    _ = ctx.hand_back.cancelled() => break Outcome::HandBack,
+                }
+            }
+        }
+    };
+    let timings = Timings { queued_ms: env.queued_ms, ..Timings::default() };
+    match outcome {
+        Outcome::Done(result) => {
+            let done = Done { timings, ..Done::completed(result) };
+            run.end(&mut sink, record, JobState::Done, EventBody::Done(done), AckKind::Ack).await;
+        }
+        Outcome::Failed(e) => {
+            tracing::info!(code = %e.code, message = %e.message, "lifecycle job failed");
+            run.end(&mut sink, record, JobState::Failed, e.into(), AckKind::Term).await;
+        }
+        Outcome::Cancelled => {
+            let done = Done::generation(StopReason::Cancelled, Usage::default(), timings, 0);
+            run.end(&mut sink, record, JobState::Cancelled, EventBody::Done(done), AckKind::Term).await;
+        }
+        Outcome::HandBack => {
+            sink.flush().await;
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
+    drop(slot);
+}
+
+fn decode(env: &crate::job::Envelope, payload: &[u8]) -> Result<CtlRequest, JobError> {
+    let req: CtlRequest = env.encoding.decode(payload).map_err(|e| JobError::invalid(format!("invalid lifecycle job body: {e}")))?;
+    let v = req.version();
+    if v != PROTOCOL_VERSION {
+        return Err(JobError::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "the job speaks rbee protocol v{v}; this hive (rbee {}) speaks v{PROTOCOL_VERSION}. \
+                 Upgrade the older side so both speak the same protocol",
+                rbee_schemas::RBEE_VERSION
+            ),
+        ));
+    }
+    req.validate()?;
+    Ok(req)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, JobError> + Send + 'static) -> Result<T, JobError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| JobError::internal(e.to_string()))?
+}
+
+fn summary(hive: &str, e: &ModelEntry) -> Value {
+    json!({
+        "hive": hive,
+        "model": e.key,
+        "source": e.source,
+        "path": e.path,
+        "format": e.format,
+        "architecture": e.architecture,
+        "quantization": e.quantization,
+        "size": e.size,
+        "sha256": e.sha256,
+    })
+}
+
+async fn progress(sink: &mut EventSink, stage: &str, done: u64, total: u64, rate: f64, message: Option<String>) {
+    let _ = sink.emit(EventBody::Progress(Progress { stage: stage.to_owned(), done, total, rate, message })).await;
+}
+
+async fn execute(ctx: &JobCtx, req: CtlRequest, spawn_entry: Option<ModelEntry>, sink: &mut EventSink) -> Outcome {
+    let r = match req {
+        CtlRequest::ModelDownload { model, alias, .. } => download(ctx, &model, alias, sink).await,
+        CtlRequest::ModelImport { path, alias, .. } => import(ctx, path, alias).await,
+        CtlRequest::ModelDelete { model, force, .. } => delete(ctx, &model, force).await,
+        CtlRequest::WorkerSpawn { backend, device, keep_alive_ms, .. } => match spawn_entry {
+            Some(entry) => spawn(ctx, entry, StartOptions { backend, device, keep_alive_ms }, sink).await,
+            None => Err(JobError::internal("spawn without a placed model")),
+        },
+        CtlRequest::WorkerStop { worker, .. } => ctx
+            .pool
+            .stop(&worker)
+            .await
+            .map(|w| json!({ "hive": ctx.hive_id, "worker": w.proc.id, "model": w.model, "stopped": true })),
+    };
+    match r {
+        Ok(v) => Outcome::Done(v),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut EventSink) -> Result<Value, JobError> {
+    let reference = ModelRef::parse(model).map_err(|e| JobError::invalid(e.to_string()))?;
+    let (hf, known) = models::download_target(&reference)?;
+    let key = alias.or_else(|| known.map(|k| k.alias.to_owned())).unwrap_or_else(|| reference.to_string());
+    // Already here (a known model found on disk is registered by resolve)?
+    let (catalog, k, m) = (ctx.catalog.clone(), key.clone(), reference.clone());
+    let hive = ctx.hive_id.clone();
+    let existing = blocking(move || match catalog.find(&k)? {
+        Some(e) if e.path.is_file() => Ok(Some(e)),
+        _ if matches!(m, ModelRef::Alias(_)) || known_file_on_disk(&catalog, &m) => catalog.resolve(&m, &hive).map(Some).or(Ok(None)),
+        _ => Ok(None),
+    })
+    .await?;
+    if let Some(e) = existing {
+        let mut v = summary(&ctx.hive_id, &e);
+        v["already_present"] = json!(true);
+        return Ok(v);
+    }
+
+    let transfer = Transfer::default();
+    let fetch = ctx.downloader.fetch(&hf, &transfer);
+    tokio::pin!(fetch);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let started = Instant::now();
+    let mut last = (Instant::now(), 0u64);
+    let (path, size, sha, file) = loop {
+        tokio::select! {
+            r = &mut fetch => break r?,
+            _ = tick.tick() => {
+                let (done, total) = (transfer.done.load(Ordering::Relaxed), transfer.total.load(Ordering::Relaxed));
+                if total > 0 && done != last.1 {
+                    let rate = (done.saturating_sub(last.1)) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
+                    last = (Instant::now(), done);
+                    progress(sink, "download", done, total, rate, None).await;
+                }
+            }
+        }
+    };
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    progress(sink, "download", size, size, transfer.done.load(Ordering::Relaxed) as f64 / secs, Some("verified".to_owned())).await;
+    if let Some(k) = known {
+        if sha != k.sha256 {
+            let _ = std::fs::remove_file(&path);
+            return Err(JobError::new(
+                ErrorCode::ModelVerificationFailed,
+                format!("the download of {} has sha256 {sha}, rbee expects {}; it was deleted", k.alias, k.sha256),
+            ));
+        }
+    }
+    let source = ModelRef::Hf(HfRef { file: Some(file), ..hf.clone() }).to_string();
+    let catalog = ctx.catalog.clone();
+    let entry = blocking(move || models::register_download(&catalog, &key, &source, path, size, sha)).await?;
+    tracing::info!(model = %entry.key, size = entry.size, "model downloaded and registered");
+    let mut v = summary(&ctx.hive_id, &entry);
+    v["already_present"] = json!(false);
+    Ok(v)
+}
+
+fn known_file_on_disk(catalog: &crate::catalog::Catalog, m: &ModelRef) -> bool {
+    let s = m.to_string();
+    crate::catalog::KNOWN_MODELS
+        .iter()
+        .any(|k| (k.hf == s || k.alias == s) && catalog.models_dir().join(k.alias).join(k.file).is_file())
+}
+
+async fn import(ctx: &JobCtx, path: String, alias: String) -> Result<Value, JobError> {
+    let catalog = ctx.catalog.clone();
+    let hive = ctx.hive_id.clone();
+    let entry = blocking(move || {
+        if let Some(e) = catalog.get(&alias)? {
+            let same = std::fs::canonicalize(&path).is_ok_and(|p| p == e.path);
+            if !same {
+                return Err(JobError::invalid(format!(
+                    "hive {hive} already has a model {alias:?} ({}); delete it first or pick another alias",
+                    e.source
+                )));
+            }
+        }
+        models::import(&catalog, std::path::Path::new(&path), &alias)
+    })
+    .await?;
+    tracing::info!(model = %entry.key, path = %entry.path.display(), "model imported");
+    Ok(summary(&ctx.hive_id, &entry))
+}
+
+async fn delete(ctx: &JobCtx, model: &str, force: bool) -> Result<Value, JobError> {
+    let catalog = ctx.catalog.clone();
+    let m = model.to_owned();
+    let Some(entry) = blocking(move || catalog.find(&m)).await? else {
+        return Err(JobError::new(ErrorCode::UnknownModel, format!("hive {} has no model {model}", ctx.hive_id)));
+    };
+    let users: Vec<String> = ctx.pool.workers().into_iter().filter(|(k, _)| *k == entry.key).map(|(_, w)| w.proc.id.clone()).collect();
+    if !users.is_empty() && !force {
+        return Err(JobError::new(
+            ErrorCode::ModelInUse,
+            format!(
+                "model {} on hive {} is in use by worker {}; stop it first (rbee workers stop ID) or delete with --force",
+                entry.key,
+                ctx.hive_id,
+                users.join(", ")
+            ),
+        ));
+    }
+    if !users.is_empty() {
+        ctx.pool.stop_model(&entry.key).await;
+    }
+    let catalog = ctx.catalog.clone();
+    let e = entry.clone();
+    let file_removed = blocking(move || models::delete(&catalog, &e)).await?;
+    tracing::info!(model = %entry.key, file_removed, "model deleted");
+    Ok(json!({ "hive": ctx.hive_id, "model": entry.key, "file_removed": file_removed, "workers_stopped": users }))
+}
+
+async fn spawn(ctx: &JobCtx, entry: ModelEntry, opts: StartOptions, sink: &mut EventSink) -> Result<Value, JobError> {
+    progress(sink, "load", 0, entry.size, 0.0, Some(format!("starting a worker for {} on hive {}", entry.key, ctx.hive_id))).await;
+    let started = Instant::now();
+    let (worker, fresh) = ctx.pool.spawn(&entry, opts).await?;
+    progress(sink, "load", entry.size, entry.size, 0.0, Some("ready".to_owned())).await;
+    let mut v = serde_json::to_value(worker.info(&ctx.hive_id)).map_err(|e| JobError::internal(e.to_string()))?;
+    v["started"] = json!(fresh);
+    v["load_ms"] = json!(started.elapsed().as_secs_f64() * 1e3);
+    Ok(v)
+}

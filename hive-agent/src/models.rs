@@ -1,0 +1,294 @@
+//! Getting models into the catalog and out of it: downloads from the Hugging
+//! Face hub (hf-hub), imports of local GGUF files, deletes.
+//!
+//! Downloads go into `<models dir>/hf`, hf-hub's cache layout
+//! (`models--org--repo/blobs/<etag>`, `snapshots/<commit>/<file>`). hf-hub
+//! downloads in 10 MB chunks into `<blob>.sync.part` and records how far it
+//! got, so an interrupted download resumes where it stopped: this module
+//! retries a download that made progress (a dropped connection) a few times,
+//! and a later `model.download` of the same file resumes too. Before a model
+//! is registered its size is checked against the hub's and its sha256 against
+//! the hub's LFS etag (and against the known hash of a known model); a file
+//! that fails is deleted and never registered. A `.sync.part` file is never
+//! registered: only a completed, verified blob is.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hf_hub::api::tokio::{ApiBuilder, ApiError, Progress as HubProgress};
+use hf_hub::{Repo, RepoType};
+use rbee_schemas::error::{ErrorCode, JobError};
+use rbee_schemas::model::{HfRef, ModelRef};
+
+use crate::catalog::{now_ms, sha256_file, Catalog, ModelEntry, KNOWN_MODELS};
+
+/// Where and how this hive downloads.
+#[derive(Debug, Clone)]
+pub struct Downloader {
+    /// The hub, e.g. `https://huggingface.co` (`HF_ENDPOINT`).
+    pub endpoint: String,
+    /// `<models dir>/hf`.
+    pub cache_dir: PathBuf,
+    /// `HF_TOKEN`, for gated and private repos.
+    pub token: Option<String>,
+    /// Tries per download; each resumes the previous one.
+    pub attempts: u32,
+}
+
+/// Bytes done and in all, shared between hf-hub's progress callbacks and the job.
+#[derive(Debug, Clone, Default)]
+pub struct Transfer {
+    pub done: Arc<AtomicU64>,
+    pub total: Arc<AtomicU64>,
+}
+
+impl HubProgress for Transfer {
+    async fn init(&mut self, size: usize, _filename: &str) {
+        self.total.store(size as u64, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+
+    async fn update(&mut self, size: usize) {
+        self.done.fetch_add(size as u64, Ordering::Relaxed);
+    }
+
+    async fn finish(&mut self) {}
+}
+
+fn unreachable_hint(endpoint: &str, what: &str) -> String {
+    format!(
+        "cannot reach the Hugging Face hub at {endpoint} ({what}). If this machine is offline, copy the GGUF file \
+         here and register it with: rbee models import PATH --alias NAME --hive HIVE"
+    )
+}
+
+/// The catalog key and hub reference a download request names.
+pub fn download_target(model: &ModelRef) -> Result<(HfRef, Option<&'static crate::catalog::KnownModel>), JobError> {
+    match model {
+        ModelRef::Hf(h) => Ok((h.clone(), KNOWN_MODELS.iter().find(|k| k.hf == model.to_string()))),
+        ModelRef::Alias(a) => {
+            let k = KNOWN_MODELS.iter().find(|k| k.alias == a).ok_or_else(|| {
+                JobError::new(
+                    ErrorCode::UnknownModel,
+                    format!("{a:?} is not a model rbee knows how to download; name it as hf:org/repo[@revision][:file.gguf]"),
+                )
+            })?;
+            match ModelRef::parse(k.hf) {
+                Ok(ModelRef::Hf(h)) => Ok((h, Some(k))),
+                _ => Err(JobError::internal(format!("known model {} has a bad reference", k.alias))),
+            }
+        }
+    }
+}
+
+impl Downloader {
+    fn api(&self) -> Result<hf_hub::api::tokio::Api, JobError> {
+        ApiBuilder::new()
+            .with_endpoint(self.endpoint.clone())
+            .with_cache_dir(self.cache_dir.clone())
+            .with_token(self.token.clone())
+            .with_progress(false)
+            .build()
+            .map_err(|e| JobError::internal(format!("hf-hub client: {e}")))
+    }
+
+    fn map_error(&self, e: ApiError, hf: &HfRef, file: &str) -> JobError {
+        let rev = hf.revision.as_deref().unwrap_or("main");
+        match e {
+            ApiError::RequestError(r) => match r.status().map(|s| s.as_u16()) {
+                Some(404) => JobError::new(
+                    ErrorCode::UnknownModel,
+                    format!("the hub at {} has no file {file} in {}@{rev}", self.endpoint, hf.repo),
+                ),
+                Some(401 | 403) => JobError::new(
+                    ErrorCode::ModelSourceUnreachable,
+                    format!("the hub refused {}@{rev}/{file}: a gated or private repo; accept its terms and set HF_TOKEN for the hive", hf.repo),
+                ),
+                Some(s) => JobError::new(ErrorCode::ModelSourceUnreachable, unreachable_hint(&self.endpoint, &format!("HTTP {s}"))),
+                None => JobError::new(ErrorCode::ModelSourceUnreachable, unreachable_hint(&self.endpoint, &error_chain(&r))),
+            },
+            ApiError::TooManyRetries(inner) => self.map_error(*inner, hf, file),
+            ApiError::LockAcquisition(p) => JobError::new(
+                ErrorCode::Internal,
+                format!("another download of {} is running (lock {}); wait for it", file, p.display()),
+            ),
+            ApiError::IoError(io) => JobError::internal(format!("writing the download under {}: {io}", self.cache_dir.display())),
+            other => JobError::new(ErrorCode::ModelSourceUnreachable, format!("download from {} failed: {other}", self.endpoint)),
+        }
+    }
+
+    /// Picks the file of a reference without one: the repo's only GGUF file.
+    async fn pick_file(&self, hf: &HfRef) -> Result<String, JobError> {
+        if let Some(f) = &hf.file {
+            return Ok(f.clone());
+        }
+        let api = self.api()?;
+        let repo = Repo::with_revision(hf.repo.clone(), RepoType::Model, hf.revision.clone().unwrap_or_else(|| "main".to_owned()));
+        let info = api.repo(repo).info().await.map_err(|e| self.map_error(e, hf, "(repo listing)"))?;
+        let ggufs: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).filter(|f| f.ends_with(".gguf")).collect();
+        match ggufs.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(JobError::new(ErrorCode::UnknownModel, format!("hf:{} has no GGUF file; rbee runs GGUF models", hf.repo))),
+            many => Err(JobError::invalid(format!(
+                "hf:{} has {} GGUF files; name one: {}",
+                hf.repo,
+                many.len(),
+                many.iter().map(|f| format!("hf:{}:{f}", hf.repo)).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// Downloads (resuming) and verifies one file; returns its blob path, size and sha256.
+    pub async fn fetch(&self, hf: &HfRef, transfer: &Transfer) -> Result<(PathBuf, u64, String, String), JobError> {
+        let file = self.pick_file(hf).await?;
+        let api = self.api()?;
+        let repo = Repo::with_revision(hf.repo.clone(), RepoType::Model, hf.revision.clone().unwrap_or_else(|| "main".to_owned()));
+        let repo = api.repo(repo);
+        let mut attempt = 0;
+        let pointer = loop {
+            attempt += 1;
+            let before = transfer.done.load(Ordering::Relaxed);
+            match repo.download_with_progress(&file, transfer.clone()).await {
+                Ok(p) => break p,
+                Err(e) => {
+                    let progressed = transfer.done.load(Ordering::Relaxed) > before;
+                    let transient = matches!(&e, ApiError::RequestError(r) if r.status().is_none())
+                        || matches!(&e, ApiError::TooManyRetries(_) | ApiError::IoError(_));
+                    if attempt >= self.attempts || !(progressed && transient) {
+                        return Err(self.map_error(e, hf, &file));
+                    }
+                    tracing::warn!(error = %e, attempt, "download interrupted; resuming");
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+            }
+        };
+        let blob = std::fs::canonicalize(&pointer).map_err(|e| JobError::internal(format!("{}: {e}", pointer.display())))?;
+        let etag = blob.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let size = std::fs::metadata(&blob).map(|m| m.len()).unwrap_or(0);
+        let expected = transfer.total.load(Ordering::Relaxed);
+        let b = blob.clone();
+        let sha = tokio::task::spawn_blocking(move || sha256_file(&b))
+            .await
+            .map_err(|e| JobError::internal(e.to_string()))?
+            .map_err(|e| JobError::internal(format!("hashing {}: {e}", blob.display())))?;
+        // LFS files have their sha256 as etag; small git files a sha1, not checked here.
+        let hub_sha = (etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit())).then(|| etag.to_ascii_lowercase());
+        let bad = if expected > 0 && size != expected {
+            Some(format!("it has {size} bytes, the hub said {expected}"))
+        } else if hub_sha.as_ref().is_some_and(|h| *h != sha) {
+            Some(format!("its sha256 is {sha}, the hub said {}", hub_sha.unwrap_or_default()))
+        } else {
+            None
+        };
+        if let Some(why) = bad {
+            let _ = std::fs::remove_file(&pointer);
+            let _ = std::fs::remove_file(&blob);
+            return Err(JobError::new(
+                ErrorCode::ModelVerificationFailed,
+                format!("the download of {file} from hf:{} failed verification ({why}); it was deleted. Try again", hf.repo),
+            ));
+        }
+        Ok((pointer, size, sha, file))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// What a GGUF file says it is: architecture and dominant weight type.
+pub fn inspect_gguf(path: &Path) -> Result<(String, String), String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .map_err(|e| format!("{} is not a GGUF file rbee can read: {e}", path.display()))?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok().cloned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let mut by_type: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for t in content.tensor_infos.values() {
+        let n = t.shape.elem_count() as u64;
+        *by_type.entry(format!("{:?}", t.ggml_dtype).to_ascii_lowercase()).or_default() += n;
+    }
+    let quant = by_type.into_iter().max_by_key(|(_, n)| *n).map(|(t, _)| t).unwrap_or_else(|| "unknown".to_owned());
+    Ok((arch, quant))
+}
+
+/// Registers a local file: used in place, never moved or deleted by rbee.
+pub fn import(catalog: &Catalog, path: &Path, alias: &str) -> Result<ModelEntry, JobError> {
+    let path = std::fs::canonicalize(path).map_err(|e| {
+        JobError::invalid(format!("{}: {e} (the path is read on the hive's machine)", path.display()))
+    })?;
+    if !path.is_file() {
+        return Err(JobError::invalid(format!("{} is not a file", path.display())));
+    }
+    let (architecture, quantization) = inspect_gguf(&path).map_err(|e| JobError::new(ErrorCode::ModelLoadFailed, e))?;
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let sha256 = sha256_file(&path).map_err(|e| JobError::internal(format!("hashing {}: {e}", path.display())))?;
+    let now = now_ms();
+    let entry = ModelEntry {
+        key: alias.to_owned(),
+        source: format!("file:{}", path.display()),
+        path,
+        format: "gguf".to_owned(),
+        architecture,
+        quantization,
+        size,
+        sha256,
+        added_at_ms: now,
+        last_used_ms: 0,
+    };
+    catalog.put(&entry)?;
+    Ok(entry)
+}
+
+/// Registers a downloaded, verified file.
+pub fn register_download(
+    catalog: &Catalog,
+    key: &str,
+    source: &str,
+    path: PathBuf,
+    size: u64,
+    sha256: String,
+) -> Result<ModelEntry, JobError> {
+    let (architecture, quantization) = inspect_gguf(&path).map_err(|e| JobError::new(ErrorCode::ModelLoadFailed, e))?;
+    let now = now_ms();
+    let entry = ModelEntry {
+        key: key.to_owned(),
+        source: source.to_owned(),
+        path,
+        format: "gguf".to_owned(),
+        architecture,
+        quantization,
+        size,
+        sha256,
+        added_at_ms: now,
+        last_used_ms: 0,
+    };
+    catalog.put(&entry)?;
+    Ok(entry)
+}
+
+/// Removes a catalog entry, and its file when this module downloaded it
+/// (under `<models dir>/hf`); imported files and files fetched by other means
+/// are left where they are.
+pub fn delete(catalog: &Catalog, entry: &ModelEntry) -> Result<bool, JobError> {
+    catalog.remove(&entry.key)?;
+    if !entry.path.starts_with(catalog.models_dir().join("hf")) {
+        return Ok(false);
+    }
+    // A downloaded file is a snapshot link to a blob: remove both.
+    let removed = std::fs::canonicalize(&entry.path).is_ok_and(|blob| std::fs::remove_file(blob).is_ok());
+    let _ = std::fs::remove_file(&entry.path);
+    Ok(removed)
+}

@@ -1,0 +1,442 @@
+//! The fleet over the bus: several hive processes on one broker, lifecycle
+//! jobs (downloads against a local hub in the Hugging Face layout, imports,
+//! deletes, worker spawn/stop), keep-alive, placement, memory preflight,
+//! drains and kills, version refusal, logs.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rbee_schemas::ctl::CtlRequest;
+use rbee_schemas::error::ErrorCode;
+use rbee_schemas::event::{Event, EventBody, StopReason};
+use rbee_schemas::hive::{HiveInfo, WorkerInfo};
+use rbee_schemas::job::InferRequest;
+use rbee_schemas::subjects;
+use rustix::process::Signal;
+
+use crate::harness::*;
+use crate::hub::{Hub, HubFile};
+
+const DEMO_SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Runs the `rbee` CLI against `url`.
+async fn cli(url: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--nats-url".to_owned(), url.to_owned()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_path_buf();
+    tokio::task::spawn_blocking(move || Command::new(bin("rbee")).args(&all).env("RBEE_HOME", h).output().expect("run rbee"))
+        .await
+        .unwrap()
+}
+
+fn ok_json(out: &Output) -> serde_json::Value {
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("JSON on stdout ({e}): {stdout}"))
+}
+
+async fn ctl(client: &rbee::Client, hive: Option<&str>, req: CtlRequest) -> Vec<Event> {
+    let mut job = client.submit_ctl(hive, &req, None).await.expect("submit lifecycle job");
+    let events = collect(&mut job).await;
+    assert_well_formed(&events);
+    events
+}
+
+fn result(events: &[Event]) -> serde_json::Value {
+    match &events.last().expect("events").body {
+        EventBody::Done(d) => {
+            assert_eq!(d.stop_reason, StopReason::Completed);
+            d.result.clone().expect("a result")
+        }
+        other => panic!("expected done, got {other:?} in {events:?}"),
+    }
+}
+
+fn error(events: &[Event]) -> (ErrorCode, String) {
+    match &events.last().expect("events").body {
+        EventBody::Error(e) => (e.code, e.message.clone()),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+async fn hive_info(client: &rbee::Client, id: &str) -> HiveInfo {
+    client.hives().await.unwrap().into_iter().find(|h| h.hive_id == id).expect("hive heartbeats")
+}
+
+async fn workers_of(client: &rbee::Client, hive: &str) -> Vec<WorkerInfo> {
+    client.workers().await.unwrap().into_iter().filter(|w| w.hive == hive).collect()
+}
+
+/// Waits (at most 10 s: two heartbeats) until the hive's heartbeat satisfies `f`.
+async fn until_heartbeat(client: &rbee::Client, id: &str, what: &str, f: impl Fn(&HiveInfo) -> bool) -> HiveInfo {
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    loop {
+        let h = hive_info(client, id).await;
+        if f(&h) {
+            return h;
+        }
+        assert!(std::time::Instant::now() < deadline, "hive {id}: {what}; last heartbeat: {h:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn started(events: &[Event]) -> Vec<rbee_schemas::event::Started> {
+    events.iter().filter_map(|e| match &e.body { EventBody::Started(s) => Some(s.clone()), _ => None }).collect()
+}
+
+async fn infer(client: &rbee::Client, model: &str, req: InferRequest) -> Vec<Event> {
+    let mut job = client.submit(model, req, Default::default()).await.expect("submit");
+    let events = collect(&mut job).await;
+    assert_well_formed(&events);
+    events
+}
+
+fn short(max_tokens: i64) -> InferRequest {
+    InferRequest { prompt: Some("Hi".into()), max_tokens: Some(max_tokens), temperature: Some(0.0), ..Default::default() }
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.filter_map(Result::ok) {
+        let p = e.path();
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.is_dir() {
+            out.extend(files_under(&p));
+        } else if meta.is_file() {
+            out.push((p, meta.len()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_resumes_after_an_interruption_is_verified_registered_and_runs() {
+    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
+    let size = demo.len() as u64;
+    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    // Hang up in the 4th 10 MB chunk: the first three are kept.
+    hub.interrupt_at(35_000_000);
+    let broker = Broker::start();
+    let models = tempfile::tempdir().unwrap();
+    let hive = Hive::start(
+        &broker.url(),
+        HiveOpts { args: vec!["--hf-endpoint".into(), hub.url.clone()], models_dir: Some(models.path().to_path_buf()), ..HiveOpts::default() },
+    )
+    .await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+
+    // Whichever hive takes it (the only one); the file is named by the hub listing.
+    let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/SmolLM2-GGUF".into(), alias: Some("tiny".into()) };
+    let events = ctl(&client, None, req).await;
+    let r = result(&events);
+    assert_eq!(r["model"], "tiny");
+    assert_eq!(r["hive"], hive.id.as_str());
+    assert_eq!(r["sha256"], DEMO_SHA);
+    assert_eq!(r["size"], size);
+    assert_eq!(r["architecture"], "llama");
+    assert_eq!(r["quantization"], "q4_1");
+    assert_eq!(r["source"], "hf:rbee-test/SmolLM2-GGUF:smollm2.Q4_1.gguf");
+
+    // It resumed at the last whole chunk instead of starting over.
+    let starts = hub.range_starts("smollm2.Q4_1.gguf");
+    assert_eq!(starts.iter().filter(|s| **s == 0).count(), 1, "downloaded from the start once: {starts:?}");
+    assert_eq!(starts.iter().filter(|s| **s == 30_000_000).count(), 2, "the cut chunk was asked for again: {starts:?}");
+    // (hf-hub 0.4.3 lets the chunk tasks of the failed attempt run on, so
+    // some later chunks arrive twice; never the whole file.)
+    assert!(hub.body_bytes() < 2 * size, "not downloaded twice: {} of {size}", hub.body_bytes());
+
+    // Progress events carried bytes done and in all, rising to the size.
+    let progress: Vec<_> = events.iter().filter_map(|e| match &e.body { EventBody::Progress(p) => Some(p.clone()), _ => None }).collect();
+    assert!(!progress.is_empty(), "progress events");
+    assert!(progress.iter().all(|p| p.stage == "download" && p.total == size && p.done <= size), "{progress:?}");
+    assert_eq!(progress.last().unwrap().done, size);
+
+    // Registered: listed by the CLI (from the heartbeat), and it runs.
+    until_heartbeat(&client, &hive.id, "lists tiny", |h| h.models.iter().any(|m| m.key == "tiny" && m.present)).await;
+    let listed = ok_json(&cli(&broker.url(), &["models", "list", "--json"]).await);
+    let row = listed.as_array().unwrap().iter().find(|r| r["model"]["key"] == "tiny").expect("tiny listed");
+    assert_eq!(row["hive"], hive.id.as_str());
+    assert_eq!(row["model"]["size"], size);
+    let events = infer(&client, "tiny", short(4)).await;
+    assert!(matches!(events.last().unwrap().body, EventBody::Done(_)), "{events:?}");
+
+    // Downloading it again finds it present and fetches nothing.
+    let served = hub.body_bytes();
+    let again = ok_json(&cli(&broker.url(), &["models", "download", "hf:rbee-test/SmolLM2-GGUF:smollm2.Q4_1.gguf", "--alias", "tiny", "--json"]).await);
+    assert_eq!(again["result"]["already_present"], true);
+    assert_eq!(hub.body_bytes(), served);
+
+    // In use: refused; with --force the worker stops and the downloaded file goes.
+    let refused = cli(&broker.url(), &["models", "delete", "tiny", "--hive", &hive.id]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("MODEL_IN_USE"), "{refused:?}");
+    let deleted = ok_json(&cli(&broker.url(), &["models", "delete", "tiny", "--force", "--json"]).await);
+    assert_eq!(deleted["result"]["file_removed"], true);
+    eventually(Duration::from_secs(10), "the worker stopped", || hive.worker_pids().is_empty()).await;
+    assert!(files_under(&models.path().join("hf")).iter().all(|(_, len)| *len < 1_000_000), "no model file left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_missing_and_unreachable_downloads_fail_clearly_and_register_nothing() {
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let hub = Hub::start(vec![HubFile { repo: "rbee-test/broken".into(), name: "model.gguf".into(), bytes: Arc::new(bytes), corrupt: true }]).await;
+    let broker = Broker::start();
+    let models = tempfile::tempdir().unwrap();
+    let online = Hive::start(
+        &broker.url(),
+        HiveOpts { args: vec!["--hf-endpoint".into(), hub.url.clone()], models_dir: Some(models.path().to_path_buf()), ..HiveOpts::default() },
+    )
+    .await;
+    // Port 9 (discard) is closed here: the hub is unreachable from this hive.
+    let offline = Hive::start(
+        &broker.url(),
+        HiveOpts { args: vec!["--hf-endpoint".into(), "http://127.0.0.1:9".into()], models_dir: Some(models.path().join("offline")), ..HiveOpts::default() },
+    )
+    .await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+
+    let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/broken:model.gguf".into(), alias: Some("broken".into()) };
+    let (code, message) = error(&ctl(&client, Some(&online.id), req).await);
+    assert_eq!(code, ErrorCode::ModelVerificationFailed, "{message}");
+    assert!(message.contains("sha256"), "{message}");
+    assert!(files_under(&models.path().join("hf")).iter().all(|(_, len)| *len < 1_000_000), "the bad file is gone");
+
+    let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/broken:nope.gguf".into(), alias: None };
+    let (code, message) = error(&ctl(&client, Some(&online.id), req).await);
+    assert_eq!(code, ErrorCode::UnknownModel, "{message}");
+
+    let out = cli(&broker.url(), &["models", "download", "hf:rbee-test/broken:model.gguf", "--hive", &offline.id]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("MODEL_SOURCE_UNREACHABLE") && stderr.contains("rbee models import"), "{stderr}");
+
+    // Nothing was registered anywhere.
+    tokio::time::sleep(Duration::from_secs(6)).await; // a heartbeat
+    for h in client.hives().await.unwrap() {
+        assert!(h.models.iter().all(|m| m.key != "broken"), "{:?}", h.models);
+    }
+    // Lifecycle jobs leave no message behind.
+    assert_queue_drains(&broker.client().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_get_spawn_and_stop_across_two_hives() {
+    let broker = Broker::start();
+    let a = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let b = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let url = broker.url();
+    let client = rbee::Client::connect(&url).await.unwrap();
+
+    // Import the demo file on b under a new alias; its GGUF header says what it is.
+    let path = demo_model_path().display().to_string();
+    let imported = ok_json(&cli(&url, &["models", "import", &path, "--alias", "smol-local", "--hive", &b.id, "--json"]).await);
+    assert_eq!(imported["result"]["architecture"], "llama");
+    assert_eq!(imported["result"]["quantization"], "q4_1");
+    assert_eq!(imported["result"]["sha256"], DEMO_SHA);
+    until_heartbeat(&client, &b.id, "lists smol-local", |h| h.models.iter().any(|m| m.key == "smol-local")).await;
+    let got = ok_json(&cli(&url, &["models", "get", "smol-local", "--json"]).await);
+    assert_eq!(got.as_array().unwrap().len(), 1);
+    assert_eq!(got[0]["hive"], b.id.as_str());
+    // Importing without --hive is ambiguous with two hives: a usage error.
+    assert_eq!(cli(&url, &["models", "import", &path, "--alias", "x"]).await.status.code(), Some(2));
+
+    // Spawn one worker per hive; both listed with their hive, pid and state.
+    let wa = ok_json(&cli(&url, &["workers", "spawn", "smollm2-135m", "--hive", &a.id, "--json"]).await);
+    let wb = ok_json(&cli(&url, &["workers", "spawn", "smol-local", "--hive", &b.id, "--json"]).await);
+    assert_eq!(wa["result"]["started"], true);
+    assert_eq!(wa["result"]["state"], "ready");
+    assert_eq!(wb["result"]["hive"], b.id.as_str());
+    let listed = ok_json(&cli(&url, &["workers", "list", "--json"]).await);
+    let ids: BTreeSet<(String, String)> =
+        listed.as_array().unwrap().iter().map(|w| (w["hive"].as_str().unwrap().to_owned(), w["model"].as_str().unwrap().to_owned())).collect();
+    assert!(ids.contains(&(a.id.clone(), "smollm2-135m".to_owned())) && ids.contains(&(b.id.clone(), "smol-local".to_owned())), "{listed}");
+    assert_eq!(a.worker_pids().len(), 1);
+    assert_eq!(b.worker_pids().len(), 1);
+    // Spawning again reuses it.
+    let again = ok_json(&cli(&url, &["workers", "spawn", "smollm2-135m", "--hive", &a.id, "--json"]).await);
+    assert_eq!(again["result"]["started"], false);
+    assert_eq!(a.worker_pids().len(), 1);
+
+    // A job for the pre-warmed model starts warm.
+    let events = infer(&client, "smollm2-135m", short(3)).await;
+    let s = &started(&events)[0];
+    assert_eq!((s.hive.as_str(), s.cold), (a.id.as_str(), false));
+
+    // Stop by id (the CLI finds the hive); unknown ids are refused.
+    let id = wa["result"]["id"].as_str().unwrap().to_owned();
+    let stopped = ok_json(&cli(&url, &["workers", "stop", &id, "--json"]).await);
+    assert_eq!(stopped["result"]["worker"], id.as_str());
+    eventually(Duration::from_secs(10), "a's worker exits", || a.worker_pids().is_empty()).await;
+    assert!(workers_of(&client, &a.id).await.is_empty());
+    let unknown = cli(&url, &["workers", "stop", "no-such-worker"]).await;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("UNKNOWN_WORKER"));
+
+    // The fleet at a glance, and the hives' logs over the bus.
+    let hives = ok_json(&cli(&url, &["hives", "list", "--json"]).await);
+    assert_eq!(hives.as_array().unwrap().len(), 2);
+    for h in hives.as_array().unwrap() {
+        assert_eq!(h["protocol"], rbee_schemas::PROTOCOL_VERSION);
+        assert!(h["ram_total"].as_u64().unwrap() > 0, "{h}");
+    }
+    let status = cli(&url, &["status"]).await;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&a.id) && text.contains(&b.id) && text.contains("RAM"), "{text}");
+    let logs = cli(&url, &["logs", "--hive", &b.id]).await;
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("hive ready"), "{text}");
+    assert!(text.contains("model imported"), "{text}");
+    assert!(text.contains(&format!("{}/{}-w", b.id, b.id)), "worker lines: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_for_an_unserved_model_cold_starts_once_and_warm_workers_share_the_load() {
+    let broker = Broker::start();
+    let a = noop_hive(&broker.url(), 2, "20ms", &[]).await;
+    let b = noop_hive(&broker.url(), 2, "20ms", &[]).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+
+    // 20 jobs at once for a model no worker serves: exactly one worker starts in the fleet.
+    let mut jobs = Vec::new();
+    for _ in 0..20 {
+        jobs.push(client.submit("noop", short(3), Default::default()).await.unwrap());
+    }
+    let mut all = Vec::new();
+    for j in &mut jobs {
+        all.push(collect(j).await);
+    }
+    let starts: Vec<_> = all.iter().flat_map(|e| started(e)).collect();
+    assert_eq!(starts.len(), 20);
+    // One worker started in the fleet; the jobs that waited for it (at most
+    // the slots of its hive) report a cold start, every later one a warm one.
+    let workers: BTreeSet<_> = starts.iter().map(|s| s.worker.clone()).collect();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    let cold = starts.iter().filter(|s| s.cold).count();
+    assert!((1..=2).contains(&cold), "{starts:?}");
+    assert_eq!(a.worker_pids().len() + b.worker_pids().len(), 1);
+
+    // With a warm worker on each hive, jobs spread over both.
+    let other = if a.worker_pids().is_empty() { &a } else { &b };
+    let spawned = ctl(&client, Some(&other.id), CtlRequest::WorkerSpawn { v: 1, model: "noop".into(), backend: None, device: None, keep_alive_ms: None }).await;
+    assert_eq!(result(&spawned)["started"], true);
+    let mut jobs = Vec::new();
+    for _ in 0..20 {
+        jobs.push(client.submit("noop", short(10), Default::default()).await.unwrap());
+    }
+    let mut hives = BTreeSet::new();
+    for j in &mut jobs {
+        let events = collect(j).await;
+        let s = &started(&events)[0];
+        assert!(!s.cold, "{s:?}");
+        hives.insert(s.hive.clone());
+    }
+    assert_eq!(hives.len(), 2, "both hives served: {hives:?}");
+    assert_queue_drains(&broker.client().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_workers_exit_after_their_keep_alive() {
+    let broker = Broker::start();
+    let hive = noop_hive(&broker.url(), 1, "0ms", &["--keep-alive", "1s"]).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let events = infer(&client, "noop", short(2)).await;
+    assert!(started(&events)[0].cold);
+    assert_eq!(hive.worker_pids().len(), 1);
+    eventually(Duration::from_secs(6), "the idle worker exits after 1 s", || hive.worker_pids().is_empty()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !workers_of(&client, &hive.id).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the exited worker leaves the registry");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The next job cold-starts; one that asks for a longer keep-alive keeps its worker.
+    let req = InferRequest { keep_alive_ms: Some(60_000), ..short(2) };
+    let events = infer(&client, "noop", req).await;
+    assert!(started(&events)[0].cold);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hive.worker_pids().len(), 1, "keep_alive_ms of the job wins");
+    let w = &workers_of(&client, &hive.id).await[0];
+    assert_eq!(w.keep_alive_ms, 60_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_too_big_for_every_hive_fails_with_insufficient_memory() {
+    let broker = Broker::start();
+    let _hive = Hive::start(&broker.url(), HiveOpts { args: vec!["--memory-limit".into(), "50MB".into()], ..HiveOpts::default() }).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let events = infer(&client, "smollm2-135m", short(2)).await;
+    let (code, message) = error(&events);
+    assert_eq!(code, ErrorCode::InsufficientMemory);
+    assert!(message.contains("needs about") && message.contains("available") && message.contains("limit"), "{message}");
+    assert!(started(&events).is_empty());
+    assert_queue_drains(&broker.client().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_running_job_and_sigkill_leaves_no_worker() {
+    let broker = Broker::start();
+    let mut hive = noop_hive(&broker.url(), 1, "100ms", &[]).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let mut job = client.submit("noop", short(20), Default::default()).await.unwrap();
+    let mut events = Vec::new();
+    while !events.iter().any(|e: &Event| matches!(e.body, EventBody::Token(_))) {
+        events.push(job.next().await.unwrap().unwrap());
+    }
+    hive.signal(Signal::TERM);
+    events.extend(collect(&mut job).await);
+    assert_well_formed(&events);
+    match &events.last().unwrap().body {
+        EventBody::Done(d) => assert_eq!(d.usage.completion_tokens, 20, "finished during the drain"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(hive.wait(Duration::from_secs(30)), Some(0));
+    eventually(Duration::from_secs(5), "no worker left after the drain", || hive.worker_pids().is_empty()).await;
+
+    // SIGKILL: the hive cannot clean up; its workers notice and exit on their own.
+    let hive = noop_hive(&broker.url(), 1, "0ms", &[]).await;
+    infer(&client, "noop", short(2)).await;
+    let pids = hive.worker_pids();
+    assert_eq!(pids.len(), 1);
+    hive.signal(Signal::KILL);
+    eventually(Duration::from_secs(5), "the worker of a killed hive exits", || processes_with_arg(&format!("{}-w", hive.id)).is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_refuses_an_incompatible_hive_naming_both_versions() {
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    // A hive of a future protocol heartbeats (written as such a hive would).
+    let js = async_nats::jetstream::new(broker.client().await);
+    rbee_broker::ensure(&js, &rbee_broker::Limits::default()).await.unwrap();
+    let kv = js.get_key_value(subjects::HIVES_BUCKET).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let future = serde_json::json!({
+        "v": 2, "hive_id": "future-hive", "version": "9.0.0", "protocol": 2, "hostname": "h", "pid": 1,
+        "started_at_ms": now, "updated_at_ms": now, "slots": 1, "busy": 0,
+    });
+    kv.put("future-hive", serde_json::to_vec(&future).unwrap().into()).await.unwrap();
+
+    let out = cli(&broker.url(), &["models", "list", "--hive", "future-hive"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rbee 9.0.0 (protocol v2)") && stderr.contains(&format!("protocol v{}", rbee_schemas::PROTOCOL_VERSION)), "{stderr}");
+    assert!(stderr.contains("Upgrade"), "{stderr}");
+    let out = cli(&broker.url(), &["infer", "--max-tokens", "2", "hi"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("protocol v2"), "{out:?}");
+
+    // And a hive refuses a lifecycle job of another protocol, naming both.
+    let hive = noop_hive(&broker.url(), 1, "0ms", &[]).await;
+    let nats = broker.client().await;
+    let mut sub = Events::subscribe(&nats, &subjects::events_subject("ctl-v9"), rbee_schemas::codec::Encoding::Json).await;
+    let body = br#"{"op":"worker.stop","v":9,"worker":"x"}"#;
+    publish_raw(&nats, &rbee_schemas::ctl::ctl_subject(&hive.id), &[("Nats-Msg-Id", "ctl-v9")], body).await;
+    let events = sub.until_terminal().await;
+    let (code, message) = error(&events);
+    assert_eq!(code, ErrorCode::UnsupportedVersion);
+    assert!(message.contains("v9") && message.contains(&format!("v{}", rbee_schemas::PROTOCOL_VERSION)), "{message}");
+    drop(client);
+}
