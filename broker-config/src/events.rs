@@ -25,6 +25,10 @@ pub const FLUSH_PATIENCE: Duration = Duration::from_secs(120);
 type Ack = BoxFuture<'static, Result<(), String>>;
 
 /// Publishes the events of one job and tracks the stream's acknowledgements.
+/// Events whose store is unconfirmed before `publish` waits for the oldest
+/// (well under async-nats's 5,000 ack permits per JetStream context).
+const MAX_IN_FLIGHT: usize = 1024;
+
 pub struct EventPublisher {
     client: Client,
     js: jetstream::Context,
@@ -74,6 +78,20 @@ impl EventPublisher {
             match self.headers() {
                 Some(h) => self.client.publish_with_headers(reply.clone(), h, payload.clone()).await?,
                 None => self.client.publish(reply.clone(), payload.clone()).await?,
+            }
+        }
+        // Each unconfirmed event holds one of the context's ack permits until
+        // its future is dropped: wait for the oldest before there are too
+        // many, or `send_publish` would wait for a permit only we can free.
+        while self.pending.len() >= MAX_IN_FLIGHT {
+            let Some((old, ack)) = self.pending.pop_front() else { break };
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "an event was not stored; publishing it again");
+                let again = match self.send_kept(old.clone()).await {
+                    Ok(a) => a,
+                    Err(e) => async move { Err(e) }.boxed(),
+                };
+                self.pending.push_back((old, again));
             }
         }
         match self.send_kept(payload.clone()).await {
