@@ -65,6 +65,10 @@ pub struct HiveArgs {
     /// The rbee-worker binary (default: next to rbee-hive).
     #[arg(long, env = "RBEE_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
+    /// Jobs one worker runs at once, batched through the model (default: --slots).
+    /// The candle engine and the no-op engine take them one after another.
+    #[arg(long, env = "RBEE_WORKER_SLOTS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub worker_slots: Option<u32>,
     /// Compute backend for workers.
     #[arg(long, env = "RBEE_BACKEND", default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     pub backend: String,
@@ -257,6 +261,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         load_timeout: args.load_timeout,
         noop_token_delay: args.noop_token_delay,
         keep_alive_ms: args.keep_alive,
+        worker_slots: args.worker_slots.unwrap_or(args.slots).min(64),
     });
     pool.set_registry(broker.workers.clone());
     tokio::spawn(pool.clone().maintain());

@@ -7,7 +7,7 @@
 //! leave a half-started entry behind; every job that needs the same model
 //! waits on the same start. A watcher task removes a worker from the map when
 //! its process exits, so the next job starts a fresh one. A reaper task stops
-//! idle workers whose keep-alive ran out: it takes the worker's only slot
+//! idle workers whose keep-alive ran out: it takes all the worker's slots
 //! first, so no job can start on a worker that is being stopped.
 //!
 //! Every worker is mirrored in the `rbee-workers` bucket ([`WorkerInfo`]):
@@ -49,6 +49,8 @@ pub struct PoolConfig {
     pub noop_token_delay: Duration,
     /// Default idle time before a worker exits, ms; negative = never.
     pub keep_alive_ms: i64,
+    /// Jobs one worker runs at once.
+    pub worker_slots: u32,
 }
 
 /// How to start one worker (defaults from [`PoolConfig`]).
@@ -119,7 +121,7 @@ pub struct Pool {
     registry: Mutex<Option<kv::Store>>,
 }
 
-/// A worker reserved for one job: the job holds the worker's only slot.
+/// A worker's slot reserved for one job.
 #[derive(Debug)]
 pub struct Lease {
     pub worker: Arc<WorkerProc>,
@@ -133,7 +135,9 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.entry.last_activity_ms.store(now_ms(), Ordering::Relaxed);
-        if self.entry.state() == WorkerState::Busy {
+        // The last running job (its permit is released right after this).
+        let last = self.entry.proc.busy.available_permits() + 1 >= self.entry.proc.slots as usize;
+        if last && self.entry.state() == WorkerState::Busy {
             self.entry.set_state(WorkerState::Ready);
         }
     }
@@ -260,6 +264,7 @@ impl Pool {
             id: id.clone(),
             load_timeout: self.config.load_timeout,
             noop: (model.format == "noop").then_some(self.config.noop_token_delay),
+            slots: self.config.worker_slots,
         };
         let pool = self.clone();
         let loading = placeholder(WorkerState::Loading, 0);
@@ -327,8 +332,8 @@ impl Pool {
                     if keep < 0 || idle_for < keep as u64 {
                         return true;
                     }
-                    // Take its slot: no job can start on it from here on.
-                    match w.proc.busy.clone().try_acquire_owned() {
+                    // Take all its slots: no job runs or can start on it from here on.
+                    match w.proc.busy.clone().try_acquire_many_owned(w.proc.slots) {
                         Ok(permit) => {
                             retire.push((w.clone(), permit));
                             false
@@ -418,8 +423,8 @@ impl Pool {
         };
         w.set_state(WorkerState::Stopping);
         self.publish(w.info(&self.config.hive_id));
-        // Waits for its current job (the slot) before asking it to exit.
-        let permit = w.proc.busy.clone().acquire_owned().await;
+        // Waits for its current jobs (all slots) before asking it to exit.
+        let permit = w.proc.busy.clone().acquire_many_owned(w.proc.slots).await;
         w.proc.stop(Duration::from_secs(10)).await;
         drop(permit);
         Ok(w)

@@ -53,6 +53,8 @@ pub struct SpawnSpec {
     pub load_timeout: Duration,
     /// Run the no-op test engine with this time per token instead of a model.
     pub noop: Option<Duration>,
+    /// Jobs the worker runs at once (continuous batching on the fast engine).
+    pub slots: u32,
 }
 
 type Routes = Arc<Mutex<HashMap<u64, mpsc::Sender<WorkerMsg>>>>;
@@ -65,7 +67,9 @@ pub struct WorkerProc {
     pub info: ModelInfo,
     pub started: Instant,
     /// One job at a time per worker.
+    /// One permit per job the worker may run at once.
     pub busy: Arc<Semaphore>,
+    pub slots: u32,
     pub jobs_served: AtomicU64,
     input: mpsc::Sender<ToWorker>,
     routes: Routes,
@@ -93,6 +97,8 @@ impl WorkerProc {
             .arg(spec.device.to_string())
             .arg("--id")
             .arg(&spec.id)
+            .arg("--slots")
+            .arg(spec.slots.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -165,7 +171,8 @@ impl WorkerProc {
             pid,
             info,
             started: Instant::now(),
-            busy: Arc::new(Semaphore::new(1)),
+            busy: Arc::new(Semaphore::new(spec.slots.max(1) as usize)),
+            slots: spec.slots.max(1),
             jobs_served: AtomicU64::new(0),
             input: input_tx,
             routes,

@@ -440,3 +440,21 @@ async fn the_cli_refuses_an_incompatible_hive_naming_both_versions() {
     assert!(message.contains("v9") && message.contains(&format!("v{}", rbee_schemas::PROTOCOL_VERSION)), "{message}");
     drop(client);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_stream_at_full_speed_ends_with_every_token() {
+    // 8192 events as fast as the no-op engine makes them: more than the
+    // client's ack permits could hold if the hive let unconfirmed events pile up.
+    let broker = Broker::start();
+    let _hive = noop_hive(&broker.url(), 4, "0ms", &[]).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        jobs.push(client.submit("noop", short(8192), Default::default()).await.unwrap());
+    }
+    for mut job in jobs {
+        let events = collect(&mut job).await;
+        assert_well_formed(&events);
+        assert_eq!(events.iter().filter(|e| matches!(e.body, EventBody::Token(_))).count(), 8192);
+    }
+}

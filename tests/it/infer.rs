@@ -217,3 +217,27 @@ async fn a_worker_killed_mid_job_is_replaced_and_the_job_completes() {
     assert_eq!(hive.wait(Duration::from_secs(30)), Some(0));
     eventually(Duration::from_secs(5), "worker processes exit with their hive", || hive.worker_pids().is_empty()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_runs_concurrent_jobs_batched_with_the_same_text_as_alone() {
+    let broker = Broker::start();
+    let hive = Hive::start(&broker.url(), HiveOpts { slots: 4, ..HiveOpts::default() }).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Bees are"];
+    let mut jobs = Vec::new();
+    for p in prompts {
+        let req = InferRequest { prompt: Some(p.into()), max_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
+        jobs.push(client.submit(MODEL, req, Default::default()).await.unwrap());
+    }
+    let mut workers = std::collections::BTreeSet::new();
+    for (p, mut job) in prompts.into_iter().zip(jobs) {
+        let events = collect(&mut job).await;
+        assert_well_formed(&events);
+        workers.insert(started(&events[0]).worker.clone());
+        let req = InferRequest { prompt: Some(p.into()), max_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
+        let (expected, _) = generate(&req.validate(0).unwrap()).unwrap();
+        assert_eq!(text_of(&events), expected, "prompt {p:?}");
+    }
+    assert_eq!(workers.len(), 1, "one worker served all four: {workers:?}");
+    assert_eq!(hive.worker_pids().len(), 1);
+}
