@@ -1,5 +1,6 @@
 //! `rbee-bench`: measurements behind `docs/benchmarks.md`.
 //!
+//! `cargo run --release -p rbee-bench -- bus` measures the bus against its floor;
 //! `cargo run --release -p rbee-bench -- engine` compares rbee's two inference
 //! engines with llama.cpp on one GGUF. Not a default workspace member, so CI
 //! never builds it.
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bus;
 mod engine;
 mod llama_cpp;
 
@@ -24,12 +26,17 @@ enum Command {
     /// engine and llama.cpp's llama-bench on the same GGUF and threads, plus
     /// the worker's job loop with one job vs several concurrent ones.
     Engine(engine::Args),
+    /// What the bus costs: raw JetStream floor, warm time to first token
+    /// (no-op and real model vs in-process), dispatch throughput with 1/2/4
+    /// workers, token streaming, cold start.
+    Bus(bus::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Engine(args) => engine::run(&args),
+        Command::Bus(args) => bus::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,395 @@
+//! `rbee-bench bus`: what the bus costs, against its floor, in one run.
+//!
+//! Starts its own nats-server and `rbee-hive` processes (the binaries next to
+//! this one, so `cargo build --release --workspace --bins` first) and measures:
+//! 1. the raw JetStream floor: publish-with-ack and pull-and-ack throughput
+//!    on a scratch work queue, and a publish → pull → reply round trip;
+//! 2. warm time to first token: a no-op job through rbee, and the demo model
+//!    through rbee vs the same engine called in this process;
+//! 3. dispatch throughput: no-op jobs per second with 1, 2 and 4 workers
+//!    (one hive each), and real-model one-token jobs per second;
+//! 4. token streaming: events per second for one job and for 16 jobs at once,
+//!    and the CPU time per token of the worker and the hive;
+//! 5. cold start: publish to first token with no worker, split into worker
+//!    spawn, model load and first token.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use rbee_broker::server::{stop_child, LocalServer, ServerOptions};
+use rbee_schemas::codec::Encoding;
+use rbee_schemas::ctl::CtlRequest;
+use rbee_schemas::event::{Event, EventBody};
+use rbee_schemas::job::InferRequest;
+use rbee_schemas::subjects;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Sequential jobs per latency measurement (p50/p99).
+    #[arg(long, default_value_t = 1000)]
+    pub jobs: usize,
+    /// Jobs per throughput run.
+    #[arg(long, default_value_t = 5000)]
+    pub burst: usize,
+    /// Sequential jobs on the real model (warm TTFT, one-token jobs).
+    #[arg(long, default_value_t = 200)]
+    pub model_jobs: usize,
+    /// Cold starts to average.
+    #[arg(long, default_value_t = 5)]
+    pub cold: usize,
+    /// Jobs each hive (and its worker) runs at once.
+    #[arg(long, default_value_t = 4)]
+    pub slots: u32,
+    /// The GGUF to use (default: the demo model in the rbee models directory).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn row(name: &str, v: &mut [f64]) {
+    let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
+    println!("  {name:<58} p50 {p50:>8.3} ms   p99 {p99:>8.3} ms   (n={})", v.len());
+}
+
+fn bin(name: &str) -> PathBuf {
+    std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(name))).unwrap_or_else(|| PathBuf::from(name))
+}
+
+struct HiveProc {
+    id: String,
+    child: Child,
+    _home: tempfile::TempDir,
+}
+
+impl Drop for HiveProc {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+impl HiveProc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+async fn start_hive(client: &rbee::Client, url: &str, id: &str, extra: &[&str]) -> Result<HiveProc> {
+    let home = tempfile::tempdir()?;
+    let child = Command::new(bin("rbee-hive"))
+        .args(["--nats-url", url, "--hive-id", id, "--test-noop-model", "--keep-alive", "-1"])
+        .arg("--models-dir")
+        .arg(rbee_broker::rbee_home().join("models"))
+        .arg("--worker-bin")
+        .arg(bin("rbee-worker"))
+        .args(extra)
+        .env("RBEE_HOME", home.path())
+        .env("RBEE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (build with cargo build --release --workspace --bins)", bin("rbee-hive").display()))?;
+    let hive = HiveProc { id: id.to_owned(), child, _home: home };
+    let started = Instant::now();
+    while !client.hives().await?.iter().any(|h| h.hive_id == id) {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("hive {id} did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(hive)
+}
+
+async fn spawn_worker(client: &rbee::Client, hive: &str, model: &str) -> Result<()> {
+    let req = CtlRequest::WorkerSpawn { v: 1, model: model.to_owned(), backend: None, device: None, keep_alive_ms: Some(-1) };
+    let mut job = client.submit_ctl(Some(hive), &req, None).await?;
+    while let Some(e) = job.next().await {
+        if let EventBody::Error(e) = e?.body {
+            bail!("spawn on {hive}: {}: {}", e.code, e.message);
+        }
+    }
+    Ok(())
+}
+
+async fn stop_workers(client: &rbee::Client) -> Result<()> {
+    for w in client.workers().await? {
+        let mut job = client.submit_ctl(Some(&w.hive), &CtlRequest::WorkerStop { v: 1, worker: w.id.clone() }, None).await?;
+        while job.next().await.is_some() {}
+    }
+    Ok(())
+}
+
+fn req(prompt: &str, max_tokens: i64) -> InferRequest {
+    InferRequest { prompt: Some(prompt.into()), max_tokens: Some(max_tokens), temperature: Some(0.0), ..Default::default() }
+}
+
+/// Submits one job; (ms to the first token at the producer, all events).
+async fn timed_job(client: &rbee::Client, model: &str, r: InferRequest) -> Result<(f64, Vec<Event>)> {
+    let t0 = Instant::now();
+    let mut job = client.submit(model, r, Default::default()).await?;
+    let mut first = None;
+    let mut events = Vec::new();
+    while let Some(e) = job.next().await {
+        let e = e?;
+        if first.is_none() && matches!(e.body, EventBody::Token(_)) {
+            first = Some(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        events.push(e);
+    }
+    match (first, events.last().map(|e| &e.body)) {
+        (Some(f), Some(EventBody::Done(_))) => Ok((f, events)),
+        (_, last) => bail!("job did not finish with tokens: {last:?}"),
+    }
+}
+
+fn cpu_ms(pid: u32) -> f64 {
+    // utime + stime, fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 Hz).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) * 10.0
+}
+
+fn worker_pid(hive: &str) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("rbee-worker") && cmd.contains(&format!("{hive}-w")) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run_async(a))
+}
+
+async fn run_async(a: &Args) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = LocalServer::start(ServerOptions::new(dir.path().join("nats")))?;
+    let url = server.url().to_owned();
+    let nats = async_nats::connect(&url).await?;
+    let js = jetstream::new(nats.clone());
+    println!("rbee-bench bus: {} slot(s) per hive; nats-server {} on this machine, {} CPUs", a.slots, rbee_broker::server::binary(), std::thread::available_parallelism().map_or(0, |n| n.get()));
+
+    // 1. The floor.
+    println!("\n1. raw JetStream floor (no rbee code)");
+    let s = js
+        .get_or_create_stream(stream::Config {
+            name: "BENCH".into(),
+            subjects: vec!["bench.jobs.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let c = s
+        .get_or_create_consumer("bench", consumer::pull::Config { durable_name: Some("bench".into()), ack_policy: consumer::AckPolicy::Explicit, ..Default::default() })
+        .await?;
+    let n = a.burst;
+    let t = Instant::now();
+    let mut acks = Vec::with_capacity(n);
+    for i in 0..n {
+        acks.push(js.publish("bench.jobs.x", Bytes::from(format!("{{\"prompt\":\"x\",\"i\":{i}}}"))).await?);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    let publish_rate = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut msgs = c.messages().await?;
+    for _ in 0..n {
+        let m = msgs.next().await.context("pull")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let pull_rate = n as f64 / t.elapsed().as_secs_f64();
+    println!("  {:<58} {publish_rate:>10.0} msgs/s", "publish with acks (async, pipelined)");
+    println!("  {:<58} {pull_rate:>10.0} msgs/s", "pull and ack");
+    // Round trip: publish → pull → core publish of a reply → subscriber.
+    let mut replies = nats.subscribe("bench.reply").await?;
+    let responder = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = msgs.next().await {
+                let _ = nats.publish("bench.reply", m.payload.clone()).await;
+                let _ = m.ack().await;
+            }
+        })
+    };
+    let mut floor = Vec::new();
+    for _ in 0..a.jobs {
+        let t = Instant::now();
+        let _ack = js.send_publish("bench.jobs.x", jetstream::message::PublishMessage::build().payload(Bytes::from_static(b"{}"))).await?;
+        replies.next().await.context("reply")?;
+        floor.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    responder.abort();
+    row("publish → pull → reply event (round trip)", &mut floor);
+
+    // 2. Warm time to first token.
+    let client = rbee::Client::connect(&url).await?;
+    println!("\n2. warm time to first token (publish → first token event at the producer)");
+    let hive = start_hive(&client, &url, "bench-a", &["--slots", &a.slots.to_string()]).await?;
+    spawn_worker(&client, &hive.id, "noop").await?;
+    let mut noop = Vec::new();
+    for _ in 0..a.jobs {
+        noop.push(timed_job(&client, "noop", req("x", 1)).await?.0);
+    }
+    row("no-op job through rbee", &mut noop);
+    let model_path = a.model.clone().unwrap_or_else(|| rbee_broker::rbee_home().join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let model = "smollm2-135m";
+    spawn_worker(&client, &hive.id, model).await?;
+    let prompt = "The capital of France is";
+    let mut bus = Vec::new();
+    for _ in 0..a.model_jobs {
+        bus.push(timed_job(&client, model, req(prompt, 1)).await?.0);
+    }
+    let in_process = tokio::task::spawn_blocking({
+        let (path, jobs) = (model_path.clone(), a.model_jobs);
+        move || -> Result<Vec<f64>> {
+            let mut engine = rbee_worker::Engine::load(&path, candle_core::Device::Cpu).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let params = req(prompt, 1).validate(0).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let mut out = Vec::new();
+            for _ in 0..jobs {
+                let t = Instant::now();
+                let mut first = None;
+                engine
+                    .generate(&params, None, &AtomicBool::new(false), &mut |_, _| {
+                        first.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
+                    })
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                out.push(first.unwrap_or(0.0));
+            }
+            Ok(out)
+        }
+    })
+    .await??;
+    let mut in_process = in_process;
+    let (b50, i50) = (pct(&mut bus.clone(), 0.5), pct(&mut in_process.clone(), 0.5));
+    row(&format!("{model} through rbee (prompt {:?})", prompt), &mut bus);
+    row(&format!("{model} in-process, same engine and prompt"), &mut in_process);
+    println!("  {:<58} {:>+8.3} ms at p50", "bus overhead", b50 - i50);
+
+    // 4. Streaming, one job (only bench-a is up).
+    println!("\n4. token streaming (no-op engine, no delay)");
+    let (w, h) = (worker_pid("bench-a").context("bench-a's worker")?, hive.pid());
+    let (w0, h0) = (cpu_ms(w), cpu_ms(h));
+    let t = Instant::now();
+    let (_, evs) = timed_job(&client, "noop", req("x", 8192)).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let tokens = evs.iter().filter(|e| matches!(e.body, EventBody::Token(_))).count();
+    let server_hive = evs.iter().find_map(|e| match &e.body { EventBody::Started(s) => Some(s.hive.clone()), _ => None }).unwrap_or_default();
+    println!("  {:<58} {:>10.0} events/s", format!("one job, {tokens} tokens (hive {server_hive})"), tokens as f64 / secs);
+    let (wc, hc) = (cpu_ms(w) - w0, cpu_ms(h) - h0);
+    println!("  {:<58} {:>10.2} µs/token", "worker CPU per token (no-op engine: framing, pipe)", wc * 1e3 / tokens as f64);
+    println!("  {:<58} {:>10.2} µs/token", "hive CPU per token (routing, publishing events)", hc * 1e3 / tokens as f64);
+    // 3. Dispatch throughput.
+    println!("\n3. dispatch throughput (submit, claim, started, one token, done, ack)");
+    let mut events = nats.subscribe("rbee.events.>").await?;
+    let mut hives = vec![hive];
+    for workers in [1usize, 2, 4] {
+        while hives.len() < workers {
+            let h = start_hive(&client, &url, &format!("bench-{}", hives.len()), &["--slots", &a.slots.to_string()]).await?;
+            spawn_worker(&client, &h.id, "noop").await?;
+            hives.push(h);
+        }
+        let rate = burst(&js, &mut events, "noop", a.burst, 1).await?;
+        println!("  {:<58} {rate:>10.0} jobs/s", format!("no-op jobs, {workers} worker(s), {} jobs", a.burst));
+    }
+    let rate = burst(&js, &mut events, model, a.model_jobs, 1).await?;
+    println!("  {:<58} {rate:>10.1} jobs/s", format!("{model}, max_tokens 1, 1 worker, {} jobs", a.model_jobs));
+
+    println!("\n4b. token streaming, 16 jobs at once");
+    let t = Instant::now();
+    let mut subs = Vec::new();
+    for _ in 0..16 {
+        subs.push(client.submit("noop", req("x", 1024), Default::default()).await?);
+    }
+    let mut total = 0usize;
+    for mut j in subs {
+        while let Some(e) = j.next().await {
+            if matches!(e?.body, EventBody::Token(_)) {
+                total += 1;
+            }
+        }
+    }
+    println!("  {:<58} {:>10.0} events/s", format!("16 jobs at once over {} workers, {total} tokens", hives.len()), total as f64 / t.elapsed().as_secs_f64());
+
+    // 5. Cold start.
+    println!("\n5. cold start (publish → first token, no worker running)");
+    drop(hives.split_off(1));
+    let mut split = Vec::new();
+    for m in ["noop", model] {
+        let mut s = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..a.cold {
+            stop_workers(&client).await?;
+            let (ttft, evs) = timed_job(&client, m, req(prompt, 1)).await?;
+            let Some(EventBody::Done(d)) = evs.last().map(|e| &e.body) else { bail!("no done") };
+            s.0.push(ttft);
+            s.1.push(d.timings.load_ms);
+            s.2.push(d.timings.ttft_ms - d.timings.load_ms);
+        }
+        split.push(s);
+    }
+    let med = |v: &mut Vec<f64>| pct(v, 0.5);
+    let (mut noop_s, mut real) = (split.remove(0), split.remove(0));
+    let spawn = med(&mut noop_s.1);
+    let load = med(&mut real.1);
+    println!("  {:<58} {:>10.1} ms", "worker spawn (no-op worker: process start to ready)", spawn);
+    println!("  {:<58} {:>10.1} ms", format!("model load ({model}, spawn excluded)"), load - spawn);
+    println!("  {:<58} {:>10.1} ms", "prompt and first token", med(&mut real.2));
+    println!("  {:<58} {:>10.1} ms", "total at the producer", med(&mut real.0));
+    Ok(())
+}
+
+/// Publishes `n` jobs as fast as acks allow; jobs per second until the last terminal event.
+async fn burst(js: &jetstream::Context, events: &mut async_nats::Subscriber, model: &str, n: usize, max_tokens: u32) -> Result<f64> {
+    let run = nuid::next().to_string();
+    let subject = subjects::infer_subject(model);
+    let body = Bytes::from(format!("{{\"prompt\":\"The capital of France is\",\"max_tokens\":{max_tokens},\"temperature\":0}}"));
+    let t = Instant::now();
+    let publishing = {
+        let js = js.clone();
+        let run = run.clone();
+        tokio::spawn(async move {
+            let mut acks = Vec::with_capacity(n);
+            for i in 0..n {
+                let msg = jetstream::message::PublishMessage::build().payload(body.clone()).message_id(format!("{run}-{i}"));
+                acks.push(js.send_publish(subject.clone(), msg).await?);
+            }
+            for ack in acks {
+                ack.await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    let mut ended = 0;
+    while ended < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), events.next()).await.context("events stalled")?.context("closed")?;
+        if !m.subject.as_str().contains(&run) {
+            continue;
+        }
+        let e: Event = Encoding::Json.decode(&m.payload).map_err(|e| anyhow::anyhow!(e))?;
+        match e.body {
+            EventBody::Done(_) => ended += 1,
+            EventBody::Error(err) => bail!("job failed: {}: {}", err.code, err.message),
+            _ => {}
+        }
+    }
+    publishing.await??;
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
