@@ -249,7 +249,7 @@ async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut E
     }
     let source = ModelRef::Hf(HfRef { file: Some(file), ..hf.clone() }).to_string();
     let catalog = ctx.catalog.clone();
-    let entry = blocking(move || models::register_download(&catalog, &key, &source, path, size, sha)).await?;
+    let entry = blocking(move || models::register(&catalog, &key, &source, path, size, sha)).await?;
     tracing::info!(model = %entry.key, size = entry.size, "model downloaded and registered");
     let mut v = summary(&ctx.hive_id, &entry);
     v["already_present"] = json!(false);

@@ -232,28 +232,14 @@ pub fn import(catalog: &Catalog, path: &Path, alias: &str) -> Result<ModelEntry,
     if !path.is_file() {
         return Err(JobError::invalid(format!("{} is not a file", path.display())));
     }
-    let (architecture, quantization) = inspect_gguf(&path).map_err(|e| JobError::new(ErrorCode::ModelLoadFailed, e))?;
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let sha256 = sha256_file(&path).map_err(|e| JobError::internal(format!("hashing {}: {e}", path.display())))?;
-    let now = now_ms();
-    let entry = ModelEntry {
-        key: alias.to_owned(),
-        source: format!("file:{}", path.display()),
-        path,
-        format: "gguf".to_owned(),
-        architecture,
-        quantization,
-        size,
-        sha256,
-        added_at_ms: now,
-        last_used_ms: 0,
-    };
-    catalog.put(&entry)?;
-    Ok(entry)
+    let source = format!("file:{}", path.display());
+    register(catalog, alias, &source, path, size, sha256)
 }
 
-/// Registers a downloaded, verified file.
-pub fn register_download(
+/// Registers a GGUF file (downloaded and verified, or imported) with what its header says.
+pub fn register(
     catalog: &Catalog,
     key: &str,
     source: &str,

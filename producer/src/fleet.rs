@@ -91,22 +91,7 @@ impl Client {
 
     /// Every worker in the registry, all hives.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ClientError> {
-        let Ok(store) = self.jetstream().get_key_value(subjects::WORKERS_BUCKET).await else {
-            return Ok(vec![]);
-        };
-        let mut keys = store.keys().await.map_err(broker_err)?;
-        let mut ids = Vec::new();
-        while let Some(k) = keys.next().await {
-            ids.push(k.map_err(broker_err)?);
-        }
-        let mut out = Vec::new();
-        for id in ids {
-            if let Ok(Some(v)) = store.get(&id).await {
-                if let Ok(w) = Encoding::Json.decode::<WorkerInfo>(&v) {
-                    out.push(w);
-                }
-            }
-        }
+        let mut out: Vec<WorkerInfo> = self.bucket_values(subjects::WORKERS_BUCKET).await?;
         out.sort_by(|a, b| (&a.hive, &a.id).cmp(&(&b.hive, &b.id)));
         Ok(out)
     }

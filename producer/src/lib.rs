@@ -180,11 +180,11 @@ impl Client {
         Ok(JobStream::new(job_id.to_owned(), Encoding::Json, live, kept, None, from_seq).replay_first())
     }
 
-    /// The hives heartbeating now.
-    pub async fn hives(&self) -> Result<Vec<HiveInfo>, ClientError> {
-        let store = match self.js.get_key_value(subjects::HIVES_BUCKET).await {
-            Ok(s) => s,
-            Err(_) => return Ok(vec![]), // no hive ever attached
+    /// Every JSON value of a registry bucket that decodes as `T`; none if
+    /// the bucket does not exist yet (no hive ever attached).
+    async fn bucket_values<T: serde::de::DeserializeOwned>(&self, bucket: &str) -> Result<Vec<T>, ClientError> {
+        let Ok(store) = self.js.get_key_value(bucket).await else {
+            return Ok(vec![]);
         };
         let mut keys = store.keys().await.map_err(broker_err)?;
         let mut ids = Vec::new();
@@ -194,11 +194,17 @@ impl Client {
         let mut out = Vec::new();
         for id in ids {
             if let Ok(Some(v)) = store.get(&id).await {
-                if let Ok(info) = Encoding::Json.decode::<HiveInfo>(&v) {
-                    out.push(info);
+                if let Ok(value) = Encoding::Json.decode::<T>(&v) {
+                    out.push(value);
                 }
             }
         }
+        Ok(out)
+    }
+
+    /// The hives heartbeating now.
+    pub async fn hives(&self) -> Result<Vec<HiveInfo>, ClientError> {
+        let mut out: Vec<HiveInfo> = self.bucket_values(subjects::HIVES_BUCKET).await?;
         out.sort_by(|a, b| a.hive_id.cmp(&b.hive_id));
         Ok(out)
     }
