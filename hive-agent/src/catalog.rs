@@ -22,6 +22,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// How stale `last_used_ms` may get before a job writes it again.
+pub const TOUCH_EVERY_MS: u64 = 60_000;
+
 const MODELS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("models");
 
 /// A model this hive has.
@@ -40,6 +43,7 @@ pub struct ModelEntry {
     pub size: u64,
     pub sha256: String,
     pub added_at_ms: u64,
+    /// When a job last used it, Unix ms, to the minute ([`TOUCH_EVERY_MS`]).
     #[serde(default)]
     pub last_used_ms: u64,
 }
@@ -205,8 +209,13 @@ impl Catalog {
         };
         if let Some(mut entry) = entry {
             if entry.path.is_file() {
-                entry.last_used_ms = now_ms();
-                self.put(&entry)?;
+                // To the minute: a write transaction (an fsync) per job cost
+                // every warm job ~2 ms before it could start.
+                let now = now_ms();
+                if now.saturating_sub(entry.last_used_ms) >= TOUCH_EVERY_MS {
+                    entry.last_used_ms = now;
+                    self.put(&entry)?;
+                }
                 return Ok(entry);
             }
             tracing::warn!(model = %key, path = %entry.path.display(), "catalog entry's file has vanished");
@@ -325,6 +334,14 @@ mod tests {
         assert_eq!(c.get("tiny").unwrap().unwrap().path, model);
         let found = c.resolve(&ModelRef::parse("tiny").unwrap(), "h").unwrap();
         assert_eq!(found.sha256, entry.sha256);
+        // Use is recorded, but at most once a minute (no write per job).
+        let touched = c.get("tiny").unwrap().unwrap().last_used_ms;
+        assert!(touched > 1);
+        let mut recent = c.get("tiny").unwrap().unwrap();
+        recent.last_used_ms = now_ms() - 1_000;
+        c.put(&recent).unwrap();
+        c.resolve(&ModelRef::parse("tiny").unwrap(), "h").unwrap();
+        assert_eq!(c.get("tiny").unwrap().unwrap().last_used_ms, recent.last_used_ms);
 
         std::fs::remove_file(&model).unwrap();
         let e = c.resolve(&ModelRef::parse("tiny").unwrap(), "h").unwrap_err();
