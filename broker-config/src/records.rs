@@ -89,10 +89,26 @@ impl Records {
     pub async fn transition<T>(
         &self,
         job_id: &str,
+        decide: impl FnMut(Option<&Versioned>) -> Decision<T>,
+    ) -> Result<(T, Option<Versioned>), RecordError> {
+        self.transition_from(job_id, None, decide).await
+    }
+
+    /// [`transition`](Self::transition) starting from a version the caller
+    /// believes current (the one it wrote last), saving the read: if someone
+    /// changed the record since, the compare-and-set fails and the record is
+    /// read as usual.
+    pub async fn transition_from<T>(
+        &self,
+        job_id: &str,
+        mut guess: Option<Versioned>,
         mut decide: impl FnMut(Option<&Versioned>) -> Decision<T>,
     ) -> Result<(T, Option<Versioned>), RecordError> {
         for _ in 0..32 {
-            let current = self.get(job_id).await?;
+            let current = match guess.take() {
+                Some(v) => Some(v),
+                None => self.get(job_id).await?,
+            };
             match decide(current.as_ref()) {
                 Decision::Keep(t) => return Ok((t, current)),
                 Decision::Write(rec, t) => {

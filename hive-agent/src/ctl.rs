@@ -91,12 +91,13 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, slot: SlotGuard) 
     }
     let registration = ctx.running.register(&env.job_id);
     let claimed_record = claim(&ctx, &env, None).await;
-    let run = Run { ctx: &ctx, msg: &msg, env: &env, claimed, cancel: registration.cancelled.clone() };
-    let Claim::Run { next_seq, record, .. } = claimed_record else {
+    let run = Run::new(&ctx, &msg, &env, claimed, registration.cancelled.clone());
+    let Claim::Run { next_seq, record, revision, .. } = claimed_record else {
         // Ended before, duplicate, cancelled while waiting, records unavailable:
         // handled as for any job.
         return run.go(claimed_record, Err(JobError::internal("not run")), slot).await;
     };
+    run.wrote(revision);
     let mut sink = EventSink::new(ctx.client.clone(), &env.reply_to, &env.job_id, env.encoding, next_seq);
     let outcome = match req {
         Err(e) => Outcome::Failed(e),
@@ -104,8 +105,7 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, slot: SlotGuard) 
             tracing::info!(op = req.op(), "lifecycle job");
             let op = execute(&ctx, req, spawn_entry, &mut sink);
             tokio::pin!(op);
-            let mut progress = tokio::time::interval(ctx.ack_wait / 3);
-            progress.tick().await;
+            let mut progress = crate::job::progress_acks(ctx.ack_wait);
             loop {
                 tokio::select! {
                     r = &mut op => break r,

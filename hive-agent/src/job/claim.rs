@@ -19,8 +19,9 @@ use super::{now_ms, Envelope, JobCtx, Prepared};
 /// What the record says to do with this message.
 #[derive(Debug)]
 pub enum Claim {
-    /// Run it: attempt number, first `seq`, what to continue from, the record written.
-    Run { attempt: u32, next_seq: u64, resume: Option<Resume>, vanished: bool, record: JobRecord },
+    /// Run it: attempt number, first `seq`, what to continue from, the record
+    /// written and its revision.
+    Run { attempt: u32, next_seq: u64, resume: Option<Resume>, vanished: bool, record: JobRecord, revision: u64 },
     /// It ended before; here is its record.
     Ended(JobRecord),
     /// Another message with this id is being worked on.
@@ -43,7 +44,9 @@ pub async fn claim(ctx: &JobCtx, env: &Envelope, prepared: Option<&Prepared>) ->
 
     for _ in 0..16 {
         match ctx.records.create(&fresh).await {
-            Ok(Some(_)) => return Claim::Run { attempt: 1, next_seq: 0, resume: None, vanished: false, record: fresh },
+            Ok(Some(revision)) => {
+                return Claim::Run { attempt: 1, next_seq: 0, resume: None, vanished: false, record: fresh, revision };
+            }
             Ok(None) => {}
             Err(e) => return Claim::Unavailable(e.to_string()),
         }
@@ -82,7 +85,9 @@ pub async fn claim(ctx: &JobCtx, env: &Envelope, prepared: Option<&Prepared>) ->
         // Tokens carried over only when the record knows exactly what was streamed.
         let resume = if vanished { None } else { r.resume.clone() };
         match ctx.records.update(&next, current.revision).await {
-            Ok(Some(_)) => return Claim::Run { attempt: next.attempts, next_seq, resume, vanished, record: next },
+            Ok(Some(revision)) => {
+                return Claim::Run { attempt: next.attempts, next_seq, resume, vanished, record: next, revision };
+            }
             Ok(None) => continue,
             Err(e) => return Claim::Unavailable(e.to_string()),
         }

@@ -96,6 +96,18 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// In-progress acks for a job: the first a third of `ack_wait` from now.
+///
+/// Not `interval` + a first `tick().await`: that first tick completes only
+/// on the timer's next millisecond turn (tokio rounds deadlines up), which
+/// cost every job 1–2 ms before its first event.
+pub fn progress_acks(ack_wait: Duration) -> tokio::time::Interval {
+    let period = ack_wait / 3;
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -133,7 +145,7 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, lane: Lane, slot:
     // Registered before the record says "running", so no cancel request is missed.
     let registration = ctx.running.register(&env.job_id);
     let claim = claim::claim(&ctx, &env, prepared.as_ref().ok().map(|(p, _)| p)).await;
-    let run = run::Run { ctx: &ctx, msg: &msg, env: &env, claimed, cancel: registration.cancelled.clone() };
+    let run = run::Run::new(&ctx, &msg, &env, claimed, registration.cancelled.clone());
     run.go(claim, prepared, slot).await;
 }
 

@@ -1,11 +1,12 @@
 //! Running a claimed job and ending it: generation, cancel, deadline,
 //! hand-back, retry with resume, dead letters.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
-use rbee_broker::records::Decision;
+use rbee_broker::records::{Decision, Versioned};
 use rbee_schemas::error::{ErrorCode, JobError};
 use rbee_schemas::event::{Done, Event, EventBody, Restarted, Started, StopReason, Timings, Token, Usage};
 use rbee_schemas::job::GenerateParams;
@@ -21,6 +22,9 @@ use crate::claimer::SlotGuard;
 use crate::events::EventSink;
 use crate::pool::Lease;
 use crate::worker_proc::WorkerMsg;
+
+/// How long a job runs before its record is updated with its worker.
+const NOTE_WORKER_AFTER: Duration = Duration::from_millis(500);
 
 /// How long a worker may take to stop a job it was asked to stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -52,6 +56,9 @@ pub struct Run<'a> {
     pub env: &'a Envelope,
     pub claimed: Instant,
     pub cancel: CancellationToken,
+    /// Revision of the record as this task last wrote it (0: unknown), so
+    /// the next write can compare-and-set without reading it first.
+    written: AtomicU64,
 }
 
 fn error_body(code: ErrorCode, message: impl Into<String>) -> EventBody {
@@ -63,11 +70,30 @@ fn sleep_until_ms(deadline_ms: Option<u64>) -> tokio::time::Sleep {
     tokio::time::sleep(left)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    pub fn new(ctx: &'a JobCtx, msg: &'a jetstream::Message, env: &'a Envelope, claimed: Instant, cancel: CancellationToken) -> Self {
+        Self { ctx, msg, env, claimed, cancel, written: AtomicU64::new(0) }
+    }
+
+    /// Notes the revision this task just wrote the record at.
+    pub fn wrote(&self, revision: u64) {
+        self.written.store(revision, Ordering::Relaxed);
+    }
+
+    /// The record as this task last wrote it, if it knows the revision (the
+    /// next write is then tried without a read; see [`rbee_broker::records::Records::transition_from`]).
+    fn guess(&self, rec: &JobRecord) -> Option<Versioned> {
+        match self.written.swap(0, Ordering::Relaxed) {
+            0 => None,
+            revision => Some(Versioned { record: rec.clone(), revision }),
+        }
+    }
+
     pub async fn go(self, claim: Claim, prepared: Result<(Prepared, ModelEntry), JobError>, slot: SlotGuard) {
         let sink = |seq| EventSink::new(self.ctx.client.clone(), &self.env.reply_to, &self.env.job_id, self.env.encoding, seq);
         match claim {
-            Claim::Run { attempt, next_seq, resume, vanished, record, .. } => {
+            Claim::Run { attempt, next_seq, resume, vanished, record, revision } => {
+                self.wrote(revision);
                 let mut s = sink(next_seq);
                 self.run(&mut s, attempt, resume, vanished, record, prepared, slot).await;
             }
@@ -131,8 +157,7 @@ impl Run<'_> {
             tokio::pin!(lease);
             let deadline = sleep_until_ms(prepared.deadline_ms);
             tokio::pin!(deadline);
-            let mut progress = tokio::time::interval(self.ctx.ack_wait / 3);
-            progress.tick().await;
+            let mut progress = super::progress_acks(self.ctx.ack_wait);
             loop {
                 tokio::select! {
                     l = &mut lease => break l,
@@ -180,7 +205,7 @@ impl Run<'_> {
             attempt,
         });
         rec.worker = Some(worker.id.clone());
-        self.note_worker(&worker.id);
+        let noting = self.note_worker(&worker.id);
         let mut tokens = resume.as_ref().map(|r| r.tokens.clone()).unwrap_or_default();
         let mut streamed = resume.as_ref().map_or(0, |r| r.streamed_bytes);
         let mut first_token: Option<Instant> = None;
@@ -190,8 +215,7 @@ impl Run<'_> {
             Ok(_) => match worker.run(params.clone(), resume).await {
                 Err(reason) => Ended::Died(reason),
                 Ok((job, mut rx)) => {
-                    let mut progress = tokio::time::interval(self.ctx.ack_wait / 3);
-                    progress.tick().await;
+                    let mut progress = super::progress_acks(self.ctx.ack_wait);
                     let deadline = sleep_until_ms(prepared.deadline_ms);
                     tokio::pin!(deadline);
                     let grace = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
@@ -239,6 +263,7 @@ impl Run<'_> {
                 }
             },
         };
+        drop(noting);
         let load_ms = lease.load_ms;
         drop(lease); // the worker is free for the next job
         let timings = |o: Option<&Outcome>| self.timings(first_token, load_ms, o);
@@ -290,11 +315,21 @@ impl Run<'_> {
         }
     }
 
-    /// Records which worker runs the job (for `rbee jobs show`), off the hot path.
-    fn note_worker(&self, worker: &str) {
+    /// Records which worker runs the job (for `rbee jobs show`), off the hot
+    /// path: only once the job has run for [`NOTE_WORKER_AFTER`], so a short
+    /// job costs no extra record writes (its terminal record names the worker)
+    /// and a long one's write does not compete with its first token. Dropping
+    /// the guard (the job ended) calls it off.
+    fn note_worker(&self, worker: &str) -> tokio_util::sync::DropGuard {
         let records = self.ctx.records.clone();
         let (job_id, worker) = (self.env.job_id.clone(), worker.to_owned());
+        let ended = CancellationToken::new();
+        let called_off = ended.clone();
         tokio::spawn(async move {
+            tokio::select! {
+                _ = called_off.cancelled() => return,
+                _ = tokio::time::sleep(NOTE_WORKER_AFTER) => {}
+            }
             let _ = records
                 .transition(&job_id, |cur| match cur {
                     Some(v) if v.record.state == JobState::Running && v.record.worker.as_deref() != Some(&worker) => {
@@ -306,6 +341,7 @@ impl Run<'_> {
                 })
                 .await;
         });
+        ended.drop_guard()
     }
 
     /// Ends a job that ran: the slot is freed once the terminal event is out.
@@ -327,6 +363,7 @@ impl Run<'_> {
 
     async fn end_inner(&self, sink: &mut EventSink, rec: JobRecord, state: JobState, body: EventBody) {
         let event = Event::new(self.env.job_id.clone(), sink.next_seq(), body.clone());
+        let guess = self.guess(&rec);
         let mut terminal = rec;
         terminal.state = state;
         terminal.next_seq = event.seq + 1;
@@ -347,7 +384,7 @@ impl Run<'_> {
         let written = self
             .ctx
             .records
-            .transition(&self.env.job_id, |cur| match cur {
+            .transition_from(&self.env.job_id, guess, |cur| match cur {
                 Some(v) if v.record.state.is_terminal() => Decision::Keep(Some(v.record.clone())),
                 Some(v) => {
                     let mut t = terminal.clone();
@@ -390,6 +427,7 @@ impl Run<'_> {
         let _ = sink.emit(restarted).await;
         // The next attempt continues after the last kept event: keep them all first.
         sink.flush().await;
+        let guess = self.guess(&rec);
         let mut next = rec;
         next.state = JobState::Retrying;
         next.next_seq = sink.next_seq();
@@ -405,7 +443,7 @@ impl Run<'_> {
         let _ = self
             .ctx
             .records
-            .transition(&self.env.job_id, |cur| match cur {
+            .transition_from(&self.env.job_id, guess, |cur| match cur {
                 Some(v) if v.record.state.is_terminal() => Decision::Keep(()),
                 Some(v) => {
                     let mut n = next.clone();
