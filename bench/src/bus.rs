@@ -152,6 +152,45 @@ async fn timed_job(client: &rbee::Client, model: &str, r: InferRequest) -> Resul
     }
 }
 
+/// The worker's engine in this process, on a thread of its own (it is not
+/// `Sync`), one greedy one-token job per request.
+struct InProcess {
+    jobs: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<f64>>>,
+}
+
+impl InProcess {
+    fn start(path: PathBuf, prompt: &'static str) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<Result<f64>>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let loaded = rbee_worker::Engine::load(&path, candle_core::Device::Cpu).map_err(|e| anyhow::anyhow!("{}", e.message));
+            let params = req(prompt, 1).validate(0).map_err(|e| anyhow::anyhow!("{}", e.message));
+            let (mut engine, params) = match (loaded, params) {
+                (Ok(e), Ok(p)) => (e, p),
+                (Err(e), _) | (_, Err(e)) => return ready_tx.send(Err(e)).unwrap_or(()),
+            };
+            let _ = ready_tx.send(Ok(()));
+            for answer in rx {
+                let t = Instant::now();
+                let mut first = None;
+                let ran = engine.generate(&params, None, &AtomicBool::new(false), &mut |_, _| {
+                    first.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
+                });
+                let _ = answer.send(ran.map(|_| first.unwrap_or(0.0)).map_err(|e| anyhow::anyhow!("{}", e.message)));
+            }
+        });
+        ready_rx.recv().context("in-process engine thread")??;
+        Ok(Self { jobs: tx })
+    }
+
+    /// Time to the first token of one job, ms.
+    async fn job(&self) -> Result<f64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs.send(tx).ok().context("in-process engine thread gone")?;
+        rx.await.context("in-process engine thread gone")?
+    }
+}
+
 fn cpu_ms(pid: u32) -> f64 {
     // utime + stime, fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 Hz).
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -254,35 +293,29 @@ async fn run_async(a: &Args) -> Result<()> {
     let model = "smollm2-135m";
     spawn_worker(&client, &hive.id, model).await?;
     let prompt = "The capital of France is";
-    let mut bus = Vec::new();
+    // The same engine in this process, on its own thread; jobs alternate
+    // between it and the bus so both see the same machine.
+    let local = InProcess::start(model_path.clone(), prompt)?;
+    let (mut bus, mut in_process, mut at_hive, mut in_worker) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.model_jobs {
-        bus.push(timed_job(&client, model, req(prompt, 1)).await?.0);
-    }
-    let in_process = tokio::task::spawn_blocking({
-        let (path, jobs) = (model_path.clone(), a.model_jobs);
-        move || -> Result<Vec<f64>> {
-            let mut engine = rbee_worker::Engine::load(&path, candle_core::Device::Cpu).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            let params = req(prompt, 1).validate(0).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            let mut out = Vec::new();
-            for _ in 0..jobs {
-                let t = Instant::now();
-                let mut first = None;
-                engine
-                    .generate(&params, None, &AtomicBool::new(false), &mut |_, _| {
-                        first.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
-                    })
-                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                out.push(first.unwrap_or(0.0));
+        let (ttft, evs) = timed_job(&client, model, req(prompt, 1)).await?;
+        bus.push(ttft);
+        if let Some(EventBody::Done(d)) = evs.last().map(|e| &e.body) {
+            at_hive.push(d.timings.ttft_ms);
+            if d.timings.prompt_tps > 0.0 {
+                in_worker.push(d.usage.prompt_tokens as f64 / d.timings.prompt_tps * 1e3);
             }
-            Ok(out)
         }
-    })
-    .await??;
-    let mut in_process = in_process;
-    let (b50, i50) = (pct(&mut bus.clone(), 0.5), pct(&mut in_process.clone(), 0.5));
+        in_process.push(local.job().await?);
+    }
+    let (b50, i50) = (pct(&mut bus, 0.5), pct(&mut in_process, 0.5));
     row(&format!("{model} through rbee (prompt {:?})", prompt), &mut bus);
     row(&format!("{model} in-process, same engine and prompt"), &mut in_process);
     println!("  {:<58} {:>+8.3} ms at p50", "bus overhead", b50 - i50);
+    println!("    {:<56} {:>8.3} ms", "of that p50: the hive's claim → first token to NATS", pct(&mut at_hive, 0.5));
+    if !in_worker.is_empty() {
+        println!("    {:<56} {:>8.3} ms", "            the worker's prompt processing (its clock)", pct(&mut in_worker, 0.5));
+    }
 
     // 4. Streaming, one job (only bench-a is up).
     println!("\n4. token streaming (no-op engine, no delay)");
