@@ -66,6 +66,8 @@ pub struct StartOptions {
 pub struct Worker {
     pub proc: Arc<WorkerProc>,
     pub model: String,
+    /// The catalog entry it was started from.
+    pub entry: ModelEntry,
     pub backend: String,
     pub device: String,
     pub memory: u64,
@@ -175,6 +177,15 @@ impl Pool {
         lock(&self.slots).contains_key(model_key)
     }
 
+    /// The catalog entry of a live worker's model, found by the job's model
+    /// reference (its key or its source): a warm job needs no catalog read.
+    pub fn warm_entry(&self, wanted: &str) -> Option<ModelEntry> {
+        lock(&self.slots).values().find_map(|slot| match slot {
+            Slot::Ready(w) if w.proc.exit_reason().is_none() && (w.entry.key == wanted || w.entry.source == wanted) => Some(w.entry.clone()),
+            _ => None,
+        })
+    }
+
     /// A ready worker for `model`, started if none runs.
     pub async fn lease(self: &Arc<Self>, model: &ModelEntry, keep_alive_ms: Option<i64>) -> Result<Lease, JobError> {
         let began = Instant::now();
@@ -273,6 +284,7 @@ impl Pool {
             Arc::new(Worker {
                 proc,
                 model: model.key.clone(),
+                entry: model.clone(),
                 backend: backend.clone(),
                 device: device_name.clone(),
                 memory,

@@ -2,7 +2,8 @@
 //!
 //! 1. The model must be known here (catalog, or a known model on disk). If
 //!    not, but another live hive lists it, the job is left for that hive.
-//! 2. A worker for it runs here: warm start, go.
+//! 2. A worker for it runs here: warm start, go (checked first: a warm job
+//!    reads nothing, not even the catalog).
 //! 3. Its estimated memory must fit here (free memory, and `--memory-limit`
 //!    minus what this hive's workers take). If not, but it fits another live
 //!    hive, the job is left for it; if it fits nowhere: `INSUFFICIENT_MEMORY`.
@@ -46,6 +47,9 @@ pub enum Decision {
 
 pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
     let wanted = model.to_string();
+    if let Some(entry) = ctx.pool.warm_entry(&wanted) {
+        return Decision::Go(entry);
+    }
     let may_defer = mode != Mode::SpawnHere;
     let catalog = ctx.catalog.clone();
     let hive = ctx.hive_id.clone();
