@@ -87,8 +87,8 @@ impl Claimer {
             let (i, b) = (puller.credits(INTERACTIVE), puller.credits(BATCH));
             if !batch_waiting {
                 // Idle or interactive-only: wait on both lanes.
-                puller.request(INTERACTIVE, free.saturating_sub(i), false).await;
-                puller.request(BATCH, free.saturating_sub(b), false).await;
+                puller.request(INTERACTIVE, top_up(free, i), false).await;
+                puller.request(BATCH, top_up(free, b), false).await;
             } else if interactive_streak + 1 >= BATCH_EVERY || interactive_empty {
                 // Batch's turn, or no interactive job waits: one lane at a time.
                 if i == 0 {
@@ -135,6 +135,19 @@ impl Claimer {
     }
 }
 
+/// How many more jobs to ask a lane for, with `free` slots and `credits`
+/// asked for already: none while at least half the slots are still asked
+/// for, so a busy hive sends one pull request per several jobs, not one per
+/// job; but never leaves a lane with nothing asked.
+fn top_up(free: usize, credits: usize) -> usize {
+    let want = free.saturating_sub(credits);
+    if credits == 0 || want * 2 >= free {
+        want
+    } else {
+        0
+    }
+}
+
 /// Claims lifecycle jobs from `consumers` until `stop`.
 pub async fn claim_ctl<F>(
     client: Client,
@@ -167,5 +180,24 @@ where
             _ = slots.freed.notified() => {}
             _ = stop.cancelled() => return puller.close().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_up;
+
+    #[test]
+    fn pull_requests_are_batched_but_a_lane_is_never_left_unasked() {
+        assert_eq!(top_up(1, 0), 1);
+        assert_eq!(top_up(1, 1), 0);
+        assert_eq!(top_up(16, 0), 16);
+        assert_eq!(top_up(16, 15), 0); // 15 still asked for: wait
+        assert_eq!(top_up(16, 9), 0);
+        assert_eq!(top_up(16, 8), 8); // half gone: ask for them in one request
+        assert_eq!(top_up(4, 3), 0);
+        assert_eq!(top_up(4, 2), 2);
+        assert_eq!(top_up(0, 0), 0);
+        assert_eq!(top_up(2, 5), 0);
     }
 }
