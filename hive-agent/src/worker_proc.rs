@@ -245,7 +245,7 @@ impl WorkerProc {
     }
 }
 
-async fn read_frame(r: &mut ChildStdout) -> std::io::Result<Option<FromWorker>> {
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<FromWorker>> {
     let len = match r.read_u32().await {
         Ok(n) => n as usize,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
@@ -271,7 +271,9 @@ async fn write_frames(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::Recei
     }
 }
 
-async fn route_frames(id: String, mut stdout: ChildStdout, routes: Routes) {
+async fn route_frames(id: String, stdout: ChildStdout, routes: Routes) {
+    // Buffered: a streaming worker's frames arrive many per read.
+    let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
     loop {
         let frame = match read_frame(&mut stdout).await {
             Ok(Some(f)) => f,
