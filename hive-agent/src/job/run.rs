@@ -411,7 +411,13 @@ impl<'a> Run<'a> {
                 let _ = sink.emit(body).await;
             }
         }
-        tracing::info!(state = state.as_str(), total_ms = ms(self.claimed.elapsed()), "job ended");
+        // A job that went well is in its record and its events; a line for it
+        // on the log bus would be one more stream write per job. On stderr
+        // with RBEE_LOG=debug.
+        match state {
+            JobState::Done => tracing::debug!(state = state.as_str(), total_ms = ms(self.claimed.elapsed()), "job ended"),
+            _ => tracing::info!(state = state.as_str(), total_ms = ms(self.claimed.elapsed()), "job ended"),
+        }
     }
 
     /// Hands the job back for another attempt, carrying what was generated.
