@@ -191,6 +191,33 @@ impl InProcess {
     }
 }
 
+/// Publish acks still to come, at most [`Window::MAX`]: each holds one of
+/// the JetStream context's ack permits (5,000), and a publisher holding them
+/// all waits for ever for the next.
+#[derive(Default)]
+struct Window(std::collections::VecDeque<jetstream::context::PublishAckFuture>);
+
+impl Window {
+    const MAX: usize = 1024;
+
+    async fn push(&mut self, ack: jetstream::context::PublishAckFuture) -> Result<()> {
+        if self.0.len() >= Self::MAX {
+            if let Some(oldest) = self.0.pop_front() {
+                oldest.await?;
+            }
+        }
+        self.0.push_back(ack);
+        Ok(())
+    }
+
+    async fn drain(&mut self) -> Result<()> {
+        while let Some(ack) = self.0.pop_front() {
+            ack.await?;
+        }
+        Ok(())
+    }
+}
+
 fn cpu_ms(pid: u32) -> f64 {
     // utime + stime, fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 Hz).
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -241,13 +268,11 @@ async fn run_async(a: &Args) -> Result<()> {
         .await?;
     let n = a.burst;
     let t = Instant::now();
-    let mut acks = Vec::with_capacity(n);
+    let mut acks = Window::default();
     for i in 0..n {
-        acks.push(js.publish("bench.jobs.x", Bytes::from(format!("{{\"prompt\":\"x\",\"i\":{i}}}"))).await?);
+        acks.push(js.publish("bench.jobs.x", Bytes::from(format!("{{\"prompt\":\"x\",\"i\":{i}}}"))).await?).await?;
     }
-    for ack in acks {
-        ack.await?;
-    }
+    acks.drain().await?;
     let publish_rate = n as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     let mut msgs = c.messages().await?;
@@ -340,8 +365,18 @@ async fn run_async(a: &Args) -> Result<()> {
             spawn_worker(&client, &h.id, "noop").await?;
             hives.push(h);
         }
+        let pids = |f: &dyn Fn(&HiveProc) -> Option<u32>| hives.iter().filter_map(f).collect::<Vec<_>>();
+        let (hive_pids, worker_pids) = (pids(&|h| Some(h.pid())), pids(&|h| worker_pid(&h.id)));
+        let parts = [vec![server.pid().unwrap_or(0)], hive_pids, worker_pids, vec![std::process::id()]];
+        let before: Vec<f64> = parts.iter().map(|p| p.iter().map(|&p| cpu_ms(p)).sum()).collect();
         let rate = burst(&js, &mut events, "noop", a.burst, 1).await?;
         println!("  {:<58} {rate:>10.0} jobs/s", format!("no-op jobs, {workers} worker(s), {} jobs", a.burst));
+        let per_job: Vec<String> = parts
+            .iter()
+            .zip(&before)
+            .map(|(p, b)| format!("{:.0}", (p.iter().map(|&p| cpu_ms(p)).sum::<f64>() - b) * 1e3 / a.burst as f64))
+            .collect();
+        println!("    CPU µs per job: nats-server {}, hives {}, workers {}, producer (this process) {}", per_job[0], per_job[1], per_job[2], per_job[3]);
     }
     let rate = burst(&js, &mut events, model, a.model_jobs, 1).await?;
     println!("  {:<58} {rate:>10.1} jobs/s", format!("{model}, max_tokens 1, 1 worker, {} jobs", a.model_jobs));
@@ -399,14 +434,12 @@ async fn burst(js: &jetstream::Context, events: &mut async_nats::Subscriber, mod
         let js = js.clone();
         let run = run.clone();
         tokio::spawn(async move {
-            let mut acks = Vec::with_capacity(n);
+            let mut acks = Window::default();
             for i in 0..n {
                 let msg = jetstream::message::PublishMessage::build().payload(body.clone()).message_id(format!("{run}-{i}"));
-                acks.push(js.send_publish(subject.clone(), msg).await?);
+                acks.push(js.send_publish(subject.clone(), msg).await?).await?;
             }
-            for ack in acks {
-                ack.await?;
-            }
+            acks.drain().await?;
             Ok::<_, anyhow::Error>(())
         })
     };
