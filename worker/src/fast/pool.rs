@@ -184,15 +184,45 @@ struct SpinPool {
     workers: Vec<JoinHandle<()>>,
     /// Sections left to run on the caller alone after a straggler (see `run`).
     solo: Cell<u32>,
+    /// How many the next straggler buys (see [`Backoff`]).
+    backoff: Cell<Backoff>,
 }
 
 /// A wait for joined workers longer than this, and than 4× the caller's own
 /// mean task time, means one of them was preempted mid-task: the machine is
 /// oversubscribed.
 const STRAGGLER: Duration = Duration::from_micros(200);
-/// Sections then run on the calling thread alone before trying workers again
-/// (about half a decode step of the demo model).
+/// At most this many sections then run on the calling thread alone before
+/// trying workers again (about half a decode step of the demo model).
 const SOLO_SECTIONS: u32 = 64;
+/// The fewest: what one straggler buys when they are rare.
+const SOLO_MIN: u32 = 2;
+
+/// How long to run alone after a straggler. One straggler is usually one
+/// short preemption (the broker or the hive woke for a message): running
+/// 64 sections alone for it cost a job's prompt ~15 % on the demo machine.
+/// Stragglers in a row mean an oversubscribed machine: the solo run doubles
+/// with each, up to [`SOLO_SECTIONS`], and halves with each clean section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backoff(u32);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(SOLO_MIN)
+    }
+}
+
+impl Backoff {
+    /// After a straggler: sections to run alone, and the next backoff.
+    fn straggled(self) -> (u32, Backoff) {
+        (self.0, Backoff((self.0 * 2).min(SOLO_SECTIONS)))
+    }
+
+    /// After a parallel section nobody held up.
+    fn clean(self) -> Backoff {
+        Backoff((self.0 / 2).max(SOLO_MIN))
+    }
+}
 
 /// How long an idle worker spins, then yields, before it sleeps on the condvar.
 const SPIN_FOR: Duration = Duration::from_micros(50);
@@ -221,12 +251,12 @@ impl SpinPool {
                 .map_err(|e| format!("cannot start worker thread: {e}"))?;
             handles.push(h);
         }
-        Ok(Self { shared, workers: handles, solo: Cell::new(0) })
+        Ok(Self { shared, workers: handles, solo: Cell::new(0), backoff: Cell::new(Backoff::default()) })
     }
 
     /// Runs the section; if joined workers kept the caller waiting much longer
     /// than a task takes (see [`STRAGGLER`]: one was descheduled holding a
-    /// task), the next [`SOLO_SECTIONS`] sections run on the caller alone. On a busy machine a
+    /// task), the next few sections run on the caller alone ([`Backoff`]). On a busy machine a
     /// preempted worker would otherwise cost a scheduler time slice per
     /// section, making two threads slower than one; on a quiet one this never
     /// triggers.
@@ -237,8 +267,13 @@ impl SpinPool {
             return (0..n).for_each(f);
         }
         let (waited, task) = self.run_parallel(n, f);
+        let backoff = self.backoff.get();
         if waited > STRAGGLER.max(4 * task) {
-            self.solo.set(SOLO_SECTIONS);
+            let (solo, next) = backoff.straggled();
+            self.solo.set(solo);
+            self.backoff.set(next);
+        } else {
+            self.backoff.set(backoff.clean());
         }
     }
 
@@ -390,6 +425,25 @@ impl Drop for SpinPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_straggler_costs_little_and_a_run_of_them_backs_off() {
+        let b = Backoff::default();
+        let (solo, b) = b.straggled();
+        assert_eq!(solo, SOLO_MIN);
+        // A clean section forgets it.
+        assert_eq!(b.clean(), Backoff::default());
+        // Stragglers in a row double the solo run, up to the cap.
+        let mut b = Backoff::default();
+        let mut runs = Vec::new();
+        for _ in 0..8 {
+            let (solo, next) = b.straggled();
+            runs.push(solo);
+            b = next;
+        }
+        assert_eq!(runs, [2, 4, 8, 16, 32, 64, 64, 64]);
+        assert_eq!(b.clean().clean(), Backoff(16));
+    }
 
     #[test]
     fn every_task_runs_once_on_both_kinds() {
