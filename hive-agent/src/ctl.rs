@@ -95,7 +95,7 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, slot: SlotGuard) 
     let Claim::Run { next_seq, record, revision, .. } = claimed_record else {
         // Ended before, duplicate, cancelled while waiting, records unavailable:
         // handled as for any job.
-        return run.go(claimed_record, Err(JobError::internal("not run")), slot).await;
+        return run.go(claimed_record, Err(JobError::internal("not run")), slot, None).await;
     };
     run.wrote(revision);
     let mut sink = EventSink::new(ctx.client.clone(), &env.reply_to, &env.job_id, env.encoding, next_seq);

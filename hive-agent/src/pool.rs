@@ -186,6 +186,19 @@ impl Pool {
         })
     }
 
+    /// A lease on a ready worker for `model` if one has a free slot right
+    /// now; never starts or waits for a worker.
+    pub fn try_lease(&self, model: &ModelEntry, keep_alive_ms: Option<i64>) -> Option<Lease> {
+        let worker = match lock(&self.slots).get(&model.key) {
+            Some(Slot::Ready(w)) if w.proc.exit_reason().is_none() => w.clone(),
+            _ => return None,
+        };
+        let permit = worker.proc.busy.clone().try_acquire_owned().ok()?;
+        worker.keep_alive_ms.store(keep_alive_ms.unwrap_or(self.config.keep_alive_ms), Ordering::Relaxed);
+        worker.set_state(WorkerState::Busy);
+        Some(Lease { worker: worker.proc.clone(), cold: false, load_ms: 0.0, entry: worker, _permit: permit })
+    }
+
     /// A ready worker for `model`, started if none runs.
     pub async fn lease(self: &Arc<Self>, model: &ModelEntry, keep_alive_ms: Option<i64>) -> Result<Lease, JobError> {
         let began = Instant::now();

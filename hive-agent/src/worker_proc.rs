@@ -204,6 +204,12 @@ impl WorkerProc {
         let _ = self.input.send(ToWorker::Cancel { job }).await;
     }
 
+    /// [`cancel`](Self::cancel) without waiting (for `Drop`); false if the
+    /// worker's input queue was full or closed.
+    pub fn cancel_now(&self, job: u64) -> bool {
+        self.input.try_send(ToWorker::Cancel { job }).is_ok()
+    }
+
     /// Forgets a job's route (its task is done with it).
     pub fn release(&self, job: u64) {
         lock(&self.routes).remove(&job);

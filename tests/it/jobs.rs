@@ -254,6 +254,11 @@ async fn the_same_job_id_runs_once_within_and_after_the_dedup_window() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let third = collect(&mut submit(&client, &id, job(5)).await).await;
     assert_eq!(third, first);
+    // The third message went to the warm worker before its claim said
+    // "ended" (an early start): that start was called off and the hive's
+    // only slot is free for the next job.
+    let next = collect(&mut submit(&client, &unique("after-dup"), job(3)).await).await;
+    assert_eq!(stop_reason(&next), StopReason::MaxTokens);
     assert_queue_drains(client.nats()).await;
     let kept = kept_events(client.nats(), &id).await;
     let starts = kept.iter().filter(|e| matches!(e.body, EventBody::Started(_))).count();

@@ -142,11 +142,18 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, lane: Lane, slot:
         },
         Err(e) => Err(e),
     };
+    // A first delivery for a warm worker with a free slot starts computing
+    // now, while the claim is written; events wait for the claim.
+    let first_delivery = msg.info().is_ok_and(|i| i.delivered == 1);
+    let early = match &prepared {
+        Ok((p, entry)) if first_delivery && !p.deadline_ms.is_some_and(|d| now_ms() >= d) => run::Early::start(&ctx, entry, p).await,
+        _ => None,
+    };
     // Registered before the record says "running", so no cancel request is missed.
     let registration = ctx.running.register(&env.job_id);
     let claim = claim::claim(&ctx, &env, prepared.as_ref().ok().map(|(p, _)| p)).await;
     let run = run::Run::new(&ctx, &msg, &env, claimed, registration.cancelled.clone());
-    run.go(claim, prepared, slot).await;
+    run.go(claim, prepared, slot, early).await;
 }
 
 /// Reads the job id, reply subject and encoding without trusting the body.

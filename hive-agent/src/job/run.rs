@@ -61,6 +61,44 @@ pub struct Run<'a> {
     written: AtomicU64,
 }
 
+/// A job handed to a warm worker before its claim, so the worker computes
+/// while the record is written (a record round trip, ~0.2-0.5 ms on a busy
+/// machine, no longer comes before the first token). Its output waits in
+/// the route's channel until the claim says run; if the claim says anything
+/// else, or the job is not a fresh first attempt, dropping it cancels the
+/// worker's job and frees the slot.
+#[derive(Debug)]
+pub struct Early {
+    lease: Option<Lease>,
+    job: u64,
+    rx: Option<tokio::sync::mpsc::Receiver<WorkerMsg>>,
+}
+
+impl Early {
+    /// Starts `params` on a worker of `model` if one has a free slot now.
+    pub async fn start(ctx: &JobCtx, model: &ModelEntry, prepared: &Prepared) -> Option<Early> {
+        let lease = ctx.pool.try_lease(model, prepared.keep_alive_ms)?;
+        let (job, rx) = lease.worker.run(prepared.params.clone(), None).await.ok()?;
+        Some(Early { lease: Some(lease), job, rx: Some(rx) })
+    }
+
+    fn take(mut self) -> (Lease, u64, tokio::sync::mpsc::Receiver<WorkerMsg>) {
+        let (lease, rx) = (self.lease.take(), self.rx.take());
+        (lease.expect("taken once"), self.job, rx.expect("taken once"))
+    }
+}
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        if let Some(lease) = &self.lease {
+            if !lease.worker.cancel_now(self.job) {
+                tracing::warn!(worker = %lease.worker.id, "could not call off an early start; the worker finishes it for nobody");
+            }
+            lease.worker.release(self.job);
+        }
+    }
+}
+
 fn error_body(code: ErrorCode, message: impl Into<String>) -> EventBody {
     JobError::new(code, message).into()
 }
@@ -89,15 +127,18 @@ impl<'a> Run<'a> {
         }
     }
 
-    pub async fn go(self, claim: Claim, prepared: Result<(Prepared, ModelEntry), JobError>, slot: SlotGuard) {
+    pub async fn go(self, claim: Claim, prepared: Result<(Prepared, ModelEntry), JobError>, slot: SlotGuard, early: Option<Early>) {
         let sink = |seq| EventSink::new(self.ctx.client.clone(), &self.env.reply_to, &self.env.job_id, self.env.encoding, seq);
         match claim {
             Claim::Run { attempt, next_seq, resume, vanished, record, revision } => {
                 self.wrote(revision);
                 let mut s = sink(next_seq);
-                self.run(&mut s, attempt, resume, vanished, record, prepared, slot).await;
+                // A worker that already started the job serves only a fresh first attempt.
+                let early = early.filter(|_| attempt == 1 && next_seq == 0 && resume.is_none() && !vanished);
+                self.run(&mut s, attempt, resume, vanished, record, prepared, slot, early).await;
             }
             Claim::Ended(rec) => {
+                drop(early);
                 tracing::info!(state = rec.state.as_str(), "job ended before; not running it again");
                 if let Some(t) = &rec.terminal {
                     let _ = sink(t.seq).resend(t).await;
@@ -131,6 +172,7 @@ impl<'a> Run<'a> {
         rec: JobRecord,
         prepared: Result<(Prepared, ModelEntry), JobError>,
         slot: SlotGuard,
+        early: Option<Early>,
     ) {
         let (prepared, entry) = match prepared {
             Ok(p) => p,
@@ -149,6 +191,11 @@ impl<'a> Run<'a> {
         if vanished && sink.next_seq() > 0 {
             let reason = "the previous attempt's hive stopped without handing the job back".to_owned();
             let _ = sink.emit(EventBody::Restarted(Restarted { attempt: attempt - 1, reason, resume: false })).await;
+        }
+
+        if let Some(early) = early {
+            let (lease, job, rx) = early.take();
+            return self.generate(sink, lease, attempt, rec, &prepared, resume, &entry.key, slot, Some((job, rx))).await;
         }
 
         // Wait for a worker, sending in-progress acks; a cancel or deadline ends the wait.
@@ -180,7 +227,7 @@ impl<'a> Run<'a> {
             Ok(l) => l,
             Err(e) => return self.end(sink, rec, JobState::Failed, e.into(), AckKind::Term).await,
         };
-        self.generate(sink, lease, attempt, rec, &prepared, resume, &entry.key, slot).await;
+        self.generate(sink, lease, attempt, rec, &prepared, resume, &entry.key, slot, None).await;
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -194,6 +241,7 @@ impl<'a> Run<'a> {
         resume: Option<Resume>,
         model: &str,
         slot: SlotGuard,
+        running: Option<(u64, tokio::sync::mpsc::Receiver<WorkerMsg>)>,
     ) {
         let worker = lease.worker.clone();
         let params: &GenerateParams = &prepared.params;
@@ -212,7 +260,8 @@ impl<'a> Run<'a> {
         let mut stopping: Option<(Stop, Instant)> = None;
         let ended = match sink.emit(started).await {
             Err(e) => Ended::Died(format!("publishing failed: {e}")),
-            Ok(_) => match worker.run(params.clone(), resume).await {
+            // A job started early is on the worker already.
+            Ok(_) => match if let Some(r) = running { Ok(r) } else { worker.run(params.clone(), resume).await } {
                 Err(reason) => Ended::Died(reason),
                 Ok((job, mut rx)) => {
                     let mut progress = super::progress_acks(self.ctx.ack_wait);
