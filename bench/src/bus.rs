@@ -333,10 +333,12 @@ async fn run_async(a: &Args) -> Result<()> {
         }
         in_process.push(local.job().await?);
     }
+    let mut paired: Vec<f64> = bus.iter().zip(&in_process).map(|(b, i)| b - i).collect();
     let (b50, i50) = (pct(&mut bus, 0.5), pct(&mut in_process, 0.5));
     row(&format!("{model} through rbee (prompt {:?})", prompt), &mut bus);
     row(&format!("{model} in-process, same engine and prompt"), &mut in_process);
-    println!("  {:<58} {:>+8.3} ms at p50", "bus overhead", b50 - i50);
+    println!("  {:<58} {:>+8.3} ms at p50", "bus overhead (difference of the p50s)", b50 - i50);
+    println!("  {:<58} {:>+8.3} ms", "bus overhead (p50 of each job minus its in-process twin)", pct(&mut paired, 0.5));
     println!("    {:<56} {:>8.3} ms", "of that p50: the hive's claim → first token to NATS", pct(&mut at_hive, 0.5));
     if !in_worker.is_empty() {
         println!("    {:<56} {:>8.3} ms", "            the worker's prompt processing (its clock)", pct(&mut in_worker, 0.5));
