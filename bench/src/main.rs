@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release -p rbee-bench -- bus` measures the bus against its floor;
 //! `cargo run --release -p rbee-bench -- engine` compares rbee's two inference
-//! engines with llama.cpp on one GGUF. Not a default workspace member, so CI
+//! engines with llama.cpp on one GGUF; `all` runs both. Not a default workspace member, so CI
 //! never builds it.
 
 use std::process::ExitCode;
@@ -30,6 +30,18 @@ enum Command {
     /// (no-op and real model vs in-process), dispatch throughput with 1/2/4
     /// workers, token streaming, cold start.
     Bus(bus::Args),
+    /// Both, with their default settings: the engine table, then the bus.
+    All,
+}
+
+/// Default settings of one subcommand, as if run with no options.
+fn defaults<A: clap::Args>(name: &'static str) -> A {
+    #[derive(Parser)]
+    struct Wrap<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    Wrap::<A>::parse_from([name]).args
 }
 
 fn main() -> ExitCode {
@@ -37,6 +49,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Engine(args) => engine::run(&args),
         Command::Bus(args) => bus::run(&args),
+        Command::All => engine::run(&defaults("engine")).and_then(|()| bus::run(&defaults("bus"))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
