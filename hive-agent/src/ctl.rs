@@ -190,7 +190,7 @@ async fn execute(ctx: &JobCtx, req: CtlRequest, spawn_entry: Option<ModelEntry>,
             .pool
             .stop(&worker)
             .await
-            .map(|w| json!({ "hive": ctx.hive_id, "worker": w.proc.id, "model": w.model, "stopped": true })),
+            .map(|w| json!({ "hive": ctx.hive_id, "worker": w.proc.id, "model": w.entry.key, "stopped": true })),
     };
     match r {
         Ok(v) => Outcome::Done(v),

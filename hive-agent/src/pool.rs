@@ -65,8 +65,7 @@ pub struct StartOptions {
 #[derive(Debug)]
 pub struct Worker {
     pub proc: Arc<WorkerProc>,
-    pub model: String,
-    /// The catalog entry it was started from.
+    /// The catalog entry it was started from (`entry.key` is its model).
     pub entry: ModelEntry,
     pub backend: String,
     pub device: String,
@@ -101,7 +100,7 @@ impl Worker {
             v: rbee_schemas::PROTOCOL_VERSION,
             id: self.proc.id.clone(),
             hive: hive.to_owned(),
-            model: self.model.clone(),
+            model: self.entry.key.clone(),
             state: self.state(),
             pid: self.proc.pid,
             backend: self.backend.clone(),
@@ -194,9 +193,15 @@ impl Pool {
             _ => return None,
         };
         let permit = worker.proc.busy.clone().try_acquire_owned().ok()?;
+        Some(self.grant(worker, permit, keep_alive_ms, None))
+    }
+
+    /// Hands out a slot of `worker` that `permit` holds; `load_ms` when the
+    /// job waited for the worker to start.
+    fn grant(&self, worker: Arc<Worker>, permit: OwnedSemaphorePermit, keep_alive_ms: Option<i64>, load_ms: Option<f64>) -> Lease {
         worker.keep_alive_ms.store(keep_alive_ms.unwrap_or(self.config.keep_alive_ms), Ordering::Relaxed);
         worker.set_state(WorkerState::Busy);
-        Some(Lease { worker: worker.proc.clone(), cold: false, load_ms: 0.0, entry: worker, _permit: permit })
+        Lease { worker: worker.proc.clone(), cold: load_ms.is_some(), load_ms: load_ms.unwrap_or(0.0), entry: worker, _permit: permit }
     }
 
     /// A ready worker for `model`, started if none runs.
@@ -216,10 +221,8 @@ impl Pool {
             if worker.proc.exit_reason().is_some() || !self.is_current(&worker) {
                 continue; // died or was retired while we waited for it; start another
             }
-            worker.keep_alive_ms.store(keep_alive_ms.unwrap_or(self.config.keep_alive_ms), Ordering::Relaxed);
-            worker.set_state(WorkerState::Busy);
-            let load_ms = if waited_for_start { began.elapsed().as_secs_f64() * 1e3 } else { 0.0 };
-            return Ok(Lease { worker: worker.proc.clone(), cold: waited_for_start, load_ms, entry: worker, _permit: permit });
+            let load_ms = waited_for_start.then(|| began.elapsed().as_secs_f64() * 1e3);
+            return Ok(self.grant(worker, permit, keep_alive_ms, load_ms));
         }
     }
 
@@ -239,7 +242,7 @@ impl Pool {
     }
 
     fn is_current(&self, w: &Arc<Worker>) -> bool {
-        matches!(lock(&self.slots).get(&w.model), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, w))
+        matches!(lock(&self.slots).get(&w.entry.key), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, w))
     }
 
     fn slot_for(self: &Arc<Self>, model: &ModelEntry, opts: StartOptions) -> Slot {
@@ -296,7 +299,6 @@ impl Pool {
         let result = result.map(|proc| {
             Arc::new(Worker {
                 proc,
-                model: model.key.clone(),
                 entry: model.clone(),
                 backend: backend.clone(),
                 device: device_name.clone(),
@@ -328,8 +330,8 @@ impl Pool {
                     w.proc.exited().await;
                     {
                         let mut slots = lock(&pool.slots);
-                        if matches!(slots.get(&w.model), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, &w)) {
-                            slots.remove(&w.model);
+                        if matches!(slots.get(&w.entry.key), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, &w)) {
+                            slots.remove(&w.entry.key);
                         }
                     }
                     pool.unpublish(&w.proc.id);
@@ -368,7 +370,7 @@ impl Pool {
                 });
             }
             for (w, permit) in retire {
-                tracing::info!(worker = %w.proc.id, model = %w.model, "idle past its keep-alive; stopping it");
+                tracing::info!(worker = %w.proc.id, model = %w.entry.key, "idle past its keep-alive; stopping it");
                 w.set_state(WorkerState::Stopping);
                 self.publish(w.info(&self.config.hive_id));
                 tokio::spawn(async move {

@@ -90,6 +90,13 @@ pub struct Prepared {
     pub keep_alive_ms: Option<i64>,
 }
 
+impl Prepared {
+    /// Whether the job's deadline has passed.
+    pub fn expired(&self) -> bool {
+        self.deadline_ms.is_some_and(|d| now_ms() >= d)
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -146,7 +153,7 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, lane: Lane, slot:
     // now, while the claim is written; events wait for the claim.
     let first_delivery = msg.info().is_ok_and(|i| i.delivered == 1);
     let early = match &prepared {
-        Ok((p, entry)) if first_delivery && !p.deadline_ms.is_some_and(|d| now_ms() >= d) => run::Early::start(&ctx, entry, p).await,
+        Ok((p, entry)) if first_delivery && !p.expired() => run::Early::start(&ctx, entry, p).await,
         _ => None,
     };
     // Registered before the record says "running", so no cancel request is missed.

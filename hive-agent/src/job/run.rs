@@ -181,7 +181,7 @@ impl<'a> Run<'a> {
                 return self.end(sink, rec, JobState::Failed, e.into(), AckKind::Term).await;
             }
         };
-        if prepared.deadline_ms.is_some_and(|d| now_ms() >= d) {
+        if prepared.expired() {
             let e = error_body(ErrorCode::DeadlineExceeded, "the job's deadline passed before it could start");
             return self.end(sink, rec, JobState::Expired, e, AckKind::Term).await;
         }
