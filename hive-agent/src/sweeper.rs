@@ -5,8 +5,10 @@
 //!   the record's compare-and-set makes exactly one of them end each expired
 //!   job (publish its error event, delete its message);
 //! - leftovers: a message older than twice `ack_wait` whose job has ended is
-//!   deleted. Normally acking removes it; a broker crash can leave it behind
-//!   with its consumer already past it, and then nothing else ever would.
+//!   deleted, after its terminal event is published once more. Normally
+//!   acking removes it; a broker crash can leave it behind with its consumer
+//!   already past it, and then nothing else ever would; a hive that died
+//!   between its job's terminal record and terminal event leaves it too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,10 +110,20 @@ async fn sweep_leftovers(ctx: &JobCtx, jobs: &Stream) {
     let Ok(queued) = queue::scan(jobs, 1, SWEEP_LIMIT).await else { return };
     let old_before = now_ms().saturating_sub(2 * ctx.ack_wait.as_millis() as u64);
     for q in queued.iter().filter(|q| q.received_ms < old_before) {
-        if let Ok(Some(v)) = ctx.records.get(&q.job_id).await {
-            if v.record.state.is_terminal() && jobs.delete_message(q.seq).await.is_ok() {
-                tracing::info!(job_id = %q.job_id, seq = q.seq, state = v.record.state.as_str(), "removed a leftover message of an ended job");
-            }
+        let Ok(Some(v)) = ctx.records.get(&q.job_id).await else { continue };
+        if !v.record.state.is_terminal() {
+            continue;
+        }
+        // The hive that ended it may have died between writing the record
+        // and publishing the terminal event (or be stuck publishing it): send
+        // it again, readers drop repeats by `seq`. Its redelivery would have
+        // done the same, had the message not been removed here.
+        if let Some(terminal) = &v.record.terminal {
+            let encoding = Encoding::from_content_type(q.message.headers.get(HEADER_CONTENT_TYPE).map(|v| v.as_str())).unwrap_or_default();
+            publish_once(&ctx.client, &q.job_id, &v.record.reply_to, encoding, terminal).await;
+        }
+        if jobs.delete_message(q.seq).await.is_ok() {
+            tracing::info!(job_id = %q.job_id, seq = q.seq, state = v.record.state.as_str(), "removed a leftover message of an ended job");
         }
     }
 }

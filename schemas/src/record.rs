@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::event::{Event, Timings, Usage};
+use crate::event::{Event, EventBody, StopReason, Timings, Usage};
 use crate::subjects::Lane;
 
 /// Where a job stands.
@@ -164,6 +164,48 @@ impl JobRecord {
             terminal: None,
         }
     }
+
+    /// Moves the record into terminal `state` with the job's last event:
+    /// what that event carries (usage, timings, the error) goes into the
+    /// record, and `next_seq` past it.
+    pub fn end_with(&mut self, state: JobState, event: Event, now_ms: u64) {
+        match &event.body {
+            EventBody::Done(d) => {
+                self.usage = Some(d.usage);
+                self.timings = Some(d.timings);
+            }
+            EventBody::Error(e) => {
+                self.error_code = Some(e.code);
+                self.error_message = Some(e.message.clone());
+            }
+            _ => {}
+        }
+        self.state = state;
+        self.next_seq = event.seq + 1;
+        self.updated_at_ms = now_ms;
+        self.resume = None;
+        self.terminal = Some(event);
+    }
+}
+
+impl JobState {
+    /// The state a job is in after this terminal event; `None` for an event
+    /// that does not end a job. Used to repair a record from the events
+    /// stream when its terminal write was lost.
+    pub fn ended_by(body: &EventBody) -> Option<JobState> {
+        Some(match body {
+            EventBody::Done(d) if d.stop_reason == StopReason::Cancelled => JobState::Cancelled,
+            EventBody::Done(_) => JobState::Done,
+            EventBody::Error(e) => match e.code {
+                ErrorCode::Cancelled => JobState::Cancelled,
+                ErrorCode::DeadlineExceeded => JobState::Expired,
+                // Only a job out of attempts ends with WORKER_CRASHED.
+                ErrorCode::WorkerCrashed => JobState::Dead,
+                _ => JobState::Failed,
+            },
+            _ => return None,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +213,30 @@ mod tests {
     use super::*;
     use crate::codec::Encoding;
     use crate::error::JobError;
+
+    #[test]
+    fn a_terminal_event_names_the_state_it_ends_in_and_fills_the_record() {
+        use crate::event::Done;
+        let done = |r| EventBody::Done(Done::generation(r, Usage::default(), Timings::default(), 1));
+        let error = |c| EventBody::from(JobError::new(c, "x"));
+        assert_eq!(JobState::ended_by(&done(StopReason::Eos)), Some(JobState::Done));
+        assert_eq!(JobState::ended_by(&done(StopReason::Cancelled)), Some(JobState::Cancelled));
+        assert_eq!(JobState::ended_by(&error(ErrorCode::Cancelled)), Some(JobState::Cancelled));
+        assert_eq!(JobState::ended_by(&error(ErrorCode::DeadlineExceeded)), Some(JobState::Expired));
+        assert_eq!(JobState::ended_by(&error(ErrorCode::WorkerCrashed)), Some(JobState::Dead));
+        assert_eq!(JobState::ended_by(&error(ErrorCode::UnknownModel)), Some(JobState::Failed));
+        assert_eq!(JobState::ended_by(&EventBody::Token(crate::event::Token { text: "a".into() })), None);
+
+        let mut rec = JobRecord::new("j", JobState::Running, "rbee.events.j", 5);
+        rec.resume = Some(Resume { tokens: vec![1], streamed_bytes: 1 });
+        let event = Event::new("j", 7, error(ErrorCode::UnknownModel));
+        let state = JobState::ended_by(&event.body).unwrap();
+        rec.end_with(state, event.clone(), 9);
+        assert_eq!((rec.state, rec.next_seq, rec.updated_at_ms), (JobState::Failed, 8, 9));
+        assert_eq!(rec.error_code, Some(ErrorCode::UnknownModel));
+        assert!(rec.resume.is_none());
+        assert_eq!(rec.terminal, Some(event));
+    }
 
     #[test]
     fn job_record_round_trips() {

@@ -16,14 +16,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
 use rbee::{Client, ClientError, SubmitOptions};
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::error::ErrorCode;
-use rbee_schemas::event::{Event, EventBody};
+use rbee_schemas::event::{Done, Event, EventBody, Started, StopReason, Timings, Usage};
 use rbee_schemas::job::InferRequest;
-use rbee_schemas::record::JobState;
+use rbee_schemas::record::{JobRecord, JobState};
 use rbee_schemas::subjects;
 use rustix::process::{kill_process, Pid, Signal};
 
@@ -191,10 +192,15 @@ async fn jobs_survive_killed_workers_a_broker_restart_and_a_hive_restart() {
         assert_eq!(terminal.len(), 1, "{id}: terminal events {terminal:?}");
     }
     // Every record ended; the queue is empty.
+    let all_logs = || format!("{}\n{}\n{}", std::fs::read_to_string(hive_a.log_path()).unwrap_or_default(), hive_b.log(), hive_a2.log());
     let check = Client::from_nats(nats.clone());
     for (id, _) in &results {
-        let state = check.job(id).await.expect("a record").state;
-        assert!(state.is_terminal(), "{id} is {state:?}");
+        let rec = check.job(id).await.expect("a record");
+        if !rec.state.is_terminal() {
+            let logs = all_logs();
+            let related: Vec<&str> = logs.lines().filter(|l| l.contains(id.as_str())).collect();
+            panic!("{id} is {:?}: {rec:?}\n{}", rec.state, related.join("\n"));
+        }
     }
     let drain_started = Instant::now();
     while queued_jobs(&nats).await > 0 && drain_started.elapsed() < Duration::from_secs(25) {
@@ -217,10 +223,14 @@ async fn jobs_survive_killed_workers_a_broker_restart_and_a_hive_restart() {
         panic!("jobs left in the queue:{report}\n--- hive B ---\n{}", hive_b.log().lines().filter(|l| left.iter().any(|q| l.contains(&q.job_id))).collect::<Vec<_>>().join("\n"));
     }
     let done = outcomes.iter().filter(|(k, _)| k.starts_with("done")).map(|(_, n)| n).sum::<usize>();
+    let logs = all_logs();
+    let count = |what: &str| logs.lines().filter(|l| l.contains(what)).count();
     eprintln!(
         "fault suite: {jobs} jobs -> {outcomes:?}; {} worker kills, 1 broker restart, 1 hive kill+restart; \
-         {restarts} restarted events ({resumed} resumed)",
-        kills.load(Ordering::Relaxed)
+         {restarts} restarted events ({resumed} resumed); terminal record writes tried again {} times, records repaired {}",
+        kills.load(Ordering::Relaxed),
+        count("writing the terminal job record failed; trying again"),
+        count("repaired it from the kept terminal event"),
     );
     assert_eq!(results.len(), jobs, "no job lost");
     assert!(done as f64 >= jobs as f64 * 0.95, "most jobs complete despite the faults: {outcomes:?}");
@@ -234,6 +244,109 @@ async fn jobs_survive_killed_workers_a_broker_restart_and_a_hive_restart() {
     for id in [&id_a, &id_b] {
         eventually(Duration::from_secs(5), "no orphan workers", || processes_with_arg(&format!("{id}-w")).is_empty()).await;
     }
+}
+
+/// The state a hive leaves behind when it dies in the middle of ending a
+/// job: the job's message still queued, a record for it, and its `started`
+/// kept. Returns the job's `done` (seq 1).
+async fn half_ended_job(broker: &Broker, id: &str, state: JobState, ack_wait: Duration) -> Event {
+    let nats = broker.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let limits = rbee_broker::Limits { ack_wait, ..Default::default() };
+    let setup = rbee_broker::ensure(&js, &limits).await.expect("streams and buckets");
+    let reply_to = subjects::events_subject(id);
+    let seq = publish_raw(&nats, &subjects::infer_subject("noop"), &[("Nats-Msg-Id", id)], br#"{"prompt":"hi","max_tokens":4}"#).await;
+    let done = Event::new(id, 1, EventBody::Done(Done::generation(StopReason::MaxTokens, Usage::default(), Timings::default(), 7)));
+    let mut rec = JobRecord::new(id, JobState::Running, &reply_to, 1);
+    (rec.model, rec.hive, rec.attempts, rec.stream_seq) = ("noop".into(), Some("gone".into()), 1, Some(seq));
+    if state.is_terminal() {
+        rec.end_with(state, done.clone(), 2);
+    }
+    let records = rbee_broker::records::Records::new(setup.job_records);
+    records.create(&rec).await.expect("record written").expect("a new record");
+    let started = Started { hive: "gone".into(), worker: "gone-w1".into(), model: "noop".into(), cold: false, attempt: 1 };
+    assert!(rbee_broker::events::publish_once(&nats, id, &reply_to, Encoding::Json, &Event::new(id, 0, EventBody::Started(started))).await);
+    done
+}
+
+/// Waits for the job's record to reach a terminal state (20 s at most).
+async fn ended_record(client: &Client, id: &str) -> JobRecord {
+    let started_at = Instant::now();
+    loop {
+        let rec = client.job(id).await.expect("a record");
+        if rec.state.is_terminal() || started_at.elapsed() > Duration::from_secs(20) {
+            return rec;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts the job ran once (the `started` the test wrote) and its events end
+/// with `done` at seq 1, maybe sent more than once.
+async fn assert_ran_once_and_ended(nats: &async_nats::Client, id: &str, done: &Event) {
+    let kept = kept_events(nats, id).await;
+    assert_eq!(kept.iter().filter(|e| matches!(e.body, EventBody::Started(_))).count(), 1, "not run again: {kept:?}");
+    assert!(kept.iter().skip(1).all(|e| e == done), "after `started`, only its `done`: {kept:?}");
+    assert!(kept.len() >= 2, "its `done` is kept: {kept:?}");
+}
+
+/// The hive that ran a job published its `done`, but the broker was away for
+/// the terminal record write, so the hive left the message for redelivery.
+/// The hive that gets it next repairs the record from the kept event and
+/// does not run the job a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_missed_its_end_is_repaired_from_the_kept_event_not_run_again() {
+    let broker = Broker::start();
+    let id = unique("missed-end");
+    let done = half_ended_job(&broker, &id, JobState::Running, Duration::from_secs(30)).await;
+    let nats = broker.client().await;
+    assert!(rbee_broker::events::publish_once(&nats, &id, &subjects::events_subject(&id), Encoding::Json, &done).await);
+
+    let hive = noop_hive(&broker.url(), 1, "1ms", &[]).await;
+    let client = Client::from_nats(nats.clone());
+    let rec = ended_record(&client, &id).await;
+    assert_eq!((rec.state, rec.attempts, rec.next_seq), (JobState::Done, 1, 2), "repaired: {rec:?}\n{}", hive.log());
+    assert_eq!(rec.terminal.as_ref(), Some(&done), "the record ends with the kept event");
+    assert_queue_drains(&nats).await;
+    assert_ran_once_and_ended(&nats, &id, &done).await;
+    assert!(hive.log().contains("repaired it from the kept terminal event"), "{}", hive.log());
+}
+
+/// The opposite half: the record says done but the hive died before the
+/// `done` was published, and its message is still held (by that hive, or a
+/// consumer a broker crash moved past it). The sweeper publishes the `done`
+/// from the record before it removes the message: the producer is not left
+/// waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_message_of_an_ended_job_gets_its_terminal_event_out_before_it_goes() {
+    let broker = Broker::start();
+    let id = unique("unpublished-end");
+    let done = half_ended_job(&broker, &id, JobState::Done, Duration::from_secs(1)).await;
+    let nats = broker.client().await;
+    // Hold the message the way a hive stuck publishing the `done` does:
+    // delivered, kept in progress, never acked (so no redelivery resends it).
+    let js = async_nats::jetstream::new(nats.clone());
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        js.get_stream(subjects::JOBS_STREAM).await.unwrap().get_consumer(subjects::Lane::Interactive.consumer()).await.unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let held = batch.next().await.expect("the job's message").unwrap();
+    assert_eq!(held.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str()), Some(id.as_str()));
+    let holding = tokio::spawn(async move {
+        loop {
+            let _ = held.ack_with(async_nats::jetstream::AckKind::Progress).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    let mut events = Events::subscribe(&nats, &subjects::events_subject(&id), Encoding::Json).await;
+
+    let hive = noop_hive(&broker.url(), 1, "1ms", &["--ack-wait", "1s"]).await;
+    let got = tokio::time::timeout(Duration::from_secs(15), events.next_event()).await;
+    let got = got.unwrap_or_else(|_| panic!("the done is published\n{}", hive.log())).expect("an event");
+    assert_eq!(got, done);
+    assert_queue_drains(&nats).await;
+    assert_ran_once_and_ended(&nats, &id, &done).await;
+    assert!(hive.log().contains("removed a leftover message of an ended job"), "{}", hive.log());
+    holding.abort();
 }
 
 fn noop_args(extra: &[&str]) -> Vec<String> {

@@ -332,8 +332,9 @@ pub fn text_of(events: &[Event]) -> String {
         .collect()
 }
 
-/// Publishes a raw job through JetStream and waits for the publish ack.
-pub async fn publish_raw(client: &async_nats::Client, subject: &str, headers: &[(&str, &str)], body: &[u8]) {
+/// Publishes a raw job through JetStream and waits for the publish ack;
+/// returns the message's stream sequence.
+pub async fn publish_raw(client: &async_nats::Client, subject: &str, headers: &[(&str, &str)], body: &[u8]) -> u64 {
     let js = jetstream::new(client.clone());
     let mut h = async_nats::HeaderMap::new();
     for (k, v) in headers {
@@ -343,7 +344,8 @@ pub async fn publish_raw(client: &async_nats::Client, subject: &str, headers: &[
         .await
         .expect("publish")
         .await
-        .expect("publish ack");
+        .expect("publish ack")
+        .sequence
 }
 
 /// A hive that offers only the no-op test model, `delay` per token.

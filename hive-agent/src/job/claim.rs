@@ -5,6 +5,8 @@
 //! - ended already (done, failed, cancelled, expired, dead): do not run it again;
 //! - running from another message with the same id: a duplicate submission;
 //! - cancel requested while it waited for a retry: end it cancelled;
+//! - its terminal event kept, though the record missed it (written while the
+//!   broker was away): repair the record from the event, do not run it again;
 //! - retrying, or running from this very message (its previous hive vanished
 //!   without acking): take it over as the next attempt, continuing `seq` after
 //!   the last event the `RBEE_EVENTS` stream kept.
@@ -63,6 +65,22 @@ pub async fn claim(ctx: &JobCtx, env: &Envelope, prepared: Option<&Prepared>) ->
         if r.state == JobState::Running && !same_message {
             return Claim::Duplicate;
         }
+        let last = last_event(ctx, &env.job_id).await;
+        // Its terminal event is kept but the record missed it (the broker
+        // was away when the hive that ran it wrote its end): the job ended;
+        // repair the record instead of running it again.
+        if let Some(state) = last.as_ref().and_then(|e| JobState::ended_by(&e.body)) {
+            let mut ended = r.clone();
+            ended.end_with(state, last.expect("a terminal event"), now_ms());
+            match ctx.records.update(&ended, current.revision).await {
+                Ok(Some(_)) => {
+                    tracing::warn!(state = state.as_str(), "the job's record missed its end; repaired it from the kept terminal event");
+                    return Claim::Ended(ended);
+                }
+                Ok(None) => continue,
+                Err(e) => return Claim::Unavailable(e.to_string()),
+            }
+        }
         if r.cancel_requested {
             return Claim::Cancelled { record: r };
         }
@@ -70,7 +88,7 @@ pub async fn claim(ctx: &JobCtx, env: &Envelope, prepared: Option<&Prepared>) ->
         // hive vanished: events it sent after its last record write are in
         // the events stream, so continue after the last one kept there.
         let vanished = r.state == JobState::Running;
-        let kept = last_event_seq(ctx, &env.job_id).await.map_or(0, |s| s + 1);
+        let kept = last.map_or(0, |e| e.seq + 1);
         let next_seq = r.next_seq.max(kept);
         let mut next = r.clone();
         next.state = JobState::Running;
@@ -95,10 +113,9 @@ pub async fn claim(ctx: &JobCtx, env: &Envelope, prepared: Option<&Prepared>) ->
     Claim::Unavailable("the job record kept changing".to_owned())
 }
 
-/// The `seq` of the last event kept for `job_id` in `RBEE_EVENTS`.
-pub async fn last_event_seq(ctx: &JobCtx, job_id: &str) -> Option<u64> {
+/// The last event kept for `job_id` in `RBEE_EVENTS`.
+async fn last_event(ctx: &JobCtx, job_id: &str) -> Option<Event> {
     let msg = ctx.events.get_last_raw_message_by_subject(&subjects::events_subject(job_id)).await.ok()?;
     let enc = Encoding::from_content_type(msg.headers.get(HEADER_CONTENT_TYPE).map(|v| v.as_str())).ok()?;
-    let event: Event = enc.decode(&msg.payload).ok()?;
-    Some(event.seq)
+    enc.decode(&msg.payload).ok()
 }

@@ -25,6 +25,9 @@ use crate::worker_proc::WorkerMsg;
 
 /// How long a job runs before its record is updated with its worker.
 const NOTE_WORKER_AFTER: Duration = Duration::from_millis(500);
+/// How long a job's end waits for the record store (a broker restarting)
+/// before it leaves the job for redelivery to record.
+const TERMINAL_WRITE_FOR: Duration = Duration::from_secs(30);
 
 /// How long a worker may take to stop a job it was asked to stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -395,70 +398,83 @@ impl<'a> Run<'a> {
 
     /// Ends a job that ran: the slot is freed once the terminal event is out.
     async fn finish(&self, sink: &mut EventSink, rec: JobRecord, state: JobState, body: EventBody, slot: SlotGuard) {
-        self.end_inner(sink, rec, state, body).await;
+        let recorded = self.end_inner(sink, rec, state, body).await;
         drop(slot);
-        if let Err(e) = self.msg.ack().await {
-            tracing::error!(error = %e, "acking the finished job failed");
+        if recorded {
+            if let Err(e) = self.msg.ack().await {
+                tracing::error!(error = %e, "acking the finished job failed");
+            }
         }
     }
 
     /// Ends a job: terminal record first (with its event), then the event, then `ack`.
     pub(crate) async fn end(&self, sink: &mut EventSink, rec: JobRecord, state: JobState, body: EventBody, ack: AckKind) {
-        self.end_inner(sink, rec, state, body).await;
-        if let Err(e) = self.msg.ack_with(ack).await {
-            tracing::error!(error = %e, "acknowledging the ended job failed");
+        if self.end_inner(sink, rec, state, body).await {
+            if let Err(e) = self.msg.ack_with(ack).await {
+                tracing::error!(error = %e, "acknowledging the ended job failed");
+            }
         }
     }
 
-    async fn end_inner(&self, sink: &mut EventSink, rec: JobRecord, state: JobState, body: EventBody) {
+    /// Writes the terminal record, then publishes its event. False when the
+    /// record could not be written (the broker stayed away for
+    /// [`TERMINAL_WRITE_FOR`]): the event is published anyway, for the
+    /// producer waiting on it, and the job's message is left unacknowledged,
+    /// so that its redelivery repairs the record from the kept event (see
+    /// [`super::claim`]).
+    async fn end_inner(&self, sink: &mut EventSink, rec: JobRecord, state: JobState, body: EventBody) -> bool {
         let event = Event::new(self.env.job_id.clone(), sink.next_seq(), body.clone());
-        let guess = self.guess(&rec);
+        let mut guess = self.guess(&rec);
         let mut terminal = rec;
-        terminal.state = state;
-        terminal.next_seq = event.seq + 1;
-        terminal.updated_at_ms = now_ms();
-        match &body {
-            EventBody::Done(d) => {
-                terminal.usage = Some(d.usage);
-                terminal.timings = Some(d.timings);
-            }
-            EventBody::Error(e) => {
-                terminal.error_code = Some(e.code);
-                terminal.error_message = Some(e.message.clone());
-            }
-            _ => {}
-        }
-        terminal.resume = None;
-        terminal.terminal = Some(event);
-        let written = self
-            .ctx
-            .records
-            .transition_from(&self.env.job_id, guess, |cur| match cur {
-                Some(v) if v.record.state.is_terminal() => Decision::Keep(Some(v.record.clone())),
-                Some(v) => {
-                    let mut t = terminal.clone();
-                    t.cancel_requested = v.record.cancel_requested;
-                    Decision::Write(t, None)
+        terminal.end_with(state, event, now_ms());
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        let written = loop {
+            let written = self
+                .ctx
+                .records
+                .transition_from(&self.env.job_id, guess.take(), |cur| match cur {
+                    Some(v) if v.record.state.is_terminal() => Decision::Keep(Some(v.record.clone())),
+                    Some(v) => {
+                        let mut t = terminal.clone();
+                        t.cancel_requested = v.record.cancel_requested;
+                        Decision::Write(t, None)
+                    }
+                    None => Decision::Write(terminal.clone(), None),
+                })
+                .await;
+            match written {
+                // A broker restarting, or its JetStream not back yet: the
+                // record is the job's fate, so wait for it (keeping the
+                // message ours) rather than leave it running forever.
+                Err(e) if started.elapsed() < TERMINAL_WRITE_FOR => {
+                    tracing::warn!(error = %e, "writing the terminal job record failed; trying again");
+                    let _ = self.msg.ack_with(AckKind::Progress).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                None => Decision::Write(terminal.clone(), None),
-            })
-            .await;
-        match written {
-            Ok((None, _)) => {
-                if let Err(e) = sink.emit(body).await {
-                    tracing::error!(error = %e, "publishing the terminal event failed");
-                }
+                written => break written,
             }
+        };
+        let recorded = match written {
+            // None: written now. The same terminal: written by a try that
+            // timed out but had reached the broker.
+            Ok((None, _)) => true,
+            Ok((Some(other), _)) if other.terminal == terminal.terminal => true,
             Ok((Some(other), _)) => {
                 tracing::warn!(state = other.state.as_str(), "the job had already ended elsewhere");
                 if let Some(t) = &other.terminal {
                     let _ = sink.resend(t).await;
                 }
+                return true;
             }
             Err(e) => {
-                tracing::error!(error = %e, "writing the terminal job record failed; publishing the event anyway");
-                let _ = sink.emit(body).await;
+                tracing::error!(error = %e, "writing the terminal job record failed; publishing the event anyway and leaving the job for redelivery to record");
+                false
             }
+        };
+        if let Err(e) = sink.emit(body).await {
+            tracing::error!(error = %e, "publishing the terminal event failed");
         }
         // A job that went well is in its record and its events; a line for it
         // on the log bus would be one more stream write per job. On stderr
@@ -467,6 +483,7 @@ impl<'a> Run<'a> {
             JobState::Done => tracing::debug!(state = state.as_str(), total_ms = ms(self.claimed.elapsed()), "job ended"),
             _ => tracing::info!(state = state.as_str(), total_ms = ms(self.claimed.elapsed()), "job ended"),
         }
+        recorded
     }
 
     /// Hands the job back for another attempt, carrying what was generated.
