@@ -27,6 +27,7 @@ use rbee_schemas::record::JobState;
 use rbee_schemas::subjects::Lane;
 use rbee_schemas::PROTOCOL_VERSION;
 use serde_json::{json, Value};
+use tracing::Instrument;
 
 use crate::catalog::ModelEntry;
 use crate::claimer::SlotGuard;
@@ -52,12 +53,24 @@ enum Outcome {
 pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, slot: SlotGuard) {
     let claimed = Instant::now();
     let to_any = msg.subject.rsplit('.').next() == Some(ANY_HIVE);
-    let Some((mut env, _probe, encoding_error)) = envelope(&msg, Lane::Interactive) else {
+    let Some((env, _probe, encoding_error)) = envelope(&msg, Lane::Interactive) else {
         let _ = msg.ack_with(AckKind::Term).await;
         return;
     };
     let span = tracing::info_span!("ctl", job_id = %env.job_id);
-    let _enter = span.enter();
+    // Instrumented, not entered (see `job::handle`).
+    handle_in_span(ctx, msg, slot, claimed, to_any, env, encoding_error).instrument(span).await
+}
+
+async fn handle_in_span(
+    ctx: Arc<JobCtx>,
+    msg: jetstream::Message,
+    slot: SlotGuard,
+    claimed: Instant,
+    to_any: bool,
+    mut env: crate::job::Envelope,
+    encoding_error: Option<String>,
+) {
     let mut req = match encoding_error {
         Some(e) => Err(JobError::invalid(e)),
         None => decode(&env, &msg.payload),

@@ -232,6 +232,12 @@ async fn jobs_survive_killed_workers_a_broker_restart_and_a_hive_restart() {
         count("writing the terminal job record failed; trying again"),
         count("repaired it from the kept terminal event"),
     );
+    // A job's span holds that job's lines only: the hive's heartbeat and the
+    // NATS connection's events (all over the logs around the broker restart)
+    // are no job's.
+    let misfiled: Vec<&str> =
+        logs.lines().filter(|l| l.contains("job{") && (l.contains("rbee_hive::heartbeat") || l.contains("async_nats: event"))).collect();
+    assert!(misfiled.is_empty(), "lines of other tasks in a job's span: {misfiled:#?}");
     assert_eq!(results.len(), jobs, "no job lost");
     assert!(done as f64 >= jobs as f64 * 0.95, "most jobs complete despite the faults: {outcomes:?}");
 

@@ -36,6 +36,7 @@ use rbee_schemas::model::ModelRef;
 use rbee_schemas::subjects::{self, Lane, HEADER_CONTENT_TYPE, HEADER_MSG_ID};
 use rbee_schemas::PROTOCOL_VERSION;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::claimer::SlotGuard;
@@ -130,7 +131,20 @@ pub async fn handle(ctx: Arc<JobCtx>, msg: jetstream::Message, lane: Lane, slot:
         return;
     };
     let span = tracing::info_span!("job", job_id = %env.job_id);
-    let _enter = span.enter();
+    // Instrumented, not entered: a guard held across `.await` would put
+    // whatever else this thread polls meanwhile into this job's span.
+    handle_in_span(ctx, msg, slot, claimed, env, probe, encoding_error).instrument(span).await
+}
+
+async fn handle_in_span(
+    ctx: Arc<JobCtx>,
+    msg: jetstream::Message,
+    slot: SlotGuard,
+    claimed: Instant,
+    env: Envelope,
+    probe: JobProbe,
+    encoding_error: Option<String>,
+) {
     let prepared = match encoding_error {
         Some(e) => Err(JobError::invalid(e)),
         None => prepare(&msg.subject, &msg.payload, &probe, &env),
