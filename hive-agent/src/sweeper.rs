@@ -70,16 +70,11 @@ async fn expire(ctx: &JobCtx, jobs: &Stream, q: &queue::Queued, probe: JobProbe,
     let build = |base: Option<&JobRecord>| {
         let mut r = base.cloned().unwrap_or_else(|| JobRecord::new(&q.job_id, JobState::Expired, &reply_to, now_ms()));
         let event = Event::new(q.job_id.clone(), r.next_seq, error.clone().into());
-        r.state = JobState::Expired;
         r.model = q.model_key.clone();
         r.lane = q.lane;
         r.stream_seq = Some(q.seq);
         r.submitted_at_ms = q.received_ms;
-        r.next_seq = event.seq + 1;
-        r.updated_at_ms = now_ms();
-        r.error_code = Some(error.code);
-        r.error_message = Some(error.message.clone());
-        r.terminal = Some(event.clone());
+        r.end_with(JobState::Expired, event.clone(), now_ms());
         (r, event)
     };
     let decided = ctx

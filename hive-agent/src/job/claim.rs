@@ -69,9 +69,9 @@ pub async fn claim(ctx: &JobCtx, env: &Envelope, prepared: Option<&Prepared>) ->
         // Its terminal event is kept but the record missed it (the broker
         // was away when the hive that ran it wrote its end): the job ended;
         // repair the record instead of running it again.
-        if let Some(state) = last.as_ref().and_then(|e| JobState::ended_by(&e.body)) {
+        if let Some((state, event)) = last.as_ref().and_then(|e| Some((JobState::ended_by(&e.body)?, e))) {
             let mut ended = r.clone();
-            ended.end_with(state, last.expect("a terminal event"), now_ms());
+            ended.end_with(state, event.clone(), now_ms());
             match ctx.records.update(&ended, current.revision).await {
                 Ok(Some(_)) => {
                     tracing::warn!(state = state.as_str(), "the job's record missed its end; repaired it from the kept terminal event");
