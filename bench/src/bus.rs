@@ -5,7 +5,9 @@
 //! 1. the raw JetStream floor: publish-with-ack and pull-and-ack throughput
 //!    on a scratch work queue, and a publish → pull → reply round trip;
 //! 2. warm time to first token: a no-op job through rbee, and the demo model
-//!    through rbee vs the same engine called in this process;
+//!    through rbee vs the same engine called in this process, with the raw
+//!    round trip again under the same conditions (right after a prompt, when
+//!    the weights have just pushed every process's state out of the caches);
 //! 3. dispatch throughput: no-op jobs per second with 1, 2 and 4 workers
 //!    (one hive each), and real-model one-token jobs per second;
 //! 4. token streaming: events per second for one job and for 16 jobs at once,
@@ -152,6 +154,15 @@ async fn timed_job(client: &rbee::Client, model: &str, r: InferRequest) -> Resul
     }
 }
 
+/// One raw JetStream job round trip (no rbee code), ms: publish to the
+/// scratch work queue, the responder task pulls it and publishes a reply.
+async fn round_trip(js: &jetstream::Context, replies: &mut async_nats::Subscriber) -> Result<f64> {
+    let t = Instant::now();
+    let _ack = js.send_publish("bench.jobs.x", jetstream::message::PublishMessage::build().payload(Bytes::from_static(b"{}"))).await?;
+    replies.next().await.context("reply")?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
 /// The worker's engine in this process, on a thread of its own (it is not
 /// `Sync`), one greedy one-token job per request.
 struct InProcess {
@@ -296,13 +307,10 @@ async fn run_async(a: &Args) -> Result<()> {
     };
     let mut floor = Vec::new();
     for _ in 0..a.jobs {
-        let t = Instant::now();
-        let _ack = js.send_publish("bench.jobs.x", jetstream::message::PublishMessage::build().payload(Bytes::from_static(b"{}"))).await?;
-        replies.next().await.context("reply")?;
-        floor.push(t.elapsed().as_secs_f64() * 1e3);
+        floor.push(round_trip(&js, &mut replies).await?);
     }
-    responder.abort();
     row("publish → pull → reply event (round trip)", &mut floor);
+    let floor50 = pct(&mut floor, 0.5);
 
     // 2. Warm time to first token.
     let client = rbee::Client::connect(&url).await?;
@@ -322,7 +330,12 @@ async fn run_async(a: &Args) -> Result<()> {
     // between it and the bus so both see the same machine.
     let local = InProcess::start(model_path.clone(), prompt)?;
     let (mut bus, mut in_process, mut at_hive, mut in_worker) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut cold_floor = Vec::new();
     for _ in 0..a.model_jobs {
+        // Every timed thing here comes right after a prompt on this machine,
+        // as a real job's first token does: ~90 MB of weights have just gone
+        // through the caches, so every process on the path starts cold.
+        local.job().await?;
         let (ttft, evs) = timed_job(&client, model, req(prompt, 1)).await?;
         bus.push(ttft);
         if let Some(EventBody::Done(d)) = evs.last().map(|e| &e.body) {
@@ -332,7 +345,9 @@ async fn run_async(a: &Args) -> Result<()> {
             }
         }
         in_process.push(local.job().await?);
+        cold_floor.push(round_trip(&js, &mut replies).await?);
     }
+    responder.abort();
     let mut paired: Vec<f64> = bus.iter().zip(&in_process).map(|(b, i)| b - i).collect();
     let (b50, i50) = (pct(&mut bus, 0.5), pct(&mut in_process, 0.5));
     row(&format!("{model} through rbee (prompt {:?})", prompt), &mut bus);
@@ -343,6 +358,11 @@ async fn run_async(a: &Args) -> Result<()> {
     if !in_worker.is_empty() {
         println!("    {:<56} {:>8.3} ms", "            the worker's prompt processing (its clock)", pct(&mut in_worker, 0.5));
     }
+    let overhead = pct(&mut paired, 0.5);
+    row("floor round trip (as in 1.), each right after a prompt", &mut cold_floor);
+    let cold50 = pct(&mut cold_floor, 0.5);
+    println!("    {:<56} {:>+8.3} ms", "the floor's own cost of following a prompt", cold50 - floor50);
+    println!("  {:<58} {:>+8.3} ms", "bus overhead above that floor (rbee's own hops)", overhead - cold50);
 
     // 4. Streaming, one job (only bench-a is up).
     println!("\n4. token streaming (no-op engine, no delay)");
