@@ -512,7 +512,7 @@ impl<'a> Run<'a> {
             next.error_code = Some(ErrorCode::WorkerCrashed);
             next.error_message = Some(reason);
         }
-        let _ = self
+        let written = self
             .ctx
             .records
             .transition_from(&self.env.job_id, guess, |cur| match cur {
@@ -525,6 +525,12 @@ impl<'a> Run<'a> {
                 None => Decision::Write(next.clone(), ()),
             })
             .await;
+        if let Err(e) = written {
+            // Still handed back: the next claim finds the record "running" from
+            // this same message and takes the job over as vanished (a restart
+            // from the kept events, without resume tokens).
+            tracing::warn!(error = %e, "could not mark the job retrying in its record; the next attempt takes it over as vanished");
+        }
         let backoff = if shutdown {
             None
         } else {
