@@ -252,7 +252,25 @@ fn worker_pid(hive: &str) -> Option<u32> {
 
 pub fn run(a: &Args) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(run_async(a))
+    rt.block_on(async {
+        // On SIGTERM or Ctrl-C the run is dropped, not the process killed:
+        // its nats-server and hives are stopped by their `Drop`s.
+        tokio::select! {
+            r = run_async(a) => r,
+            s = stop_signal() => bail!("stopped by {s}; the bench's nats-server and hives are stopped"),
+        }
+    })
+}
+
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }
 
 async fn run_async(a: &Args) -> Result<()> {
