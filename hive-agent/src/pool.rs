@@ -144,6 +144,12 @@ impl Drop for Lease {
     }
 }
 
+/// Whether `w` is the ready worker of its model in `slots` (not one retired
+/// or replaced since).
+fn holds(slots: &HashMap<String, Slot>, w: &Arc<Worker>) -> bool {
+    matches!(slots.get(&w.entry.key), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, w))
+}
+
 impl Pool {
     pub fn new(config: PoolConfig) -> Arc<Self> {
         Arc::new(Self { config, slots: Mutex::new(HashMap::new()), counter: AtomicU64::new(1), registry: Mutex::new(None) })
@@ -242,7 +248,7 @@ impl Pool {
     }
 
     fn is_current(&self, w: &Arc<Worker>) -> bool {
-        matches!(lock(&self.slots).get(&w.entry.key), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, w))
+        holds(&lock(&self.slots), w)
     }
 
     fn slot_for(self: &Arc<Self>, model: &ModelEntry, opts: StartOptions) -> Slot {
@@ -330,7 +336,7 @@ impl Pool {
                     w.proc.exited().await;
                     {
                         let mut slots = lock(&pool.slots);
-                        if matches!(slots.get(&w.entry.key), Some(Slot::Ready(cur)) if Arc::ptr_eq(cur, &w)) {
+                        if holds(&slots, &w) {
                             slots.remove(&w.entry.key);
                         }
                     }
