@@ -254,8 +254,8 @@ async fn jobs_survive_killed_workers_a_broker_restart_and_a_hive_restart() {
 
 /// The state a hive leaves behind when it dies in the middle of ending a
 /// job: the job's message still queued, a record for it, and its `started`
-/// kept. Returns the job's `done` (seq 1).
-async fn half_ended_job(broker: &Broker, id: &str, state: JobState, ack_wait: Duration) -> Event {
+/// kept. Returns the client it used and the job's `done` (seq 1).
+async fn half_ended_job(broker: &Broker, id: &str, state: JobState, ack_wait: Duration) -> (async_nats::Client, Event) {
     let nats = broker.client().await;
     let js = async_nats::jetstream::new(nats.clone());
     let limits = rbee_broker::Limits { ack_wait, ..Default::default() };
@@ -272,7 +272,7 @@ async fn half_ended_job(broker: &Broker, id: &str, state: JobState, ack_wait: Du
     records.create(&rec).await.expect("record written").expect("a new record");
     let started = Started { hive: "gone".into(), worker: "gone-w1".into(), model: "noop".into(), cold: false, attempt: 1 };
     assert!(rbee_broker::events::publish_once(&nats, id, &reply_to, Encoding::Json, &Event::new(id, 0, EventBody::Started(started))).await);
-    done
+    (nats, done)
 }
 
 /// Waits for the job's record to reach a terminal state (20 s at most).
@@ -304,8 +304,7 @@ async fn assert_ran_once_and_ended(nats: &async_nats::Client, id: &str, done: &E
 async fn a_record_that_missed_its_end_is_repaired_from_the_kept_event_not_run_again() {
     let broker = Broker::start();
     let id = unique("missed-end");
-    let done = half_ended_job(&broker, &id, JobState::Running, Duration::from_secs(30)).await;
-    let nats = broker.client().await;
+    let (nats, done) = half_ended_job(&broker, &id, JobState::Running, Duration::from_secs(30)).await;
     assert!(rbee_broker::events::publish_once(&nats, &id, &subjects::events_subject(&id), Encoding::Json, &done).await);
 
     let hive = noop_hive(&broker.url(), 1, "1ms", &[]).await;
@@ -327,8 +326,7 @@ async fn a_record_that_missed_its_end_is_repaired_from_the_kept_event_not_run_ag
 async fn a_leftover_message_of_an_ended_job_gets_its_terminal_event_out_before_it_goes() {
     let broker = Broker::start();
     let id = unique("unpublished-end");
-    let done = half_ended_job(&broker, &id, JobState::Done, Duration::from_secs(1)).await;
-    let nats = broker.client().await;
+    let (nats, done) = half_ended_job(&broker, &id, JobState::Done, Duration::from_secs(1)).await;
     // Hold the message the way a hive stuck publishing the `done` does:
     // delivered, kept in progress, never acked (so no redelivery resends it).
     let js = async_nats::jetstream::new(nats.clone());
