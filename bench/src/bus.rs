@@ -166,12 +166,12 @@ async fn round_trip(js: &jetstream::Context, replies: &mut async_nats::Subscribe
 /// The worker's engine in this process, on a thread of its own (it is not
 /// `Sync`), one greedy one-token job per request.
 struct InProcess {
-    jobs: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<f64>>>,
+    jobs: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<(f64, f64)>>>,
 }
 
 impl InProcess {
     fn start(path: PathBuf, prompt: &'static str) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<Result<f64>>>();
+        let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<Result<(f64, f64)>>>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let loaded = rbee_worker::Engine::load(&path, candle_core::Device::Cpu).map_err(|e| anyhow::anyhow!("{}", e.message));
@@ -187,15 +187,15 @@ impl InProcess {
                 let ran = engine.generate(&params, None, &AtomicBool::new(false), &mut |_, _| {
                     first.get_or_insert_with(|| t.elapsed().as_secs_f64() * 1e3);
                 });
-                let _ = answer.send(ran.map(|_| first.unwrap_or(0.0)).map_err(|e| anyhow::anyhow!("{}", e.message)));
+                let _ = answer.send(ran.map(|o| (first.unwrap_or(0.0), o.prompt_ms)).map_err(|e| anyhow::anyhow!("{}", e.message)));
             }
         });
         ready_rx.recv().context("in-process engine thread")??;
         Ok(Self { jobs: tx })
     }
 
-    /// Time to the first token of one job, ms.
-    async fn job(&self) -> Result<f64> {
+    /// Time to the first token of one job, and the engine's own prompt time, ms.
+    async fn job(&self) -> Result<(f64, f64)> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs.send(tx).ok().context("in-process engine thread gone")?;
         rx.await.context("in-process engine thread gone")?
@@ -348,6 +348,7 @@ async fn run_async(a: &Args) -> Result<()> {
     // between it and the bus so both see the same machine.
     let local = InProcess::start(model_path.clone(), prompt)?;
     let (mut bus, mut in_process, mut at_hive, mut in_worker) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut in_process_prompt = Vec::new();
     let mut cold_floor = Vec::new();
     for _ in 0..a.model_jobs {
         // Every timed thing here comes right after a prompt on this machine,
@@ -362,7 +363,9 @@ async fn run_async(a: &Args) -> Result<()> {
                 in_worker.push(d.usage.prompt_tokens as f64 / d.timings.prompt_tps * 1e3);
             }
         }
-        in_process.push(local.job().await?);
+        let (ttft, prompt_ms) = local.job().await?;
+        in_process.push(ttft);
+        in_process_prompt.push(prompt_ms);
         cold_floor.push(round_trip(&js, &mut replies).await?);
     }
     responder.abort();
@@ -375,6 +378,7 @@ async fn run_async(a: &Args) -> Result<()> {
     println!("    {:<56} {:>8.3} ms", "of that p50: the hive's claim → first token to NATS", pct(&mut at_hive, 0.5));
     if !in_worker.is_empty() {
         println!("    {:<56} {:>8.3} ms", "            the worker's prompt processing (its clock)", pct(&mut in_worker, 0.5));
+        println!("    {:<56} {:>8.3} ms", "            the same, in-process (its clock)", pct(&mut in_process_prompt, 0.5));
     }
     let overhead = pct(&mut paired, 0.5);
     row("floor round trip (as in 1.), each right after a prompt", &mut cold_floor);
