@@ -196,6 +196,10 @@ impl WorkerProc {
             return Err(self.exit_reason().unwrap_or_else(|| "worker input closed".to_owned()));
         }
         self.jobs_served.fetch_add(1, Ordering::Relaxed);
+        // Let the input task write the frame now: the hive's runtime has one
+        // thread, and the caller's next steps (the claim's record write, the
+        // started event) would otherwise come first while the worker waits.
+        tokio::task::yield_now().await;
         Ok((job, rx))
     }
 
