@@ -14,13 +14,13 @@
 //! every job over the wall time (short prompts included).
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rbee_schemas::job::{GenerateParams, InferRequest};
 use rbee_schemas::worker::{read_frame, FromWorker};
-use rbee_worker::batch::{serve, Cancels, Job};
+use rbee_worker::batch::{serve, Inbound, Job};
 use rbee_worker::{Engine, EngineChoice, EngineKind};
 use serde::Serialize;
 
@@ -145,7 +145,7 @@ const OPENINGS: [&str; 8] = [
 
 /// Generated tokens per second of `jobs` greedy jobs through the worker's batch loop.
 fn round_job_loop(e: &mut Engine, jobs: usize, gen: usize) -> Result<f64> {
-    let (tx, rx) = mpsc::channel();
+    let (tx, mut rx) = mpsc::channel();
     for i in 0..jobs {
         let req = InferRequest {
             prompt: Some(OPENINGS[i % OPENINGS.len()].to_owned()),
@@ -154,12 +154,12 @@ fn round_job_loop(e: &mut Engine, jobs: usize, gen: usize) -> Result<f64> {
             ..Default::default()
         };
         let params: GenerateParams = req.validate(0)?;
-        tx.send(Job { id: i as u64, params, resume: None })?;
+        tx.send(Inbound::Job(Job { id: i as u64, params, resume: None }))?;
     }
     drop(tx);
     let mut frames = Vec::new();
     let t = Instant::now();
-    serve(e, jobs, &rx, &Mutex::new(Cancels::default()), &mut frames)?;
+    serve(e, jobs, &mut rx, &mut frames)?;
     let secs = t.elapsed().as_secs_f64();
     let mut tokens = 0u64;
     let mut r = frames.as_slice();

@@ -3,18 +3,20 @@
 //! job's prompt joins the running decodes in the same step, in chunks), so
 //! the weights are read once per step instead of once per job.
 //!
-//! [`serve`] owns the engine while it runs: it takes jobs from a channel
-//! (blocking only when idle), writes each job's `Token`, `Finished` and
-//! `Failed` frames to the protocol pipe, and returns when the channel closes
-//! and the last job is done. Cancel flags live in [`Cancels`], shared with the
-//! thread that reads the hive's frames. With candle (one sequence at a time)
-//! or `slots = 1`, jobs run one after another exactly as before.
+//! [`serve`] owns the engine while it runs: it reads the hive's messages
+//! from an [`Inbox`] itself, between steps (blocking only when idle), writes
+//! each job's `Token`, `Finished` and `Failed` frames to the protocol pipe,
+//! and returns after `Shutdown` (or the inbox closing) once the last job is
+//! done. No other thread is involved, so a job's `Generate` frame reaches
+//! the engine without a hand-off between threads, and a cancel takes effect
+//! at the next step, as a cancel flag is only ever checked there. With candle
+//! (one sequence at a time) or `slots = 1`, jobs run one after another.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 
 use rbee_schemas::error::JobError;
 use rbee_schemas::job::GenerateParams;
@@ -31,6 +33,76 @@ pub struct Job {
     pub id: u64,
     pub params: GenerateParams,
     pub resume: Option<Resume>,
+}
+
+/// One message from the hive, as the job loop sees it.
+#[derive(Debug)]
+pub enum Inbound {
+    Job(Job),
+    /// Stop this job at its next step, or as soon as it starts.
+    Cancel(u64),
+    /// No more jobs: finish the running ones, then return.
+    Shutdown,
+}
+
+/// Where the job loop's messages come from: the hive's pipe in the worker
+/// process, a channel in tests and benchmarks.
+pub trait Inbox {
+    /// The next message. With `wait`, blocks for one (`None`: the input
+    /// closed); without, `None` when nothing has arrived yet.
+    fn next(&mut self, wait: bool) -> Option<Inbound>;
+}
+
+impl Inbox for Receiver<Inbound> {
+    fn next(&mut self, wait: bool) -> Option<Inbound> {
+        if wait {
+            self.recv().ok()
+        } else {
+            self.try_recv().ok()
+        }
+    }
+}
+
+/// What the job loop has read and not yet acted on.
+#[derive(Debug)]
+pub struct Queue {
+    /// Jobs waiting for a slot, in arrival order.
+    pub jobs: VecDeque<Job>,
+    pub cancels: Cancels,
+    /// Whether more jobs may come (no `Shutdown` yet, input not closed).
+    pub open: bool,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self { jobs: VecDeque::new(), cancels: Cancels::default(), open: true }
+    }
+}
+
+impl Queue {
+    /// Takes in every message that has arrived. When `idle` (no job running)
+    /// and nothing is queued, first waits for a message.
+    pub fn pump(&mut self, inbox: &mut impl Inbox, idle: bool) {
+        let mut wait = idle && self.jobs.is_empty() && self.open;
+        loop {
+            let msg = inbox.next(wait);
+            match msg {
+                Some(Inbound::Job(j)) if self.open => self.jobs.push_back(j),
+                // Sent after Shutdown: nobody will run it.
+                Some(Inbound::Job(j)) => tracing::warn!(job = j.id, "a job after shutdown; dropped"),
+                Some(Inbound::Cancel(job)) => self.cancels.cancel(job),
+                Some(Inbound::Shutdown) => self.open = false,
+                None if wait => self.open = false,
+                None => return,
+            }
+            wait = idle && self.jobs.is_empty() && self.open;
+        }
+    }
+
+    /// Whether the loop is done: nothing queued and no more to come.
+    pub fn drained(&self) -> bool {
+        self.jobs.is_empty() && !self.open
+    }
 }
 
 /// The cancel flags of running jobs, and cancels that came before their job started.
@@ -61,10 +133,6 @@ impl Cancels {
     pub fn end(&mut self, job: u64) {
         self.running.remove(&job);
     }
-}
-
-fn lock(c: &Mutex<Cancels>) -> std::sync::MutexGuard<'_, Cancels> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Turns one job's token callbacks into `Token` frames: text released
@@ -120,39 +188,23 @@ struct Active<'t> {
     frames: Frames,
 }
 
-/// Runs the jobs from `jobs`, up to `slots` at once (1 on engines that run
-/// one sequence at a time), writing their frames to `out`. Returns when
-/// `jobs` is closed and drained, or with the error of a failed write (the
-/// hive is gone).
-pub fn serve(
-    engine: &mut Engine,
-    slots: usize,
-    jobs: &Receiver<Job>,
-    cancels: &Mutex<Cancels>,
-    out: &mut impl Write,
-) -> io::Result<()> {
+/// Runs the jobs from `inbox`, up to `slots` at once (1 on engines that run
+/// one sequence at a time), writing their frames to `out`. Returns after
+/// `Shutdown` (or the inbox closing) once the last job is done, or with the
+/// error of a failed write (the hive is gone).
+pub fn serve(engine: &mut Engine, slots: usize, inbox: &mut impl Inbox, out: &mut impl Write) -> io::Result<()> {
     let (text, backend) = engine.parts();
     let slots = slots.clamp(1, backend.max_batch());
     let chunk = backend.prompt_chunk();
     let mut active: Vec<Active<'_>> = Vec::with_capacity(slots);
-    let mut open = true;
+    let mut q = Queue::default();
     loop {
-        // Admit jobs into free slots; wait only when there is nothing to run.
-        while open && active.len() < slots {
-            let next = if active.is_empty() {
-                jobs.recv().map_err(|_| TryRecvError::Disconnected)
-            } else {
-                jobs.try_recv()
-            };
-            let j = match next {
-                Ok(j) => j,
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            };
-            let cancel = lock(cancels).start(j.id);
+        // Read what the hive sent (waiting only when there is nothing to
+        // run), then admit jobs into free slots.
+        q.pump(inbox, active.is_empty());
+        while active.len() < slots {
+            let Some(j) = q.jobs.pop_front() else { break };
+            let cancel = q.cancels.start(j.id);
             let mut frames = Frames::new(j.id);
             let _span = tracing::debug_span!("job", job = j.id).entered();
             match text.start(&j.params, j.resume.as_ref(), &mut |id, t| frames.token(id, t)) {
@@ -162,17 +214,17 @@ pub fn serve(
                     active.push(Active { job, cache, cancel, frames });
                 }
                 Err(e) => {
-                    lock(cancels).end(j.id);
+                    q.cancels.end(j.id);
                     frames.end(Err(e));
                     frames.flush(out)?;
                 }
             }
         }
         if active.is_empty() {
-            if open {
-                continue;
+            if q.drained() {
+                return Ok(());
             }
-            return Ok(());
+            continue;
         }
 
         // One step over every job that still runs.
@@ -236,7 +288,7 @@ pub fn serve(
                 let outcome = job.finish(&mut |id, t| frames_ref.token(id, t));
                 frames.end(Ok(outcome));
             }
-            lock(cancels).end(frames.job);
+            q.cancels.end(frames.job);
             frames.flush(out)?;
         }
     }

@@ -1,4 +1,8 @@
-//! The worker process: command line, protocol pipe, reader thread and job loop.
+//! The worker process: command line, protocol pipe and job loop.
+//!
+//! Two threads: the job loop, which reads the hive's frames itself between
+//! steps ([`HiveInbox`]), and a watcher that only waits for the hive's end
+//! of stdin to close and then exits the process at once, even mid-step.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -6,8 +10,6 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use rbee_schemas::error::{ErrorCode, JobError};
@@ -16,9 +18,10 @@ use rbee_schemas::worker::{read_frame, write_frame, FromWorker, ToWorker};
 use rbee_schemas::worker::ModelInfo;
 
 use crate::backend::EngineChoice;
-use crate::batch::{serve, Cancels, Frames, Job};
+use crate::batch::{serve, Frames, Inbound, Inbox, Job, Queue};
 use crate::engine::{device_for, Engine};
 use crate::noop::NoopEngine;
+use rustix::event::{poll, PollFd, PollFlags};
 
 /// The engine this process runs.
 #[derive(Debug)]
@@ -89,10 +92,14 @@ pub fn main() -> ExitCode {
         }
     };
     let mut out = BufWriter::new(proto);
-
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
-    let cancels = Arc::new(Mutex::new(Cancels::default()));
-    spawn_reader(jobs_tx, cancels.clone());
+    let mut inbox = match HiveInbox::open() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("rbee-worker: cannot set up the protocol pipe: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    spawn_hangup_watch();
 
     let mut engine = match load(&args) {
         Ok(e) => e,
@@ -112,8 +119,8 @@ pub fn main() -> ExitCode {
     }
 
     let result = match &mut engine {
-        Loaded::Llama(e) => serve(e, args.slots as usize, &jobs_rx, &cancels, &mut out),
-        Loaded::Noop(e) => serve_noop(e, &jobs_rx, &cancels, &mut out),
+        Loaded::Llama(e) => serve(e, args.slots as usize, &mut inbox, &mut out),
+        Loaded::Noop(e) => serve_noop(e, &mut inbox, &mut out),
     };
     if let Err(error) = result.and_then(|()| out.flush()) {
         tracing::error!(worker = %args.id, %error, "the protocol pipe broke; exiting");
@@ -122,15 +129,19 @@ pub fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The no-op engine's loop: one job at a time.
-fn serve_noop(
-    engine: &mut NoopEngine,
-    jobs: &mpsc::Receiver<Job>,
-    cancels: &Mutex<Cancels>,
-    out: &mut impl Write,
-) -> std::io::Result<()> {
-    for job in jobs {
-        let flag = cancels.lock().unwrap_or_else(|p| p.into_inner()).start(job.id);
+/// The no-op engine's loop: one job at a time, reading the hive's frames
+/// after each token (so a cancel lands within a token, as with a model).
+fn serve_noop(engine: &mut NoopEngine, inbox: &mut impl Inbox, out: &mut impl Write) -> std::io::Result<()> {
+    let mut q = Queue::default();
+    loop {
+        q.pump(inbox, true);
+        let Some(job) = q.jobs.pop_front() else {
+            if q.drained() {
+                return Ok(());
+            }
+            continue;
+        };
+        let flag = q.cancels.start(job.id);
         let mut frames = Frames::new(job.id);
         let mut pipe = Ok(());
         let result = engine.generate(&job.params, job.resume.as_ref(), &flag, &mut |id, text| {
@@ -142,13 +153,13 @@ fn serve_noop(
                     flag.store(true, Ordering::Relaxed);
                 }
             }
+            q.pump(inbox, false);
         });
         pipe?;
-        cancels.lock().unwrap_or_else(|p| p.into_inner()).end(job.id);
+        q.cancels.end(job.id);
         frames.end(result);
         frames.flush(out)?;
     }
-    Ok(())
 }
 
 fn load(args: &Args) -> Result<Loaded, JobError> {
@@ -177,33 +188,69 @@ fn take_stdout() -> std::io::Result<File> {
     Ok(File::from(proto))
 }
 
-/// Reads frames from stdin until it closes. Stdin closing means the hive is
-/// gone, and the worker exits immediately.
-fn spawn_reader(jobs: mpsc::Sender<Job>, cancels: Arc<Mutex<Cancels>>) {
+/// The hive's frames on stdin, read by the job loop itself. Its own buffer
+/// (not std's stdin, whose buffer cannot be looked into), so "has anything
+/// arrived?" is the buffer, then a zero-timeout `poll` of the pipe.
+struct HiveInbox {
+    input: BufReader<File>,
+}
+
+impl HiveInbox {
+    fn open() -> std::io::Result<Self> {
+        let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
+        Ok(Self { input: BufReader::with_capacity(64 * 1024, File::from(fd)) })
+    }
+
+    fn arrived(&self) -> bool {
+        if !self.input.buffer().is_empty() {
+            return true;
+        }
+        let mut fds = [PollFd::new(self.input.get_ref(), PollFlags::IN)];
+        let now = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+        // Readable, or closed: either way the read below returns at once.
+        matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+    }
+}
+
+impl Inbox for HiveInbox {
+    /// Stdin closing means the hive is gone: the worker exits at once (the
+    /// hangup watch usually sees it first).
+    fn next(&mut self, wait: bool) -> Option<Inbound> {
+        if !wait && !self.arrived() {
+            return None;
+        }
+        match read_frame::<_, ToWorker>(&mut self.input) {
+            Ok(Some(ToWorker::Generate { job, params, resume })) => Some(Inbound::Job(Job { id: job, params, resume })),
+            Ok(Some(ToWorker::Cancel { job })) => Some(Inbound::Cancel(job)),
+            Ok(Some(ToWorker::Shutdown)) => Some(Inbound::Shutdown),
+            Ok(None) => std::process::exit(0),
+            Err(e) => {
+                tracing::error!(error = %e, "bad frame from the hive; exiting");
+                std::process::exit(2);
+            }
+        }
+    }
+}
+
+/// Exits the process as soon as the hive's end of stdin closes (the hive
+/// is gone), whatever the job loop is doing: `poll` with no events still
+/// reports a hangup, and reads nothing, so the job loop's reads are untouched.
+fn spawn_hangup_watch() {
     std::thread::Builder::new()
-        .name("rbee-worker-stdin".into())
-        .spawn(move || {
-            let mut input = BufReader::new(std::io::stdin().lock());
-            let mut jobs = Some(jobs);
+        .name("rbee-worker-hangup".into())
+        .spawn(|| {
+            let stdin = std::io::stdin();
             loop {
-                match read_frame::<_, ToWorker>(&mut input) {
-                    Ok(Some(ToWorker::Generate { job, params, resume })) => {
-                        if let Some(tx) = &jobs {
-                            let _ = tx.send(Job { id: job, params, resume });
-                        }
-                    }
-                    Ok(Some(ToWorker::Cancel { job })) => {
-                        cancels.lock().unwrap_or_else(|p| p.into_inner()).cancel(job);
-                    }
-                    // Finish what was sent, then leave the job loop.
-                    Ok(Some(ToWorker::Shutdown)) => jobs = None,
-                    Ok(None) => std::process::exit(0),
+                let mut fds = [PollFd::new(&stdin, PollFlags::empty())];
+                match poll(&mut fds, None) {
+                    Ok(_) if !fds[0].revents().is_empty() => std::process::exit(0),
+                    Ok(_) | Err(rustix::io::Errno::INTR) => continue,
                     Err(e) => {
-                        tracing::error!(error = %e, "bad frame from the hive; exiting");
-                        std::process::exit(2);
+                        tracing::error!(error = %e, "cannot watch stdin; the worker exits when the hive's next frame fails");
+                        return;
                     }
                 }
             }
         })
-        .expect("spawning the stdin reader thread");
+        .expect("spawning the stdin hangup watch thread");
 }

@@ -1,17 +1,17 @@
 //! The batch loop ([`crate::batch::serve`]) driven in-process, as the worker
-//! process drives it: jobs in over a channel, frames out to a byte buffer.
+//! process drives it: the hive's messages in over a channel, frames out to a
+//! byte buffer.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
-use std::sync::Mutex;
 
 use rbee_schemas::event::StopReason;
 use rbee_schemas::job::GenerateParams;
 use rbee_schemas::worker::{read_frame, FromWorker, Outcome};
 
 use super::{load, prompts, raw};
-use crate::batch::{serve, Cancels, Job};
+use crate::batch::{serve, Inbound, Job};
 use crate::{Engine, EngineChoice};
 
 /// What one job produced through the loop.
@@ -27,17 +27,16 @@ struct Seen {
 
 /// Runs `jobs` through `serve` with `slots`; each job's frames, by job id.
 fn run(engine: &mut Engine, slots: usize, jobs: &[(u64, GenerateParams)], cancel_early: &[u64]) -> BTreeMap<u64, Seen> {
-    let (tx, rx) = mpsc::channel();
-    let cancels = Mutex::new(Cancels::default());
+    let (tx, mut rx) = mpsc::channel();
     for &j in cancel_early {
-        cancels.lock().expect("lock").cancel(j);
+        tx.send(Inbound::Cancel(j)).expect("send");
     }
     for (id, params) in jobs {
-        tx.send(Job { id: *id, params: params.clone(), resume: None }).expect("send");
+        tx.send(Inbound::Job(Job { id: *id, params: params.clone(), resume: None })).expect("send");
     }
     drop(tx);
     let mut out = Vec::new();
-    serve(engine, slots, &rx, &cancels, &mut out).expect("serve");
+    serve(engine, slots, &mut rx, &mut out).expect("serve");
     let mut seen: BTreeMap<u64, Seen> = BTreeMap::new();
     let mut r = out.as_slice();
     let mut i = 0;
