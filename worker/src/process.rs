@@ -244,7 +244,7 @@ fn spawn_hangup_watch() {
                 let mut fds = [PollFd::new(&stdin, PollFlags::empty())];
                 match poll(&mut fds, None) {
                     Ok(_) if !fds[0].revents().is_empty() => std::process::exit(0),
-                    Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "cannot watch stdin; the worker exits when the hive's next frame fails");
                         return;
