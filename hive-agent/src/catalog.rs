@@ -46,6 +46,14 @@ pub struct ModelEntry {
     /// When a job last used it, Unix ms, to the minute ([`TOUCH_EVERY_MS`]).
     #[serde(default)]
     pub last_used_ms: u64,
+    /// KV-cache bytes one token of context takes in a worker (f16 keys and
+    /// values over every layer); 0 where unknown (entries from before rbee
+    /// read it from the header).
+    #[serde(default)]
+    pub kv_bytes_per_token: u64,
+    /// The context the model was trained for, tokens; 0 where unknown.
+    #[serde(default)]
+    pub context_length: u32,
 }
 
 /// A model rbee knows how to get without being told.
@@ -60,6 +68,8 @@ pub struct KnownModel {
     pub size: u64,
     pub architecture: &'static str,
     pub quantization: &'static str,
+    pub kv_bytes_per_token: u64,
+    pub context_length: u32,
 }
 
 /// The demo model: SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0. Fetched by
@@ -72,6 +82,9 @@ pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
     size: 98_362_432,
     architecture: "llama",
     quantization: "q4_1",
+    // 30 layers × 3 KV heads × 64 dims, keys and values, 2 bytes each.
+    kv_bytes_per_token: 23_040,
+    context_length: 8192,
 }];
 
 /// The catalog of one hive.
@@ -197,6 +210,8 @@ impl Catalog {
                 sha256: String::new(),
                 added_at_ms: 0,
                 last_used_ms: 0,
+                kv_bytes_per_token: 0,
+                context_length: 0,
             });
         }
         let known = KNOWN_MODELS.iter().find(|k| match model {
@@ -297,6 +312,8 @@ impl Catalog {
             sha256: sha,
             added_at_ms: now,
             last_used_ms: now,
+            kv_bytes_per_token: k.kv_bytes_per_token,
+            context_length: k.context_length,
         };
         self.put(&entry)?;
         tracing::info!(model = k.alias, path = %path.display(), "registered known model");
@@ -325,6 +342,8 @@ mod tests {
             sha256: sha256_file(&model).unwrap(),
             added_at_ms: 1,
             last_used_ms: 1,
+            kv_bytes_per_token: 0,
+            context_length: 0,
         };
         {
             let c = Catalog::open(&db, dir.path()).unwrap();

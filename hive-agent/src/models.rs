@@ -205,8 +205,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// What a GGUF file says it is: architecture and dominant weight type.
-pub fn inspect_gguf(path: &Path) -> Result<(String, String), String> {
+/// What a GGUF header says about its model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufFacts {
+    pub architecture: String,
+    /// The dominant weight type, e.g. `q4_1`.
+    pub quantization: String,
+    /// KV-cache bytes per token of context (see [`ModelEntry::kv_bytes_per_token`]); 0 where the header does not say.
+    pub kv_bytes_per_token: u64,
+    /// `<architecture>.context_length`; 0 where the header does not say.
+    pub context_length: u32,
+}
+
+/// Reads a GGUF file's header (not its weights).
+pub fn inspect_gguf(path: &Path) -> Result<GgufFacts, String> {
     let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut f)
         .map_err(|e| format!("{} is not a GGUF file rbee can read: {e}", path.display()))?;
@@ -221,7 +233,13 @@ pub fn inspect_gguf(path: &Path) -> Result<(String, String), String> {
         *by_type.entry(format!("{:?}", t.ggml_dtype).to_ascii_lowercase()).or_default() += n;
     }
     let quant = by_type.into_iter().max_by_key(|(_, n)| *n).map(|(t, _)| t).unwrap_or_else(|| "unknown".to_owned());
-    Ok((arch, quant))
+    let num = |key: &str| content.metadata.get(&format!("{arch}.{key}")).and_then(|v| v.to_u32().ok()).map_or(0, u64::from);
+    let (layers, heads, dim) = (num("block_count"), num("attention.head_count"), num("embedding_length"));
+    // Without a KV head count, every head has its own keys and values.
+    let kv_heads = Some(num("attention.head_count_kv")).filter(|&n| n > 0).unwrap_or(heads);
+    let head_dim = Some(num("attention.key_length")).filter(|&n| n > 0).or_else(|| (heads > 0).then(|| dim / heads)).unwrap_or(0);
+    let (kv_bytes_per_token, context_length) = (2 * layers * kv_heads * head_dim * 2, num("context_length") as u32);
+    Ok(GgufFacts { architecture: arch, quantization: quant, kv_bytes_per_token, context_length })
 }
 
 /// Registers a local file: used in place, never moved or deleted by rbee.
@@ -247,19 +265,21 @@ pub fn register(
     size: u64,
     sha256: String,
 ) -> Result<ModelEntry, JobError> {
-    let (architecture, quantization) = inspect_gguf(&path).map_err(|e| JobError::new(ErrorCode::ModelLoadFailed, e))?;
+    let facts = inspect_gguf(&path).map_err(|e| JobError::new(ErrorCode::ModelLoadFailed, e))?;
     let now = now_ms();
     let entry = ModelEntry {
         key: key.to_owned(),
         source: source.to_owned(),
         path,
         format: "gguf".to_owned(),
-        architecture,
-        quantization,
+        architecture: facts.architecture,
+        quantization: facts.quantization,
         size,
         sha256,
         added_at_ms: now,
         last_used_ms: 0,
+        kv_bytes_per_token: facts.kv_bytes_per_token,
+        context_length: facts.context_length,
     };
     catalog.put(&entry)?;
     Ok(entry)
@@ -277,4 +297,52 @@ pub fn delete(catalog: &Catalog, entry: &ModelEntry) -> Result<bool, JobError> {
     let removed = std::fs::canonicalize(&entry.path).is_ok_and(|blob| std::fs::remove_file(blob).is_ok());
     let _ = std::fs::remove_file(&entry.path);
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::{self, Value};
+
+    fn header(path: &Path, meta: &[(&str, Value)]) {
+        let mut f = std::fs::File::create(path).unwrap();
+        let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut f, &meta, &[]).unwrap();
+    }
+
+    #[test]
+    fn the_header_gives_the_kv_cache_size_and_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let gqa = dir.path().join("gqa.gguf");
+        header(
+            &gqa,
+            &[
+                ("general.architecture", Value::String("llama".into())),
+                ("llama.block_count", Value::U32(30)),
+                ("llama.embedding_length", Value::U32(576)),
+                ("llama.attention.head_count", Value::U32(9)),
+                ("llama.attention.head_count_kv", Value::U32(3)),
+                ("llama.context_length", Value::U32(8192)),
+            ],
+        );
+        let facts = inspect_gguf(&gqa).unwrap();
+        assert_eq!(facts.architecture, "llama");
+        // The demo model's shape: keys and values, 30 layers, 3 KV heads of 64, f16.
+        assert_eq!((facts.kv_bytes_per_token, facts.context_length), (23_040, 8192));
+        assert_eq!(facts.kv_bytes_per_token, crate::catalog::KNOWN_MODELS[0].kv_bytes_per_token);
+
+        // No KV head count: every head has its own keys and values.
+        let mha = dir.path().join("mha.gguf");
+        header(
+            &mha,
+            &[
+                ("general.architecture", Value::String("llama".into())),
+                ("llama.block_count", Value::U32(2)),
+                ("llama.embedding_length", Value::U32(256)),
+                ("llama.attention.head_count", Value::U32(4)),
+            ],
+        );
+        let facts = inspect_gguf(&mha).unwrap();
+        assert_eq!((facts.kv_bytes_per_token, facts.context_length), (2 * 2 * 4 * 64 * 2, 0));
+    }
 }

@@ -271,7 +271,7 @@ impl Pool {
         let backend = opts.backend.clone().unwrap_or_else(|| self.config.backend.clone());
         let device = opts.device.unwrap_or(self.config.device);
         let device_name = if backend == "cpu" { "cpu".to_owned() } else { format!("{backend}:{device}") };
-        let memory = crate::system::model_memory(model.size);
+        let memory = self.memory_for(&model);
         let placeholder = |state, pid| WorkerInfo {
             v: rbee_schemas::PROTOCOL_VERSION,
             id: id.clone(),
@@ -416,6 +416,12 @@ impl Pool {
     }
 
     /// Memory the workers' models are estimated to take.
+    /// Memory a worker of this hive for `model` is estimated to need (with
+    /// the KV cache of its `--worker-slots`).
+    pub fn memory_for(&self, model: &ModelEntry) -> u64 {
+        crate::system::model_memory(model, self.config.worker_slots)
+    }
+
     pub fn memory_used(&self) -> u64 {
         self.workers().iter().map(|(_, w)| w.memory).sum()
     }

@@ -1,6 +1,10 @@
 //! What the machine has: memory (from /proc/meminfo on Linux) and the memory
 //! a model is estimated to need.
 
+use rbee_schemas::worker::MAX_CONTEXT;
+
+use crate::catalog::ModelEntry;
+
 /// (total, available) memory in bytes; (0, 0) where it cannot be read.
 pub fn memory() -> (u64, u64) {
     let Ok(text) = std::fs::read_to_string("/proc/meminfo") else { return (0, 0) };
@@ -14,11 +18,20 @@ pub fn memory() -> (u64, u64) {
     (field("MemTotal:"), field("MemAvailable:"))
 }
 
-/// Memory a worker for a model file of `file_size` bytes is estimated to
-/// need: the weights (loaded into memory), a fifth more for activations and
-/// the KV cache of long prompts, and 64 MiB for the process itself.
-pub fn model_memory(file_size: u64) -> u64 {
-    file_size + file_size / 5 + 64 * 1024 * 1024
+/// Memory a worker for `model` running up to `slots` jobs at once is
+/// estimated to need: the weights (loaded into memory), a tenth more for
+/// activations, 64 MiB for the process, and the KV cache of every slot
+/// filled to the longest context a worker gives a job. That is the worst
+/// case: a worker's caches grow with its jobs' actual lengths. A model whose
+/// KV size is unknown gets a fifth of its weights for activations and KV.
+pub fn model_memory(model: &ModelEntry, slots: u32) -> u64 {
+    let (weights, process) = (model.size, 64 * 1024 * 1024);
+    if model.kv_bytes_per_token == 0 {
+        return weights + weights / 5 + process;
+    }
+    let context = if model.context_length == 0 { MAX_CONTEXT } else { (model.context_length as usize).min(MAX_CONTEXT) };
+    let kv = u64::from(slots.max(1)) * context as u64 * model.kv_bytes_per_token;
+    weights + weights / 10 + process + kv
 }
 
 /// Bytes for people: "98.4 MB".
@@ -42,12 +55,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_is_read_and_estimates_grow_with_size() {
+    fn memory_is_read_and_estimates_count_every_slots_kv_cache() {
         let (total, free) = memory();
         if cfg!(target_os = "linux") {
             assert!(total > 0 && free > 0 && free <= total);
         }
-        assert!(model_memory(100 << 20) > 100 << 20);
+        let mut m = crate::catalog::KNOWN_MODELS[0];
+        let entry = |k: &crate::catalog::KnownModel| ModelEntry {
+            key: k.alias.into(),
+            source: k.hf.into(),
+            path: k.file.into(),
+            format: "gguf".into(),
+            architecture: k.architecture.into(),
+            quantization: k.quantization.into(),
+            size: k.size,
+            sha256: k.sha256.into(),
+            added_at_ms: 0,
+            last_used_ms: 0,
+            kv_bytes_per_token: k.kv_bytes_per_token,
+            context_length: k.context_length,
+        };
+        // The demo model: 98 MB of weights, 4,096 tokens (the cap, below its
+        // 8,192) of 23,040 bytes per slot.
+        let one = model_memory(&entry(&m), 1);
+        assert_eq!(one, 98_362_432 + 9_836_243 + (64 << 20) + 4096 * 23_040);
+        assert_eq!(model_memory(&entry(&m), 4) - one, 3 * 4096 * 23_040);
+        // A short-context model is sized by its own context.
+        m.context_length = 1024;
+        assert_eq!(model_memory(&entry(&m), 2), 98_362_432 + 9_836_243 + (64 << 20) + 2 * 1024 * 23_040);
+        // Unknown KV size: the old allowance, whatever the slots.
+        m.kv_bytes_per_token = 0;
+        assert_eq!(model_memory(&entry(&m), 8), 98_362_432 + 98_362_432 / 5 + (64 << 20));
         assert_eq!(human(98_362_432), "98.4 MB");
         assert_eq!(human(12), "12 B");
     }

@@ -20,6 +20,11 @@ use crate::record::Resume;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
+/// The most tokens a worker holds for one job, prompt included: the context
+/// a model was trained for, capped here (candle's `MAX_SEQ_LEN`, which both
+/// engines follow). The hive sizes a worker's KV cache by it.
+pub const MAX_CONTEXT: usize = 4096;
+
 /// Hive to worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]

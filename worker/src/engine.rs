@@ -26,6 +26,9 @@ use crate::chat::ChatTemplate;
 use crate::generation::Generation;
 use crate::tokenizer::GgufTokenizer;
 
+// The hive sizes memory by the protocol's cap; it must be the one the worker applies.
+const _: () = assert!(MAX_SEQ_LEN == rbee_schemas::worker::MAX_CONTEXT);
+
 /// A loaded model, ready to generate.
 #[derive(Debug)]
 pub struct Engine {

@@ -21,7 +21,7 @@ use rbee_schemas::model::ModelRef;
 use super::JobCtx;
 use crate::catalog::ModelEntry;
 use crate::fleet::Placement;
-use crate::system::{human, model_memory};
+use crate::system::human;
 
 /// Delay before a job left for another hive comes back to the queue.
 const LEAVE_FOR_WARM: Duration = Duration::from_millis(250);
@@ -70,7 +70,7 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
     if ctx.pool.has(&entry.key) {
         return Decision::Go(entry);
     }
-    let need = model_memory(entry.size);
+    let need = ctx.pool.memory_for(&entry);
     let (_, free) = crate::system::memory();
     let by_limit = if ctx.memory_limit > 0 { ctx.memory_limit.saturating_sub(ctx.pool.memory_used()) } else { u64::MAX };
     let here = if free > 0 { free.min(by_limit) } else { by_limit };
