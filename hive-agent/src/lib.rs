@@ -59,8 +59,10 @@ pub struct HiveArgs {
     /// Where model files live (default: <data dir>/models).
     #[arg(long, env = "RBEE_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
-    /// Jobs this hive runs at once.
-    #[arg(long, env = "RBEE_HIVE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// Jobs this hive runs at once. A worker on the fast engine steps its
+    /// model's concurrent jobs through the weights together (up to
+    /// --worker-slots), so four at once cost far less than four times one.
+    #[arg(long, env = "RBEE_HIVE_SLOTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub slots: u32,
     /// The rbee-worker binary (default: next to rbee-hive).
     #[arg(long, env = "RBEE_WORKER_BIN")]

@@ -79,6 +79,7 @@ impl Broker {
 #[derive(Clone)]
 pub struct HiveOpts {
     pub id: String,
+    /// `--slots`; 0 leaves the hive's default.
     pub slots: u32,
     pub args: Vec<String>,
     /// Default: the shared models directory with the demo model.
@@ -107,13 +108,13 @@ impl Hive {
     pub async fn start(url: &str, opts: HiveOpts) -> Self {
         let home = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(home.path().join("hive.log")).expect("log file");
+        let slots = if opts.slots == 0 { vec![] } else { vec!["--slots".to_owned(), opts.slots.to_string()] };
         let child = Command::new(bin("rbee-hive"))
             .arg("--nats-url")
             .arg(url)
             .arg("--hive-id")
             .arg(&opts.id)
-            .arg("--slots")
-            .arg(opts.slots.to_string())
+            .args(&slots)
             .arg("--models-dir")
             .arg(opts.models_dir.clone().unwrap_or_else(models_dir))
             .arg("--worker-bin")
@@ -121,6 +122,9 @@ impl Hive {
             .args(&opts.args)
             .env("RBEE_HOME", home.path())
             .env("RBEE_LOG", "info,rbee_hive=debug")
+            // Slots come from `opts` (or the hive's default), not the caller's shell.
+            .env_remove("RBEE_HIVE_SLOTS")
+            .env_remove("RBEE_WORKER_SLOTS")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

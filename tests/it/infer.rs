@@ -218,26 +218,44 @@ async fn a_worker_killed_mid_job_is_replaced_and_the_job_completes() {
     eventually(Duration::from_secs(5), "worker processes exit with their hive", || hive.worker_pids().is_empty()).await;
 }
 
+/// Out of the box (no `--slots`), a hive runs four jobs at once and its
+/// worker steps them through the model together, each with the text it
+/// gets alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_worker_runs_concurrent_jobs_batched_with_the_same_text_as_alone() {
     let broker = Broker::start();
-    let hive = Hive::start(&broker.url(), HiveOpts { slots: 4, ..HiveOpts::default() }).await;
+    let hive = Hive::start(&broker.url(), HiveOpts { slots: 0, ..HiveOpts::default() }).await;
     let client = rbee::Client::connect(&broker.url()).await.unwrap();
     let prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Bees are"];
-    let mut jobs = Vec::new();
-    for p in prompts {
-        let req = InferRequest { prompt: Some(p.into()), max_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
-        jobs.push(client.submit(MODEL, req, Default::default()).await.unwrap());
+    let req = |p: &str| InferRequest { prompt: Some(p.into()), max_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
+    // Each job's events as they arrive, into one log: (job, started?, ended?).
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, p) in prompts.into_iter().enumerate() {
+        let mut job = client.submit(MODEL, req(p), Default::default()).await.unwrap();
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut events = Vec::new();
+            while let Some(e) = tokio::time::timeout(JOB_TIMEOUT, job.next()).await.expect("job finishes in time") {
+                let e = e.expect("event");
+                log.lock().unwrap().push((i, matches!(e.body, EventBody::Started(_)), e.is_terminal()));
+                events.push(e);
+            }
+            events
+        }));
     }
     let mut workers = std::collections::BTreeSet::new();
-    for (p, mut job) in prompts.into_iter().zip(jobs) {
-        let events = collect(&mut job).await;
+    for (p, task) in prompts.into_iter().zip(tasks) {
+        let events = task.await.unwrap();
         assert_well_formed(&events);
         workers.insert(started(&events[0]).worker.clone());
-        let req = InferRequest { prompt: Some(p.into()), max_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
-        let (expected, _) = generate(&req.validate(0).unwrap()).unwrap();
+        let (expected, _) = generate(&req(p).validate(0).unwrap()).unwrap();
         assert_eq!(text_of(&events), expected, "prompt {p:?}");
     }
+    let log = log.lock().unwrap().clone();
+    let first_end = log.iter().position(|&(_, _, end)| end).expect("jobs ended");
+    let started_before = log[..first_end].iter().filter(|&&(_, start, _)| start).count();
+    assert_eq!(started_before, prompts.len(), "every job started before the first one ended: {log:?}");
     assert_eq!(workers.len(), 1, "one worker served all four: {workers:?}");
     assert_eq!(hive.worker_pids().len(), 1);
 }
