@@ -110,6 +110,7 @@ impl Worker {
             last_activity_ms: self.last_activity_ms.load(Ordering::Relaxed),
             keep_alive_ms: self.keep_alive_ms.load(Ordering::Relaxed),
             memory: self.memory,
+            slots: self.proc.slots,
         }
     }
 }
@@ -286,6 +287,7 @@ impl Pool {
             last_activity_ms: now_ms(),
             keep_alive_ms: opts.keep_alive_ms.unwrap_or(self.config.keep_alive_ms),
             memory,
+            slots: 0,
         };
         self.publish(placeholder(WorkerState::Starting, 0));
         let spec = SpawnSpec {

@@ -157,7 +157,11 @@ impl WorkerProc {
                 ));
             }
         };
-        tracing::info!(worker = %spec.id, pid, load_ms = info.load_ms, device = %info.device, "worker ready");
+        // A worker that runs fewer jobs at once than asked (candle: one) gets
+        // only that many leases; the rest wait here, not started, and not in
+        // its pipe.
+        let slots = if info.slots > 0 { spec.slots.min(info.slots) } else { spec.slots }.max(1);
+        tracing::info!(worker = %spec.id, pid, load_ms = info.load_ms, device = %info.device, slots, "worker ready");
 
         let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
         let (input_tx, input_rx) = mpsc::channel(64);
@@ -171,8 +175,8 @@ impl WorkerProc {
             pid,
             info,
             started: Instant::now(),
-            busy: Arc::new(Semaphore::new(spec.slots.max(1) as usize)),
-            slots: spec.slots.max(1),
+            busy: Arc::new(Semaphore::new(slots as usize)),
+            slots,
             jobs_served: AtomicU64::new(0),
             input: input_tx,
             routes,

@@ -166,6 +166,10 @@ pub struct WorkerInfo {
     /// Estimated memory of its model, bytes.
     #[serde(default)]
     pub memory: u64,
+    /// Jobs it runs at once (see `ModelInfo::slots`); 0 while it loads, or
+    /// from hives that do not say.
+    #[serde(default)]
+    pub slots: u32,
 }
 
 /// A worker's life: starting → loading → ready ⇄ busy → stopping → gone

@@ -73,6 +73,11 @@ pub struct ModelInfo {
     pub device: String,
     /// Time spent loading weights and tokenizer, in ms.
     pub load_ms: f64,
+    /// Jobs the worker steps through the model at once: its `--slots` on
+    /// the fast engine, 1 on engines that run one sequence at a time. 0 from
+    /// workers that do not say.
+    #[serde(default)]
+    pub slots: u32,
 }
 
 /// How a generation ended.

@@ -147,7 +147,7 @@ async fn jobs_survive_killed_workers_a_broker_restart_and_a_hive_restart() {
     let hive_a_log = hive_a.log();
     let _ = &hive_a_log;
     eventually(Duration::from_secs(10), "hive A's workers exit with it", || processes_with_arg(&format!("{id_a}-w")).is_empty()).await;
-    let hive_a2 = Hive::start(&url, HiveOpts { id: id_a.clone(), slots: 1, args: noop_args(&hive_args), models_dir: None }).await;
+    let hive_a2 = Hive::start(&url, HiveOpts { id: id_a.clone(), slots: 1, args: noop_args(&hive_args), ..HiveOpts::default() }).await;
 
     let mut results = Vec::new();
     for t in tasks {

@@ -84,11 +84,13 @@ pub struct HiveOpts {
     pub args: Vec<String>,
     /// Default: the shared models directory with the demo model.
     pub models_dir: Option<PathBuf>,
+    /// Environment for the hive (and so its workers), on top of the test's.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for HiveOpts {
     fn default() -> Self {
-        Self { id: unique("hive"), slots: 1, args: vec![], models_dir: None }
+        Self { id: unique("hive"), slots: 1, args: vec![], models_dir: None, env: vec![] }
     }
 }
 
@@ -125,6 +127,7 @@ impl Hive {
             // Slots come from `opts` (or the hive's default), not the caller's shell.
             .env_remove("RBEE_HIVE_SLOTS")
             .env_remove("RBEE_WORKER_SLOTS")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -377,6 +380,22 @@ pub async fn kept_events(client: &async_nats::Client, job_id: &str) -> Vec<Event
             Err(_) => return out,
         }
     }
+}
+
+/// Every event the `RBEE_EVENTS` stream kept, of every job, in the order it
+/// stored them: the order each hive published them in (one connection).
+pub async fn all_kept_events(client: &async_nats::Client) -> Vec<Event> {
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream(subjects::EVENTS_STREAM).await.expect("events stream");
+    let state = &stream.info().await.expect("events stream info").state;
+    let (first, last) = (state.first_sequence, state.last_sequence);
+    let mut out = Vec::new();
+    for seq in first..=last {
+        let Ok(m) = stream.get_raw_message(seq).await else { continue };
+        let enc = Encoding::from_content_type(m.headers.get("Content-Type").map(|v| v.as_str())).unwrap();
+        out.push(enc.decode(&m.payload).expect("kept event decodes"));
+    }
+    out
 }
 
 /// Drains a job stream to its end (panics after [`JOB_TIMEOUT`]).

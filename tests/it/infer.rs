@@ -228,34 +228,72 @@ async fn one_worker_runs_concurrent_jobs_batched_with_the_same_text_as_alone() {
     let client = rbee::Client::connect(&broker.url()).await.unwrap();
     let prompts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Bees are"];
     let req = |p: &str| InferRequest { prompt: Some(p.into()), max_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
-    // Each job's events as they arrive, into one log: (job, started?, ended?).
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for (i, p) in prompts.into_iter().enumerate() {
-        let mut job = client.submit(MODEL, req(p), Default::default()).await.unwrap();
-        let log = log.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut events = Vec::new();
-            while let Some(e) = tokio::time::timeout(JOB_TIMEOUT, job.next()).await.expect("job finishes in time") {
-                let e = e.expect("event");
-                log.lock().unwrap().push((i, matches!(e.body, EventBody::Started(_)), e.is_terminal()));
-                events.push(e);
-            }
-            events
-        }));
+    let mut jobs = Vec::new();
+    for p in prompts {
+        jobs.push(client.submit(MODEL, req(p), Default::default()).await.unwrap());
     }
     let mut workers = std::collections::BTreeSet::new();
-    for (p, task) in prompts.into_iter().zip(tasks) {
-        let events = task.await.unwrap();
+    for (p, mut job) in prompts.into_iter().zip(jobs) {
+        let events = collect(&mut job).await;
         assert_well_formed(&events);
         workers.insert(started(&events[0]).worker.clone());
         let (expected, _) = generate(&req(p).validate(0).unwrap()).unwrap();
         assert_eq!(text_of(&events), expected, "prompt {p:?}");
     }
-    let log = log.lock().unwrap().clone();
-    let first_end = log.iter().position(|&(_, _, end)| end).expect("jobs ended");
-    let started_before = log[..first_end].iter().filter(|&&(_, start, _)| start).count();
-    assert_eq!(started_before, prompts.len(), "every job started before the first one ended: {log:?}");
+    // In the order the hive published them: all four started before any ended.
+    let log = all_kept_events(&broker.client().await).await;
+    let first_end = log.iter().position(Event::is_terminal).expect("jobs ended");
+    let started_before = log[..first_end].iter().filter(|e| matches!(e.body, EventBody::Started(_))).count();
+    assert_eq!(started_before, prompts.len(), "every job started before the first one ended");
     assert_eq!(workers.len(), 1, "one worker served all four: {workers:?}");
+    assert_eq!(hive.worker_pids().len(), 1);
+    let listed = client.workers().await.unwrap();
+    assert_eq!(listed.iter().map(|w| w.slots).collect::<Vec<_>>(), [4], "the registry shows the worker's slots");
+}
+
+/// A worker that runs one job at a time (candle) says so, and the hive gives
+/// it one job at a time: the others wait in the hive, not started, instead of
+/// in the worker's pipe under a `started` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_runs_one_job_at_a_time_gets_one_at_a_time() {
+    let broker = Broker::start();
+    let env = vec![("RBEE_ENGINE".to_owned(), "candle".to_owned())];
+    let hive = Hive::start(&broker.url(), HiveOpts { slots: 0, env, ..HiveOpts::default() }).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let req = InferRequest { prompt: Some("Bees are".into()), max_tokens: Some(6), temperature: Some(0.0), ..Default::default() };
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        jobs.push(client.submit(MODEL, req.clone(), Default::default()).await.unwrap());
+    }
+    let mut texts = Vec::new();
+    for mut job in jobs {
+        let events = collect(&mut job).await;
+        assert_well_formed(&events);
+        texts.push(text_of(&events));
+    }
+    assert!(texts.iter().all(|t| t == &texts[0] && !t.is_empty()), "greedy jobs, same text: {texts:?}");
+    // In the order the hive published them: a job starts only after the one
+    // before it streamed its last token (its terminal event may come after:
+    // the worker is free once the last token is out).
+    let log = all_kept_events(&broker.client().await).await;
+    // Per job: where it started and where its last token is.
+    let mut spans = std::collections::BTreeMap::new();
+    for (at, e) in log.iter().enumerate() {
+        match e.body {
+            EventBody::Started(_) => {
+                spans.insert(e.job_id.as_str(), (at, at));
+            }
+            EventBody::Token(_) => spans.get_mut(e.job_id.as_str()).expect("a token after its job started").1 = at,
+            _ => {}
+        }
+    }
+    let mut spans: Vec<(usize, usize)> = spans.into_values().collect();
+    spans.sort();
+    assert_eq!(spans.len(), 3);
+    for w in spans.windows(2) {
+        assert!(w[0].1 < w[1].0, "a job started while the one before was streaming: {spans:?}");
+    }
+    let listed = client.workers().await.unwrap();
+    assert_eq!(listed.iter().map(|w| w.slots).collect::<Vec<_>>(), [1], "candle runs one job at a time");
     assert_eq!(hive.worker_pids().len(), 1);
 }

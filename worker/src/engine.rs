@@ -155,6 +155,8 @@ impl Engine {
             quantization,
             device: device_name(&device),
             load_ms: started.elapsed().as_secs_f64() * 1e3,
+            // The job loop that runs it says (see `process`).
+            slots: 0,
         };
         let text = TextSide { tokenizer, chat, context };
         Ok(Self { backend, text, info, context, fallback, scratch: None })

@@ -35,6 +35,7 @@ impl NoopEngine {
             quantization: "none".into(),
             device: "cpu".into(),
             load_ms: 0.0,
+            slots: 0,
         };
         Self { token_delay, info }
     }

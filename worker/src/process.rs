@@ -111,10 +111,14 @@ pub fn main() -> ExitCode {
     };
     let (engine_name, slots) = match &engine {
         Loaded::Llama(e) => (e.kind().name(), if e.kind() == crate::backend::EngineKind::Fast { args.slots } else { 1 }),
-        Loaded::Noop(_) => ("noop", 1),
+        // The no-op engine runs its jobs in turn but takes as many as asked
+        // into its queue, as a batching worker would: it stands in for one
+        // when the bench measures dispatch.
+        Loaded::Noop(_) => ("noop", args.slots),
     };
     tracing::info!(worker = %args.id, load_ms = engine.info().load_ms, engine = engine_name, slots, "ready");
-    if write_frame(&mut out, &FromWorker::Ready { info: engine.info().clone() }).is_err() {
+    let info = ModelInfo { slots: u32::from(slots), ..engine.info().clone() };
+    if write_frame(&mut out, &FromWorker::Ready { info }).is_err() {
         return ExitCode::FAILURE;
     }
 

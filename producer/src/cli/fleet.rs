@@ -375,6 +375,7 @@ pub async fn workers(client: &Client, cmd: WorkersCommand) -> anyhow::Result<Exi
                         w.hive.clone(),
                         w.model.clone(),
                         w.state.as_str().to_owned(),
+                        if w.slots == 0 { "-".to_owned() } else { w.slots.to_string() },
                         w.pid.to_string(),
                         format!("{}/{}", w.backend, w.device),
                         age(w.started_at_ms),
@@ -383,7 +384,7 @@ pub async fn workers(client: &Client, cmd: WorkersCommand) -> anyhow::Result<Exi
                     ]
                 })
                 .collect();
-            println!("{}", table(&["ID", "HIVE", "MODEL", "STATE", "PID", "DEVICE", "UP", "JOBS", "LAST ACTIVE"], &rows));
+            println!("{}", table(&["ID", "HIVE", "MODEL", "STATE", "SLOTS", "PID", "DEVICE", "UP", "JOBS", "LAST ACTIVE"], &rows));
             Ok(ExitCode::SUCCESS)
         }
         WorkersCommand::Spawn { model, hive, backend, device, keep_alive, json } => {
