@@ -386,6 +386,16 @@ async fn run_async(a: &Args) -> Result<()> {
     println!("    {:<56} {:>+8.3} ms", "the floor's own cost of following a prompt", cold50 - floor50);
     println!("  {:<58} {:>+8.3} ms", "bus overhead above that floor (rbee's own hops)", overhead - cold50);
 
+    // 2b. The same worker, one job at a time vs as many as it has slots (up
+    // to 4): what batching gives a user of the whole system. Only bench-a is
+    // up, so no job is pulled (and left, 250 ms) by a hive without the model.
+    println!("\n2b. batching through the bus (one worker, greedy 64-token jobs)");
+    let at_once = (a.slots as usize).clamp(1, 4);
+    let alone = model_tokens_per_s(&client, model, 2 * at_once, 1).await?;
+    let batched = model_tokens_per_s(&client, model, 2 * at_once, at_once).await?;
+    println!("  {:<58} {alone:>10.1} tokens/s", format!("{model}, one job at a time"));
+    println!("  {:<58} {batched:>10.1} tokens/s ({:.2}×)", format!("{model}, {at_once} jobs at once"), batched / alone);
+
     // 4. Streaming, one job (only bench-a is up).
     println!("\n4. token streaming (no-op engine, no delay)");
     let (w, h) = (worker_pid("bench-a").context("bench-a's worker")?, hive.pid());
@@ -466,6 +476,32 @@ async fn run_async(a: &Args) -> Result<()> {
     println!("  {:<58} {:>10.1} ms", "prompt and first token", med(&mut real.2));
     println!("  {:<58} {:>10.1} ms", "total at the producer", med(&mut real.0));
     Ok(())
+}
+
+/// Generated tokens per second over `jobs` greedy 64-token jobs (each its
+/// own prompt), submitted `at_once` at a time, each group waited for.
+async fn model_tokens_per_s(client: &rbee::Client, model: &str, jobs: usize, at_once: usize) -> Result<f64> {
+    let t = Instant::now();
+    let mut tokens = 0u64;
+    let mut next = 0;
+    while next < jobs {
+        let mut running = Vec::new();
+        for _ in 0..at_once.min(jobs - next) {
+            let prompt = format!("Story {next}: once upon a time, in a quiet village,");
+            running.push(client.submit(model, req(&prompt, 64), Default::default()).await?);
+            next += 1;
+        }
+        for mut job in running {
+            while let Some(e) = job.next().await {
+                match e?.body {
+                    EventBody::Done(d) => tokens += u64::from(d.usage.completion_tokens),
+                    EventBody::Error(err) => bail!("job failed: {}: {}", err.code, err.message),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(tokens as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Publishes `n` jobs as fast as acks allow; jobs per second until the last terminal event.

@@ -27,8 +27,9 @@ enum Command {
     /// the worker's job loop with one job vs several concurrent ones.
     Engine(engine::Args),
     /// What the bus costs: raw JetStream floor, warm time to first token
-    /// (no-op and real model vs in-process), dispatch throughput with 1/2/4
-    /// workers, token streaming, cold start.
+    /// (no-op and real model vs in-process), batching through the bus (one
+    /// job at a time vs several), dispatch throughput with 1/2/4 workers,
+    /// token streaming, cold start.
     Bus(bus::Args),
     /// Both, with their default settings: the engine table, then the bus.
     All,
