@@ -434,6 +434,13 @@ async fn run_async(a: &Args) -> Result<()> {
     }
     let rate = burst(&js, &mut events, model, a.model_jobs, 1).await?;
     println!("  {:<58} {rate:>10.1} jobs/s", format!("{model}, max_tokens 1, 1 worker, {} jobs", a.model_jobs));
+    // Hives without the model's worker pull its jobs too, and leave them for
+    // the one that serves it: what that costs a job, one at a time.
+    let mut fleet = Vec::new();
+    for _ in 0..(a.model_jobs / 2).max(20) {
+        fleet.push(timed_job(&client, model, req(prompt, 1)).await?.0);
+    }
+    row(&format!("{model}, 1-token jobs in turn, {} hives, 1 serving it", hives.len()), &mut fleet);
 
     println!("\n4b. token streaming, 16 jobs at once");
     let t = Instant::now();

@@ -155,7 +155,8 @@ async fn handle_in_span(
         Ok(p) => match place::place(&ctx, &p.model, place::Mode::Job).await {
             place::Decision::Go(entry) => Ok((p, entry)),
             place::Decision::Defer { delay, why } => {
-                tracing::debug!(%why, "leaving the job for another hive");
+                let delay = place::leave_delay(delay, msg.info().map_or(1, |i| i.delivered));
+                tracing::debug!(%why, ?delay, "leaving the job for another hive");
                 let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
                 return;
             }

@@ -23,9 +23,25 @@ use crate::catalog::ModelEntry;
 use crate::fleet::Placement;
 use crate::system::human;
 
-/// Delay before a job left for another hive comes back to the queue.
+/// The longest a job left for another hive stays out of the queue (see [`leave_delay`]).
 const LEAVE_FOR_WARM: Duration = Duration::from_millis(250);
 const LEAVE_FOR_MEMORY: Duration = Duration::from_secs(1);
+/// How long a job left for another hive the first time stays out of the queue.
+const FIRST_LEAVE: Duration = Duration::from_millis(10);
+
+/// The nak delay for a job left for another hive on its `delivered`-th
+/// delivery: 10 ms the first time, doubling with each delivery up to `most`.
+///
+/// Every hive with a free slot pulls from the same consumer, so a job left
+/// here may well go to another hive that cannot run it either: with several
+/// hives and one serving a model, a fixed 250 ms made each wrong pull cost
+/// that job 250 ms. Short first delays let it reach the serving hive in a
+/// few quick bounces; the doubling keeps a job that no hive can take now
+/// (its model's hive is busy) from circling faster than it did before.
+pub fn leave_delay(most: Duration, delivered: i64) -> Duration {
+    let doublings = delivered.saturating_sub(1).clamp(0, 16) as u32;
+    FIRST_LEAVE.saturating_mul(1 << doublings).min(most)
+}
 
 /// What is being placed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,5 +119,21 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
             tracing::warn!(error = %e, "cold-start lease unavailable; starting a worker here");
             Decision::Go(entry)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_left_for_another_hive_comes_back_soon_then_less_often() {
+        let ms = |d: Duration| d.as_millis();
+        let delays: Vec<u128> = (1..=7).map(|n| ms(leave_delay(LEAVE_FOR_WARM, n))).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 250, 250]);
+        assert_eq!(ms(leave_delay(LEAVE_FOR_MEMORY, 8)), 1000);
+        // A message without delivery info, or a huge count, stays in range.
+        assert_eq!(ms(leave_delay(LEAVE_FOR_WARM, 0)), 10);
+        assert_eq!(ms(leave_delay(LEAVE_FOR_WARM, i64::MAX)), 250);
     }
 }
