@@ -416,13 +416,20 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Writes the terminal record, then publishes its event. False when the
+    /// Waits until the job's earlier events are kept, writes the terminal
+    /// record, then publishes its event. False when the
     /// record could not be written (the broker stayed away for
     /// [`TERMINAL_WRITE_FOR`]): the event is published anyway, for the
     /// producer waiting on it, and the job's message is left unacknowledged,
     /// so that its redelivery repairs the record from the kept event (see
     /// [`super::claim`]).
     async fn end_inner(&self, sink: &mut EventSink, rec: JobRecord, state: JobState, body: EventBody) -> bool {
+        // Every earlier event is kept before the record says the job ended.
+        // A hive that dies in between (its broker away, republishing) then
+        // leaves a running record, and the job is taken over and resumed;
+        // the other order left an ended job whose stream lacked its last
+        // tokens, and a client following it waited for them for ever.
+        sink.flush().await;
         let event = Event::new(self.env.job_id.clone(), sink.next_seq(), body.clone());
         let mut guess = self.guess(&rec);
         let mut terminal = rec;
