@@ -93,9 +93,7 @@ async fn handle_in_span(
             Ok(m) => match place(&ctx, &m, mode).await {
                 Decision::Go(entry) => spawn_entry = Some(entry),
                 Decision::Defer { delay, why } => {
-                    let delay = crate::job::place::leave_delay(delay, msg.info().map_or(1, |i| i.delivered));
-                    tracing::debug!(%why, ?delay, "leaving the spawn for another hive");
-                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                    crate::job::place::leave(&msg, delay, &why, "spawn").await;
                     return;
                 }
                 Decision::Fail(e) => req = Err(e),

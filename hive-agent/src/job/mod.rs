@@ -155,9 +155,7 @@ async fn handle_in_span(
         Ok(p) => match place::place(&ctx, &p.model, place::Mode::Job).await {
             place::Decision::Go(entry) => Ok((p, entry)),
             place::Decision::Defer { delay, why } => {
-                let delay = place::leave_delay(delay, msg.info().map_or(1, |i| i.delivered));
-                tracing::debug!(%why, ?delay, "leaving the job for another hive");
-                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                place::leave(&msg, delay, &why, "job").await;
                 return;
             }
             place::Decision::Fail(e) => Err(e),

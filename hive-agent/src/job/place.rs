@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::{self, AckKind};
 use rbee_schemas::error::{ErrorCode, JobError};
 
 use rbee_schemas::model::ModelRef;
@@ -41,6 +42,14 @@ const FIRST_LEAVE: Duration = Duration::from_millis(10);
 pub fn leave_delay(most: Duration, delivered: i64) -> Duration {
     let doublings = delivered.saturating_sub(1).clamp(0, 16) as u32;
     FIRST_LEAVE.saturating_mul(1 << doublings).min(most)
+}
+
+/// Leaves `msg` (a job or a spawn, `what`) in the queue for another hive:
+/// nak'ed with [`leave_delay`] of at most `most`.
+pub async fn leave(msg: &jetstream::Message, most: Duration, why: &str, what: &str) {
+    let delay = leave_delay(most, msg.info().map_or(1, |i| i.delivered));
+    tracing::debug!(%why, ?delay, "leaving the {what} for another hive");
+    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
 }
 
 /// What is being placed.
