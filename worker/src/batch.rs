@@ -83,10 +83,9 @@ impl Queue {
     /// Takes in every message that has arrived. When `idle` (no job running)
     /// and nothing is queued, first waits for a message.
     pub fn pump(&mut self, inbox: &mut impl Inbox, idle: bool) {
-        let mut wait = idle && self.jobs.is_empty() && self.open;
         loop {
-            let msg = inbox.next(wait);
-            match msg {
+            let wait = idle && self.jobs.is_empty() && self.open;
+            match inbox.next(wait) {
                 Some(Inbound::Job(j)) if self.open => self.jobs.push_back(j),
                 // Sent after Shutdown: nobody will run it.
                 Some(Inbound::Job(j)) => tracing::warn!(job = j.id, "a job after shutdown; dropped"),
@@ -95,7 +94,6 @@ impl Queue {
                 None if wait => self.open = false,
                 None => return,
             }
-            wait = idle && self.jobs.is_empty() && self.open;
         }
     }
 

@@ -171,6 +171,11 @@ impl Engine {
         self.backend.kind()
     }
 
+    /// Sequences one step can take (1 on engines that run one at a time).
+    pub fn max_batch(&self) -> usize {
+        self.backend.max_batch()
+    }
+
     /// Why `auto` chose candle, when it did.
     pub fn fallback_reason(&self) -> Option<&str> {
         self.fallback.as_deref()

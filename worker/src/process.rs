@@ -110,7 +110,8 @@ pub fn main() -> ExitCode {
         }
     };
     let (engine_name, slots) = match &engine {
-        Loaded::Llama(e) => (e.kind().name(), if e.kind() == crate::backend::EngineKind::Fast { args.slots } else { 1 }),
+        // What `serve` will run at once.
+        Loaded::Llama(e) => (e.kind().name(), usize::from(args.slots).clamp(1, e.max_batch()) as u16),
         // The no-op engine runs its jobs in turn but takes as many as asked
         // into its queue, as a batching worker would: it stands in for one
         // when the bench measures dispatch.
