@@ -362,6 +362,12 @@ pub async fn noop_hive(url: &str, slots: u32, delay: &str, extra: &[&str]) -> Hi
     Hive::start(url, HiveOpts { slots, args, ..HiveOpts::default() }).await
 }
 
+/// An event as the `RBEE_EVENTS` stream kept it, in its own encoding.
+fn kept_event(m: &jetstream::message::StreamMessage) -> Event {
+    let enc = Encoding::from_content_type(m.headers.get("Content-Type").map(|v| v.as_str())).unwrap();
+    enc.decode(&m.payload).expect("kept event decodes")
+}
+
 /// Every event the `RBEE_EVENTS` stream kept for `job_id`, in stream order
 /// (repeats of a resent terminal event included).
 pub async fn kept_events(client: &async_nats::Client, job_id: &str) -> Vec<Event> {
@@ -374,8 +380,7 @@ pub async fn kept_events(client: &async_nats::Client, job_id: &str) -> Vec<Event
         match stream.direct_get_next_for_subject(subject.clone(), Some(seq)).await {
             Ok(m) => {
                 seq = m.sequence + 1;
-                let enc = Encoding::from_content_type(m.headers.get("Content-Type").map(|v| v.as_str())).unwrap();
-                out.push(enc.decode(&m.payload).expect("kept event decodes"));
+                out.push(kept_event(&m));
             }
             Err(_) => return out,
         }
@@ -392,8 +397,7 @@ pub async fn all_kept_events(client: &async_nats::Client) -> Vec<Event> {
     let mut out = Vec::new();
     for seq in first..=last {
         let Ok(m) = stream.get_raw_message(seq).await else { continue };
-        let enc = Encoding::from_content_type(m.headers.get("Content-Type").map(|v| v.as_str())).unwrap();
-        out.push(enc.decode(&m.payload).expect("kept event decodes"));
+        out.push(kept_event(&m));
     }
     out
 }
