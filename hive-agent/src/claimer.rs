@@ -7,11 +7,20 @@
 //! to the batch lane. Batch is not starved: after 3 interactive claims in a
 //! row while batch work waits, the next free slot goes to the batch lane.
 //!
+//! A hive that has lately left a job for another hive ([`Leaves`]) keeps one
+//! pull request per lane waiting, not one for every free slot. nats-server
+//! 2.9 fills the oldest waiting request until its batch is used up, so a
+//! request with room left stays first in line: the job the hive just left
+//! came back to it on each redelivery, about six times with four hives. With
+//! single-job requests the left job's request is used up, the hive's next one
+//! queues behind the other hives' requests, and the job moves on.
+//!
 //! Lifecycle jobs ([`claim_ctl`]): the hive's own consumer and the shared
 //! `any` consumer, each asked for the free lifecycle slots; an overflow is
 //! handed back.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::Client;
@@ -59,6 +68,28 @@ impl Slots {
     }
 }
 
+/// How long a hive that left a job keeps asking for one job at a time.
+pub const LEAVING_FOR: Duration = Duration::from_secs(30);
+
+/// When this hive last left a job for another hive; shared by the job tasks
+/// (which leave jobs) and the claimer (which asks for fewer at a time).
+#[derive(Debug, Clone, Default)]
+pub struct Leaves {
+    last: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Leaves {
+    /// Notes that a job was just left for another hive.
+    pub fn left(&self) {
+        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Whether a job was left within [`LEAVING_FOR`].
+    pub fn recent(&self) -> bool {
+        self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some_and(|t| t.elapsed() < LEAVING_FOR)
+    }
+}
+
 /// The claiming side of the two lane consumers.
 #[derive(Debug)]
 pub struct Claimer {
@@ -66,6 +97,7 @@ pub struct Claimer {
     pub js: jetstream::Context,
     pub stream: String,
     pub slots: Slots,
+    pub leaves: Leaves,
 }
 
 const INTERACTIVE: usize = 0;
@@ -84,18 +116,20 @@ impl Claimer {
         let mut interactive_empty = false;
         loop {
             let free = self.slots.free();
+            // Jobs to ask for at once (see the module doc on leaving).
+            let ask = if self.leaves.recent() { free.min(1) } else { free };
             let (i, b) = (puller.credits(INTERACTIVE), puller.credits(BATCH));
             if !batch_waiting {
                 // Idle or interactive-only: wait on both lanes.
-                puller.request(INTERACTIVE, top_up(free, i), false).await;
-                puller.request(BATCH, top_up(free, b), false).await;
+                puller.request(INTERACTIVE, top_up(ask, i), false).await;
+                puller.request(BATCH, top_up(ask, b), false).await;
             } else if interactive_streak + 1 >= BATCH_EVERY || interactive_empty {
                 // Batch's turn, or no interactive job waits: one lane at a time.
                 if i == 0 {
-                    puller.request(BATCH, free.saturating_sub(b), false).await;
+                    puller.request(BATCH, ask.saturating_sub(b), false).await;
                 }
             } else if b == 0 {
-                puller.request(INTERACTIVE, free.saturating_sub(i), true).await;
+                puller.request(INTERACTIVE, ask.saturating_sub(i), true).await;
             }
             tokio::select! {
                 pulled = puller.next() => match pulled {

@@ -93,7 +93,7 @@ async fn handle_in_span(
             Ok(m) => match place(&ctx, &m, mode).await {
                 Decision::Go(entry) => spawn_entry = Some(entry),
                 Decision::Defer { delay, why } => {
-                    crate::job::place::leave(&msg, delay, &why, "spawn").await;
+                    crate::job::place::leave(&ctx, &msg, delay, &why, "spawn").await;
                     return;
                 }
                 Decision::Fail(e) => req = Err(e),

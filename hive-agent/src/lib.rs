@@ -293,6 +293,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         max_attempts: args.max_attempts,
         retry_backoff: args.retry_backoff,
         hand_back: hand_back.clone(),
+        leaves: claimer::Leaves::default(),
     });
     let sweep_stop = CancellationToken::new();
     let sweeping = tokio::spawn(sweeper::run(ctx.clone(), broker.jobs.clone(), sweep_stop.clone()));
@@ -332,7 +333,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let beats = tokio::spawn(heartbeat.clone().run(beat_stop.clone()));
 
     let tracker = TaskTracker::new();
-    let claimer = claimer::Claimer { client: client.clone(), js: js.clone(), stream: subjects::JOBS_STREAM.to_owned(), slots };
+    let claimer = claimer::Claimer { client: client.clone(), js: js.clone(), stream: subjects::JOBS_STREAM.to_owned(), slots, leaves: ctx.leaves.clone() };
     let jobs = tracker.clone();
     let job_ctx = ctx.clone();
     let claiming = tokio::spawn(claimer.run(shutdown.clone(), move |msg, lane, slot| {

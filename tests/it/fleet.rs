@@ -338,6 +338,45 @@ async fn a_burst_for_an_unserved_model_cold_starts_once_and_warm_workers_share_t
     assert_queue_drains(&broker.client().await).await;
 }
 
+/// How many times `hive` left job `job_id` for another hive (its debug log).
+fn times_left(hive: &Hive, job_id: &str) -> usize {
+    let span = format!("job_id={job_id}");
+    hive.log().lines().filter(|l| l.contains(&span) && l.contains("leaving the job for another hive")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_for_another_hives_worker_passes_each_hive_without_it_once_at_most() {
+    // Every hive pulls from the same consumer, and nats-server 2.9 fills the
+    // oldest waiting pull request until its batch is used up: a hive that
+    // left a job while asking for 4 got the same job back up to 4 times.
+    let broker = Broker::start();
+    let serving = noop_hive(&broker.url(), 4, "1ms", &[]).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    // Alone, it starts the worker and takes the model's lease.
+    let events = infer(&client, "noop", short(2)).await;
+    assert!(started(&events)[0].cold);
+    let others = [noop_hive(&broker.url(), 4, "1ms", &[]).await, noop_hive(&broker.url(), 4, "1ms", &[]).await];
+
+    // The first jobs may meet requests asked before any job was left.
+    for _ in 0..3 {
+        let events = infer(&client, "noop", short(2)).await;
+        assert_eq!(started(&events)[0].hive, serving.id);
+    }
+    let mut left = Vec::new();
+    for _ in 0..12 {
+        let mut job = client.submit("noop", short(2), Default::default()).await.unwrap();
+        let events = collect(&mut job).await;
+        let s = &started(&events)[0];
+        assert_eq!((s.hive.as_str(), s.cold), (serving.id.as_str(), false), "{events:?}");
+        assert_well_formed(&events);
+        left.push(others.iter().map(|h| times_left(h, job.job_id())).collect::<Vec<_>>());
+    }
+    assert!(left.iter().flatten().all(|&n| n <= 1), "times each job was left, per hive without the worker: {left:?}");
+    // It is pulled by the other hives at all (else this test shows nothing).
+    assert!(left.iter().flatten().any(|&n| n == 1), "{left:?}");
+    assert_queue_drains(&broker.client().await).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_workers_exit_after_their_keep_alive() {
     let broker = Broker::start();

@@ -66,6 +66,8 @@ pub struct JobCtx {
     pub retry_backoff: Duration,
     /// Cancelled when the drain deadline passes: running jobs are handed back.
     pub hand_back: CancellationToken,
+    /// Told when a job is left for another hive.
+    pub leaves: crate::claimer::Leaves,
 }
 
 /// Who to answer and how, known before the body is trusted.
@@ -155,7 +157,8 @@ async fn handle_in_span(
         Ok(p) => match place::place(&ctx, &p.model, place::Mode::Job).await {
             place::Decision::Go(entry) => Ok((p, entry)),
             place::Decision::Defer { delay, why } => {
-                place::leave(&msg, delay, &why, "job").await;
+                ctx.leaves.left();
+                place::leave(&ctx, &msg, delay, &why, "job").await;
                 return;
             }
             place::Decision::Fail(e) => Err(e),
