@@ -395,6 +395,9 @@ async fn run_async(a: &Args) -> Result<()> {
     let batched = model_tokens_per_s(&client, model, 2 * at_once, at_once).await?;
     println!("  {:<58} {alone:>10.1} tokens/s", format!("{model}, one job at a time"));
     println!("  {:<58} {batched:>10.1} tokens/s ({:.2}×)", format!("{model}, {at_once} jobs at once"), batched / alone);
+    // Twice as many jobs as slots: half of them wait in the queue for a slot.
+    let queued = model_tokens_per_s(&client, model, 4 * at_once, 2 * at_once).await?;
+    println!("  {:<58} {queued:>10.1} tokens/s", format!("{model}, {} jobs at once (half of them queued)", 2 * at_once));
 
     // 4. Streaming, one job (only bench-a is up).
     println!("\n4. token streaming (no-op engine, no delay)");
@@ -441,6 +444,14 @@ async fn run_async(a: &Args) -> Result<()> {
         fleet.push(timed_job(&client, model, req(prompt, 1)).await?.0);
     }
     row(&format!("{model}, 1-token jobs in turn, {} hives, 1 serving it", hives.len()), &mut fleet);
+    // As 2b's last row, with the other hives pulling (and leaving) the queued jobs.
+    let at_once = 2 * (a.slots as usize).clamp(1, 4);
+    let others: Vec<u32> = hives.iter().skip(1).map(HiveProc::pid).collect();
+    let (busy0, t) = (others.iter().map(|&p| cpu_ms(p)).sum::<f64>(), Instant::now());
+    let queued = model_tokens_per_s(&client, model, 2 * at_once, at_once).await?;
+    let busy = (others.iter().map(|&p| cpu_ms(p)).sum::<f64>() - busy0) / t.elapsed().as_secs_f64() / 10.0;
+    println!("  {:<58} {queued:>10.1} tokens/s", format!("{model}, {at_once} 64-token jobs at once, {} hives, 1 serving it", hives.len()));
+    println!("    CPU of the {} hives that leave its jobs: {busy:.1} % of a core", others.len());
 
     println!("\n4b. token streaming, 16 jobs at once");
     let t = Instant::now();
