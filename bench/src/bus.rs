@@ -89,6 +89,9 @@ async fn start_hive(client: &rbee::Client, url: &str, id: &str, extra: &[&str]) 
     let home = tempfile::tempdir()?;
     let child = Command::new(bin("rbee-hive"))
         .args(["--nats-url", url, "--hive-id", id, "--test-noop-model", "--keep-alive", "-1"])
+        // Every hive here shares one machine, so a second worker for a model
+        // would add no capacity; and the rows assume one serving hive.
+        .args(["--scale-out-after", "0s"])
         .arg("--models-dir")
         .arg(rbee_broker::rbee_home().join("models"))
         .arg("--worker-bin")

@@ -132,6 +132,23 @@ impl Fleet {
         Err("the lease kept changing".to_owned())
     }
 
+    /// May this hive start a worker for `model_key`, which another hive
+    /// serves, to take load off it? Creates `scale.<model>` in the leases
+    /// bucket, which only one hive can, until it expires with the bucket's TTL
+    /// (15 s): so a backlog adds one worker at a time to the fleet.
+    pub async fn take_scale_out(&self, model_key: &str) -> bool {
+        let key = subjects::scale_out_key(model_key);
+        let store = lock(&self.leases).clone();
+        match store.create(&key, self.hive_id.clone().into()).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "scale-out lease unavailable; not scaling out");
+                false
+            }
+        }
+    }
+
     /// Keeps the leases of the models this hive serves alive, and gives up
     /// those it took but has had no worker for since [`UNUSED_LEASE`] (a
     /// worker that failed to load, or exited).

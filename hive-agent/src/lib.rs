@@ -83,6 +83,11 @@ pub struct HiveArgs {
     /// Attempts a job gets when its worker keeps dying.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// Start a worker here for a model another hive serves once one of its jobs has waited this
+    /// long in the queue (that hive is busy), if the model fits; at most one hive per model
+    /// does so every 15 s. 0s: never (add workers with `rbee workers spawn`).
+    #[arg(long, env = "RBEE_SCALE_OUT_AFTER", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub scale_out_after: Duration,
     /// On shutdown, how long running jobs may take to finish before they are handed back.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -294,6 +299,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         retry_backoff: args.retry_backoff,
         hand_back: hand_back.clone(),
         leaves: claimer::Leaves::default(),
+        scaling: job::place::ScaleOut::new(args.scale_out_after),
     });
     let sweep_stop = CancellationToken::new();
     let sweeping = tokio::spawn(sweeper::run(ctx.clone(), broker.jobs.clone(), sweep_stop.clone()));

@@ -13,7 +13,7 @@
 //! | lifecycle jobs | `rbee.jobs.ctl.<hive id>`, `rbee.jobs.ctl.any` |
 //! | hive heartbeats (KV, TTL) | `rbee-hives` |
 //! | workers (KV, TTL) | `rbee-workers` |
-//! | cold-start leases (KV, TTL) | `rbee-leases` |
+//! | cold-start and scale-out leases (KV, TTL) | `rbee-leases` |
 //! | job records (KV) | `rbee-jobs` |
 //! | hive log lines | `rbee.logs.<hive id>`, kept in `RBEE_LOGS` |
 
@@ -54,7 +54,8 @@ pub const HIVES_BUCKET: &str = "rbee-hives";
 pub const JOBS_BUCKET: &str = "rbee-jobs";
 /// KV bucket of workers: key = worker id, value = [`crate::hive::WorkerInfo`], with a TTL.
 pub const WORKERS_BUCKET: &str = "rbee-workers";
-/// KV bucket of cold-start leases: key = `cold.<hex of the model key>`, value = hive id.
+/// KV bucket of cold-start and scale-out leases: key = `cold.<hex of the model key>` or
+/// `scale.<hex of the model key>`, value = hive id.
 pub const LEASES_BUCKET: &str = "rbee-leases";
 /// The stream that keeps hives' log lines (`rbee.logs.<hive id>`).
 pub const LOGS_STREAM: &str = "RBEE_LOGS";
@@ -68,8 +69,17 @@ pub fn logs_subject(hive_id: &str) -> String {
 
 /// The lease key for cold-starting `model_key` (KV keys allow no `%`, `:`).
 pub fn cold_start_lease_key(model_key: &str) -> String {
-    let hex: String = model_key.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("cold.{hex}")
+    format!("cold.{}", hex(model_key))
+}
+
+/// The key a hive creates to start a second worker for `model_key`, which
+/// another hive serves (one such start per model per bucket TTL).
+pub fn scale_out_key(model_key: &str) -> String {
+    format!("scale.{}", hex(model_key))
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Message header carrying the job id (JetStream's dedup key).

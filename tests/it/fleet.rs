@@ -3,7 +3,7 @@
 //! deletes, worker spawn/stop), keep-alive, placement, memory preflight,
 //! drains and kills, version refusal, logs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
@@ -296,8 +296,9 @@ async fn import_get_spawn_and_stop_across_two_hives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_for_an_unserved_model_cold_starts_once_and_warm_workers_share_the_load() {
     let broker = Broker::start();
-    let a = noop_hive(&broker.url(), 2, "20ms", &[]).await;
-    let b = noop_hive(&broker.url(), 2, "20ms", &[]).await;
+    // No scale-out: on a slow machine the burst could wait long enough for one.
+    let a = noop_hive(&broker.url(), 2, "20ms", &["--scale-out-after", "0s"]).await;
+    let b = noop_hive(&broker.url(), 2, "20ms", &["--scale-out-after", "0s"]).await;
     let client = rbee::Client::connect(&broker.url()).await.unwrap();
 
     // 20 jobs at once for a model no worker serves: exactly one worker starts in the fleet.
@@ -374,6 +375,40 @@ async fn a_job_for_another_hives_worker_passes_each_hive_without_it_once_at_most
     assert!(left.iter().flatten().all(|&n| n <= 1), "times each job was left, per hive without the worker: {left:?}");
     // It is pulled by the other hives at all (else this test shows nothing).
     assert!(left.iter().flatten().any(|&n| n == 1), "{left:?}");
+    assert_queue_drains(&broker.client().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_for_a_busy_hive_starts_one_more_worker_on_another() {
+    let broker = Broker::start();
+    // One slot and 50 ms a token: twelve 4-token jobs are ~2.4 s of work for it.
+    let serving = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "0s"]).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let events = infer(&client, "noop", short(1)).await;
+    assert_eq!((started(&events)[0].hive.as_str(), started(&events)[0].cold), (serving.id.as_str(), true));
+    let other = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "500ms"]).await;
+    let third = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "500ms"]).await;
+
+    let mut jobs = Vec::new();
+    for _ in 0..12 {
+        jobs.push(client.submit("noop", short(4), Default::default()).await.unwrap());
+    }
+    let mut by_hive: BTreeMap<String, usize> = BTreeMap::new();
+    for j in &mut jobs {
+        let events = collect(j).await;
+        assert_well_formed(&events);
+        let s = &started(&events)[0];
+        // Jobs wait for the new worker elsewhere, never on it while it loads.
+        assert!(!s.cold, "{s:?}");
+        *by_hive.entry(s.hive.clone()).or_default() += 1;
+    }
+    // Exactly one of the two idle hives started a worker (the scale-out
+    // lease), and it took part of the backlog.
+    let scaled: Vec<&Hive> = [&other, &third].into_iter().filter(|h| !h.worker_pids().is_empty()).collect();
+    assert_eq!(scaled.len(), 1, "jobs per hive: {by_hive:?}");
+    assert!(by_hive.get(&scaled[0].id).is_some_and(|&n| n > 0), "jobs per hive: {by_hive:?}");
+    assert!(scaled[0].log().contains("starting a worker here too"));
+    assert_eq!(serving.worker_pids().len(), 1);
     assert_queue_drains(&broker.client().await).await;
 }
 

@@ -68,6 +68,8 @@ pub struct JobCtx {
     pub hand_back: CancellationToken,
     /// Told when a job is left for another hive.
     pub leaves: crate::claimer::Leaves,
+    /// Workers started here because another hive's jobs waited.
+    pub scaling: place::ScaleOut,
 }
 
 /// Who to answer and how, known before the body is trusted.
@@ -154,7 +156,7 @@ async fn handle_in_span(
     // Placement comes before the record: a job left for another hive must
     // reach it untouched.
     let prepared = match prepared {
-        Ok(p) => match place::place(&ctx, &p.model, place::Mode::Job).await {
+        Ok(p) => match place::place(&ctx, &p.model, place::Mode::Job { queued: Duration::from_secs_f64(env.queued_ms / 1e3) }).await {
             place::Decision::Go(entry) => Ok((p, entry)),
             place::Decision::Defer { delay, why } => {
                 ctx.leaves.left();

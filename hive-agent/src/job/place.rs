@@ -11,7 +11,14 @@
 //!    hive holds it (serves the model, or is starting a worker), the job is
 //!    left in the queue for that hive. So a burst of jobs for an unserved
 //!    model starts exactly one worker, and jobs go where one is warm.
+//! 5. Scale-out: a job left for another hive that has already waited
+//!    `--scale-out-after` in the queue means that hive is busy. If the model
+//!    fits here, this hive starts a worker for it in the background (at most
+//!    one hive per model every 15 s, [`crate::fleet::Fleet::take_scale_out`])
+//!    and keeps leaving the model's jobs until the worker is ready.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -22,6 +29,7 @@ use rbee_schemas::model::ModelRef;
 use super::JobCtx;
 use crate::catalog::ModelEntry;
 use crate::fleet::Placement;
+use crate::pool::{Pool, StartOptions};
 use crate::system::human;
 
 /// The longest a job left for another hive stays out of the queue (see
@@ -67,11 +75,52 @@ pub async fn leave(ctx: &JobCtx, msg: &jetstream::Message, most: Duration, why: 
     let _ = msg.ack_with(AckKind::Nak((!delay.is_zero()).then_some(delay))).await;
 }
 
+/// Workers this hive starts to take load off another hive (placement step 5).
+#[derive(Debug, Default)]
+pub struct ScaleOut {
+    /// How long a job left for another hive may have waited before this hive
+    /// starts a worker for its model too; zero: never.
+    pub after: Duration,
+    /// Models whose scale-out worker is starting.
+    starting: Arc<Mutex<HashSet<String>>>,
+}
+
+impl ScaleOut {
+    pub fn new(after: Duration) -> Self {
+        Self { after, starting: Arc::default() }
+    }
+
+    fn is_scaling(&self, model_key: &str) -> bool {
+        lock(&self.starting).contains(model_key)
+    }
+
+    /// Starts a worker for `entry` in the background; until it is ready the
+    /// model's jobs are left for the hive that serves it.
+    fn start(&self, pool: &Arc<Pool>, entry: ModelEntry) {
+        if !lock(&self.starting).insert(entry.key.clone()) {
+            return;
+        }
+        let (pool, starting) = (pool.clone(), self.starting.clone());
+        tokio::spawn(async move {
+            match pool.spawn(&entry, StartOptions::default()).await {
+                Ok(_) => tracing::info!(model = %entry.key, "scale-out worker ready"),
+                Err(e) => tracing::warn!(model = %entry.key, error = %e.message, "scale-out worker failed to start"),
+            }
+            lock(&starting).remove(&entry.key);
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// What is being placed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// An inference job: may be left for another hive; cold starts need the lease.
-    Job,
+    /// An inference job that has waited `queued` since it was published: may
+    /// be left for another hive; cold starts need the lease.
+    Job { queued: Duration },
     /// `worker.spawn` sent to `any`: may be left for a hive that has the model or the memory.
     SpawnAny,
     /// `worker.spawn` sent to this hive: here or not at all.
@@ -108,6 +157,11 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
         Err(e) => return Decision::Fail(JobError::internal(e.to_string())),
     };
     if ctx.pool.has(&entry.key) {
+        // A worker starting to take load off another hive: until it is
+        // ready, that hive still runs the model's jobs sooner.
+        if matches!(mode, Mode::Job { .. }) && ctx.scaling.is_scaling(&entry.key) {
+            return Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("a worker for {} is starting here to scale out", entry.key) };
+        }
         return Decision::Go(entry);
     }
     let need = ctx.pool.memory_for(&entry);
@@ -132,13 +186,20 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
             )),
         };
     }
-    if mode != Mode::Job {
+    let Mode::Job { queued } = mode else {
         // An explicit spawn starts a worker whoever holds the lease.
         return Decision::Go(entry);
-    }
+    };
     match ctx.fleet.place(&entry.key).await {
         Ok(Placement::Here) => Decision::Go(entry),
-        Ok(Placement::Elsewhere { hive }) => Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {hive} serves {}", entry.key) },
+        Ok(Placement::Elsewhere { hive }) => {
+            let after = ctx.scaling.after;
+            if !after.is_zero() && queued >= after && ctx.fleet.take_scale_out(&entry.key).await {
+                tracing::info!(model = %entry.key, %hive, ?queued, "a job waited for hive {hive}; starting a worker here too");
+                ctx.scaling.start(&ctx.pool, entry.clone());
+            }
+            Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {hive} serves {}", entry.key) }
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cold-start lease unavailable; starting a worker here");
             Decision::Go(entry)
