@@ -17,9 +17,9 @@
 //!    one hive per model every 15 s, [`crate::fleet::Fleet::take_scale_out`])
 //!    and keeps leaving the model's jobs until the worker is ready.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use rbee_schemas::error::{ErrorCode, JobError};
@@ -83,11 +83,34 @@ pub struct ScaleOut {
     pub after: Duration,
     /// Models whose scale-out worker is starting.
     starting: Arc<Mutex<HashSet<String>>>,
+    /// When this hive last asked for each model's scale-out lease.
+    asked: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a hive waits before it asks for a model's scale-out lease again:
+/// while a backlog lasts, every job it leaves would otherwise cost the broker
+/// a failed create.
+const ASK_AGAIN: Duration = Duration::from_secs(5);
 
 impl ScaleOut {
     pub fn new(after: Duration) -> Self {
-        Self { after, starting: Arc::default() }
+        Self { after, starting: Arc::default(), asked: Mutex::default() }
+    }
+
+    /// Whether a job that waited `queued` may ask for `model_key`'s scale-out
+    /// lease now (and notes that it does).
+    fn may_ask(&self, model_key: &str, queued: Duration) -> bool {
+        if self.after.is_zero() || queued < self.after {
+            return false;
+        }
+        let mut asked = lock(&self.asked);
+        let now = Instant::now();
+        asked.retain(|_, t| now.duration_since(*t) < ASK_AGAIN);
+        if asked.contains_key(model_key) {
+            return false;
+        }
+        asked.insert(model_key.to_owned(), now);
+        true
     }
 
     fn is_scaling(&self, model_key: &str) -> bool {
@@ -193,8 +216,7 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
     match ctx.fleet.place(&entry.key).await {
         Ok(Placement::Here) => Decision::Go(entry),
         Ok(Placement::Elsewhere { hive }) => {
-            let after = ctx.scaling.after;
-            if !after.is_zero() && queued >= after && ctx.fleet.take_scale_out(&entry.key).await {
+            if ctx.scaling.may_ask(&entry.key, queued) && ctx.fleet.take_scale_out(&entry.key).await {
                 tracing::info!(model = %entry.key, %hive, ?queued, "a job waited for hive {hive}; starting a worker here too");
                 ctx.scaling.start(&ctx.pool, entry.clone());
             }
@@ -210,6 +232,17 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_job_that_waited_asks_for_the_scale_out_lease_and_not_again_soon() {
+        let scale = ScaleOut::new(Duration::from_secs(2));
+        assert!(!scale.may_ask("m", Duration::from_millis(1999)));
+        assert!(scale.may_ask("m", Duration::from_secs(2)));
+        assert!(!scale.may_ask("m", Duration::from_secs(9)), "asked a moment ago");
+        assert!(scale.may_ask("other", Duration::from_secs(3)));
+        let off = ScaleOut::new(Duration::ZERO);
+        assert!(!off.may_ask("m", Duration::from_secs(3600)));
+    }
 
     #[test]
     fn a_job_left_for_another_hive_visits_each_hive_at_once_then_comes_back_less_often() {
