@@ -131,9 +131,13 @@ impl Records {
             Ok(k) => k,
             Err(e) => return Err(err("list")(e.into())),
         };
-        let mut ids = Vec::new();
+        // A record written again while the listing runs comes once more.
+        let (mut ids, mut seen) = (Vec::new(), std::collections::HashSet::new());
         while let Some(k) = keys.next().await {
-            ids.push(k.map_err(|e| err("list")(e.into()))?);
+            let k = k.map_err(|e| err("list")(e.into()))?;
+            if seen.insert(k.clone()) {
+                ids.push(k);
+            }
         }
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {

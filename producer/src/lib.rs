@@ -187,9 +187,11 @@ impl Client {
             return Ok(vec![]);
         };
         let mut keys = store.keys().await.map_err(broker_err)?;
-        let mut ids = Vec::new();
+        // A key written again while the listing runs comes once more (the
+        // listing is a consumer that reads on until nothing is pending).
+        let mut ids = std::collections::BTreeSet::new();
         while let Some(k) = keys.next().await {
-            ids.push(k.map_err(broker_err)?);
+            ids.insert(k.map_err(broker_err)?);
         }
         let mut out = Vec::new();
         for id in ids {

@@ -294,6 +294,6 @@ async fn a_worker_that_runs_one_job_at_a_time_gets_one_at_a_time() {
         assert!(w[0].1 < w[1].0, "a job started while the one before was streaming: {spans:?}");
     }
     let listed = client.workers().await.unwrap();
-    assert_eq!(listed.iter().map(|w| w.slots).collect::<Vec<_>>(), [1], "candle runs one job at a time");
+    assert_eq!(listed.iter().map(|w| w.slots).collect::<Vec<_>>(), [1], "candle runs one job at a time: {listed:?}");
     assert_eq!(hive.worker_pids().len(), 1);
 }
