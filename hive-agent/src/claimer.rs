@@ -11,7 +11,8 @@
 //! pull request per lane waiting, not one for every free slot. nats-server
 //! 2.9 fills the oldest waiting request until its batch is used up, so a
 //! request with room left stays first in line: the job the hive just left
-//! came back to it on each redelivery, about six times with four hives. With
+//! came back to it until that request was used up (up to 4 times with the
+//! default 4 slots). With
 //! single-job requests the left job's request is used up, the hive's next one
 //! queues behind the other hives' requests, and the job moves on.
 //!

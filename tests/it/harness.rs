@@ -124,9 +124,10 @@ impl Hive {
             .args(&opts.args)
             .env("RBEE_HOME", home.path())
             .env("RBEE_LOG", "info,rbee_hive=debug")
-            // Slots come from `opts` (or the hive's default), not the caller's shell.
+            // Slots and scale-out come from `opts` (or the hive's defaults), not the caller's shell.
             .env_remove("RBEE_HIVE_SLOTS")
             .env_remove("RBEE_WORKER_SLOTS")
+            .env_remove("RBEE_SCALE_OUT_AFTER")
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
