@@ -20,6 +20,8 @@ pub struct Versioned {
 }
 
 /// What a transition decides.
+// Built and matched once per record write; boxing the record would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Decision<T> {
     /// Write this record (create or compare-and-set), then return `T`.

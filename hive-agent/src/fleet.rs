@@ -123,7 +123,7 @@ impl Fleet {
                         lock(&self.held).insert(model_key.to_owned(), std::time::Instant::now());
                         return Ok(Placement::Here);
                     }
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {} // taken meanwhile: read it again
                     Err(e) => return Err(e.to_string()),
                 },
                 Err(e) => return Err(e.to_string()),

@@ -37,6 +37,8 @@ struct ConsumerState {
 }
 
 /// What [`Puller::next`] saw.
+// Moved once per pulled message; boxing the message would add an allocation per job.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Pulled {
     /// A job from consumer `.0`.

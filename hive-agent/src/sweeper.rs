@@ -53,7 +53,7 @@ pub async fn run(ctx: Arc<JobCtx>, jobs: Stream, stop: CancellationToken) {
         for q in queued {
             let encoding = Encoding::from_content_type(q.message.headers.get(HEADER_CONTENT_TYPE).map(|v| v.as_str())).unwrap_or_default();
             let probe: JobProbe = encoding.decode(&q.message.payload).unwrap_or_default();
-            if !probe.deadline(q.received_ms).is_some_and(|d| now >= d) || !rbee_schemas::job::is_valid_job_id(&q.job_id) {
+            if probe.deadline(q.received_ms).is_none_or(|d| now < d) || !rbee_schemas::job::is_valid_job_id(&q.job_id) {
                 continue;
             }
             expire(&ctx, &jobs, &q, probe, encoding).await;

@@ -106,7 +106,7 @@ pub async fn claim(ctx: &JobCtx, env: &Envelope, prepared: Option<&Prepared>) ->
             Ok(Some(revision)) => {
                 return Claim::Run { attempt: next.attempts, next_seq, resume, vanished, record: next, revision };
             }
-            Ok(None) => continue,
+            Ok(None) => {} // changed meanwhile: read it again
             Err(e) => return Claim::Unavailable(e.to_string()),
         }
     }

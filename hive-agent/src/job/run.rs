@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
-use async_nats::HeaderMap;
 use rbee_broker::records::{Decision, Versioned};
 use rbee_schemas::error::{ErrorCode, JobError};
 use rbee_schemas::event::{Done, Event, EventBody, Restarted, Started, StopReason, Timings, Token, Usage};
@@ -552,7 +551,7 @@ impl<'a> Run<'a> {
     /// Out of attempts: keep the original job as a dead letter, end with `WORKER_CRASHED`.
     async fn dead(&self, sink: &mut EventSink, rec: JobRecord, attempts: u32) {
         let last = rec.error_message.clone().unwrap_or_else(|| "its hive or worker kept dying".to_owned());
-        let mut headers = self.msg.headers.clone().unwrap_or_else(HeaderMap::new);
+        let mut headers = self.msg.headers.clone().unwrap_or_default();
         headers.insert(HEADER_ORIGINAL_SUBJECT, self.msg.subject.as_str());
         headers.insert(HEADER_LAST_ERROR, ErrorCode::WorkerCrashed.as_str());
         let js = jetstream::new(self.ctx.client.clone());
