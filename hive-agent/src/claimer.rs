@@ -29,6 +29,7 @@ use rbee_schemas::subjects::Lane;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::lock;
 use crate::puller::{hand_back, Pulled, Puller};
 
 /// Interactive claims in a row, while batch work waits, before batch gets a slot.
@@ -82,12 +83,12 @@ pub struct Leaves {
 impl Leaves {
     /// Notes that a job was just left for another hive.
     pub fn left(&self) {
-        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+        *lock(&self.last) = Some(Instant::now());
     }
 
     /// Whether a job was left within [`LEAVING_FOR`].
     pub fn recent(&self) -> bool {
-        self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some_and(|t| t.elapsed() < LEAVING_FOR)
+        lock(&self.last).is_some_and(|t| t.elapsed() < LEAVING_FOR)
     }
 }
 

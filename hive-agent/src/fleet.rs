@@ -21,6 +21,9 @@ use rbee_schemas::codec::Encoding;
 use rbee_schemas::hive::{HiveInfo, HIVE_TTL_SECS};
 use rbee_schemas::subjects;
 
+use crate::job::now_ms;
+use crate::lock;
+
 /// Whether this hive may serve a model it runs no worker for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
@@ -42,14 +45,6 @@ pub struct Fleet {
 
 /// A lease held this long with no worker for its model is given up.
 const UNUSED_LEASE: Duration = Duration::from_secs(15);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Fleet {
     pub fn new(hive_id: &str, hives_kv: kv::Store, leases: kv::Store) -> Self {
@@ -97,11 +92,17 @@ impl Fleet {
     /// Live hives other than this one.
     pub fn others(&self) -> Vec<HiveInfo> {
         let cutoff = now_ms().saturating_sub(HIVE_TTL_SECS * 1000);
-        lock(&self.hives)
-            .values()
-            .filter(|h| h.hive_id != self.hive_id && h.updated_at_ms >= cutoff)
-            .cloned()
-            .collect()
+        lock(&self.hives).values().filter(|h| self.is_live_other(h, cutoff)).cloned().collect()
+    }
+
+    /// How many hives [`Self::others`] would list, without copying them.
+    pub fn others_count(&self) -> usize {
+        let cutoff = now_ms().saturating_sub(HIVE_TTL_SECS * 1000);
+        lock(&self.hives).values().filter(|h| self.is_live_other(h, cutoff)).count()
+    }
+
+    fn is_live_other(&self, h: &HiveInfo, cutoff_ms: u64) -> bool {
+        h.hive_id != self.hive_id && h.updated_at_ms >= cutoff_ms
     }
 
     /// May this hive start a worker for `model_key`? Takes the lease if it is free.

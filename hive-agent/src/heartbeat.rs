@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::fleet::Fleet;
+use crate::job::now_ms;
 use crate::pool::Pool;
 
 #[derive(Debug, Clone)]
@@ -26,10 +27,6 @@ pub struct Heartbeat {
     pub slots: Arc<Semaphore>,
     pub catalog: Arc<Catalog>,
     pub fleet: Arc<Fleet>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Heartbeat {

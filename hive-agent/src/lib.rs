@@ -43,6 +43,12 @@ use rbee_schemas::subjects;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Locks `m`. A panic while it was held leaves the data usable: every
+/// critical section in this crate is one read, insert or remove.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// rbee's per-machine agent: claims inference jobs from NATS JetStream and runs them on worker processes.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "rbee-hive", version)]

@@ -26,6 +26,8 @@ use rbee_schemas::hive::{WorkerInfo, WorkerState, WorkerSummary};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::catalog::ModelEntry;
+use crate::job::now_ms;
+use crate::lock;
 use crate::worker_proc::{SpawnSpec, WorkerProc};
 
 type StartResult = Option<Result<Arc<Worker>, JobError>>;
@@ -75,14 +77,6 @@ pub struct Worker {
     last_activity_ms: AtomicU64,
     state: Mutex<WorkerState>,
     dirty: AtomicBool,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Worker {

@@ -12,6 +12,8 @@ use futures::StreamExt;
 use rbee_schemas::subjects;
 use tokio_util::sync::CancellationToken;
 
+use crate::lock;
+
 #[derive(Debug, Default)]
 pub struct Running {
     jobs: Mutex<HashMap<String, CancellationToken>>,
@@ -27,20 +29,20 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.running.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.job_id);
+        lock(&self.running.jobs).remove(&self.job_id);
     }
 }
 
 impl Running {
     pub fn register(self: &Arc<Self>, job_id: &str) -> Registration {
         let token = CancellationToken::new();
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_owned(), token.clone());
+        lock(&self.jobs).insert(job_id.to_owned(), token.clone());
         Registration { running: self.clone(), job_id: job_id.to_owned(), cancelled: token }
     }
 
     /// Cancels the job if it runs here.
     pub fn cancel(&self, job_id: &str) -> bool {
-        match self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(job_id) {
+        match lock(&self.jobs).get(job_id) {
             Some(t) => {
                 t.cancel();
                 true
@@ -50,7 +52,7 @@ impl Running {
     }
 
     pub fn len(&self) -> usize {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.jobs).len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -26,6 +26,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
+use crate::lock;
+
 /// Lines of stderr kept for crash reports.
 const STDERR_TAIL: usize = 20;
 
@@ -76,10 +78,6 @@ pub struct WorkerProc {
     exit: watch::Receiver<Option<String>>,
     kill: Mutex<Option<oneshot::Sender<()>>>,
     next_job: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl WorkerProc {

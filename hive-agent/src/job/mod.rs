@@ -102,11 +102,7 @@ impl Prepared {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::catalog::now_ms;
 
 /// In-progress acks for a job: the first a third of `ack_wait` from now.
 ///

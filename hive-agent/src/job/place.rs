@@ -18,7 +18,7 @@
 //!    and keeps leaving the model's jobs until the worker is ready.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
@@ -29,6 +29,7 @@ use rbee_schemas::model::ModelRef;
 use super::JobCtx;
 use crate::catalog::ModelEntry;
 use crate::fleet::Placement;
+use crate::lock;
 use crate::pool::{Pool, StartOptions};
 use crate::system::human;
 
@@ -67,7 +68,7 @@ pub fn leave_delay(most: Duration, delivered: i64, hives: usize) -> Duration {
 /// Leaves `msg` (a job or a spawn, `what`) in the queue for another hive:
 /// nak'ed with [`leave_delay`] of at most `most`.
 pub async fn leave(ctx: &JobCtx, msg: &jetstream::Message, most: Duration, why: &str, what: &str) {
-    let hives = ctx.fleet.others().len() + 1;
+    let hives = ctx.fleet.others_count() + 1;
     let delay = leave_delay(most, msg.info().map_or(1, |i| i.delivered), hives);
     tracing::debug!(%why, ?delay, "leaving the {what} for another hive");
     // A plain nak for no delay: on 2.9 a nak with `{"delay":0}` came back
@@ -132,10 +133,6 @@ impl ScaleOut {
             lock(&starting).remove(&entry.key);
         });
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What is being placed.
