@@ -51,6 +51,10 @@ pub struct Args {
     /// The GGUF to use (default: the demo model in the rbee models directory).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Stop after section 2 (the floor and warm time to first token): a
+    /// quicker run for comparing builds on TTFT alone.
+    #[arg(long)]
+    pub ttft_only: bool,
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -388,6 +392,9 @@ async fn run_async(a: &Args) -> Result<()> {
     let cold50 = pct(&mut cold_floor, 0.5);
     println!("    {:<56} {:>+8.3} ms", "the floor's own cost of following a prompt", cold50 - floor50);
     println!("  {:<58} {:>+8.3} ms", "bus overhead above that floor (rbee's own hops)", overhead - cold50);
+    if a.ttft_only {
+        return Ok(());
+    }
 
     // 2b. The same worker, one job at a time vs as many as it has slots (up
     // to 4): what batching gives a user of the whole system. Only bench-a is
