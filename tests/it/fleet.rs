@@ -413,6 +413,36 @@ async fn a_backlog_for_a_busy_hive_starts_one_more_worker_on_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_out_worker_that_cannot_start_leaves_the_backlog_to_the_serving_hive() {
+    let broker = Broker::start();
+    let serving = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "0s"]).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let events = infer(&client, "noop", short(1)).await;
+    assert_eq!(started(&events)[0].hive, serving.id);
+    // This hive's workers exit at once, before they are ready.
+    let broken = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "300ms", "--worker-bin", "/bin/false"]).await;
+
+    let mut jobs = Vec::new();
+    for _ in 0..12 {
+        jobs.push(client.submit("noop", short(4), Default::default()).await.unwrap());
+    }
+    for j in &mut jobs {
+        let events = collect(j).await;
+        assert_well_formed(&events);
+        assert!(matches!(events.last().unwrap().body, EventBody::Done(_)), "{events:?}");
+        let s = &started(&events)[0];
+        assert_eq!((s.hive.as_str(), s.cold), (serving.id.as_str(), false), "{s:?}");
+    }
+    let log = broken.log();
+    assert!(log.contains("scale-out worker failed to start"), "{log}");
+    // One try per scale-out lease (15 s), not one per job it left.
+    assert_eq!(log.matches("starting a worker here too").count(), 1, "{log}");
+    assert!(broken.worker_pids().is_empty());
+    assert_eq!(serving.worker_pids().len(), 1);
+    assert_queue_drains(&broker.client().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_workers_exit_after_their_keep_alive() {
     let broker = Broker::start();
     let hive = noop_hive(&broker.url(), 1, "0ms", &["--keep-alive", "1s"]).await;

@@ -111,6 +111,8 @@ impl Hive {
         let home = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(home.path().join("hive.log")).expect("log file");
         let slots = if opts.slots == 0 { vec![] } else { vec!["--slots".to_owned(), opts.slots.to_string()] };
+        // The workspace's worker, unless the test names another.
+        let worker_bin = if opts.args.iter().any(|a| a == "--worker-bin") { vec![] } else { vec!["--worker-bin".into(), bin("rbee-worker").into_os_string()] };
         let child = Command::new(bin("rbee-hive"))
             .arg("--nats-url")
             .arg(url)
@@ -119,8 +121,7 @@ impl Hive {
             .args(&slots)
             .arg("--models-dir")
             .arg(opts.models_dir.clone().unwrap_or_else(models_dir))
-            .arg("--worker-bin")
-            .arg(bin("rbee-worker"))
+            .args(&worker_bin)
             .args(&opts.args)
             .env("RBEE_HOME", home.path())
             .env("RBEE_LOG", "info,rbee_hive=debug")
