@@ -358,6 +358,29 @@ async fn ensure_bucket(js: &jetstream::Context, want: kv::Config) -> Result<kv::
     js.get_key_value(&name).await.map_err(|e| err(e.into()))
 }
 
+/// The keys of a KV bucket, each once, in order; keys deleted or purged are
+/// included (their marker is the last entry), so readers skip what `get`
+/// does not find.
+///
+/// Not async-nats's `Store::keys`: that reads a live consumer until a
+/// message says nothing is pending, and while one key is rewritten every
+/// millisecond or so it can miss that moment and follow the new writes for
+/// ever (a test saw one key 2,236 times in 5 s). Heartbeats rewrite the
+/// registry buckets all the time, so a hive's view of the fleet, or
+/// `rbee hives`, could hang. The stream's per-subject counts come from
+/// bounded requests instead.
+pub async fn kv_keys(store: &kv::Store) -> Result<Vec<String>, async_nats::Error> {
+    let mut subjects = store.stream.info_with_subjects(format!("{}>", store.prefix)).await?;
+    let mut keys = std::collections::BTreeSet::new();
+    while let Some(entry) = futures::StreamExt::next(&mut subjects).await {
+        let (subject, _) = entry?;
+        if let Some(key) = subject.strip_prefix(&store.prefix) {
+            keys.insert(key.to_owned());
+        }
+    }
+    Ok(keys.into_iter().collect())
+}
+
 /// rbee's data directory: `$RBEE_HOME`, else `$XDG_DATA_HOME/rbee`
 /// (`~/.local/share/rbee` on Linux, `~/Library/Application Support/rbee` on macOS).
 pub fn rbee_home() -> std::path::PathBuf {

@@ -8,7 +8,6 @@
 //! terminal state publishes the terminal event.
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
-use futures::StreamExt;
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::record::JobRecord;
 
@@ -129,18 +128,7 @@ impl Records {
 
     /// Every record (for `rbee jobs list`).
     pub async fn list(&self) -> Result<Vec<JobRecord>, RecordError> {
-        let mut keys = match self.kv.keys().await {
-            Ok(k) => k,
-            Err(e) => return Err(err("list")(e.into())),
-        };
-        // A record written again while the listing runs comes once more.
-        let (mut ids, mut seen) = (Vec::new(), std::collections::HashSet::new());
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(|e| err("list")(e.into()))?;
-            if seen.insert(k.clone()) {
-                ids.push(k);
-            }
-        }
+        let ids = crate::kv_keys(&self.kv).await.map_err(err("list"))?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(v) = self.get(&id).await? {

@@ -16,7 +16,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::hive::{HiveInfo, HIVE_TTL_SECS};
 use rbee_schemas::subjects;
@@ -73,11 +72,7 @@ impl Fleet {
 
     pub async fn refresh(&self) {
         let store = lock(&self.hives_kv).clone();
-        let Ok(mut keys) = store.keys().await else { return };
-        let mut ids = Vec::new();
-        while let Some(Ok(k)) = keys.next().await {
-            ids.push(k);
-        }
+        let Ok(ids) = rbee_broker::kv_keys(&store).await else { return };
         let mut fresh = HashMap::new();
         for id in ids {
             if let Ok(Some(v)) = store.get(&id).await {

@@ -34,7 +34,7 @@ pub mod stream;
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::hive::HiveInfo;
 use rbee_schemas::job::{is_valid_job_id, InferRequest};
@@ -186,13 +186,7 @@ impl Client {
         let Ok(store) = self.js.get_key_value(bucket).await else {
             return Ok(vec![]);
         };
-        let mut keys = store.keys().await.map_err(broker_err)?;
-        // A key written again while the listing runs comes once more (the
-        // listing is a consumer that reads on until nothing is pending).
-        let mut ids = std::collections::BTreeSet::new();
-        while let Some(k) = keys.next().await {
-            ids.insert(k.map_err(broker_err)?);
-        }
+        let ids = rbee_broker::kv_keys(&store).await.map_err(broker_err)?;
         let mut out = Vec::new();
         for id in ids {
             if let Ok(Some(v)) = store.get(&id).await {

@@ -322,3 +322,50 @@ async fn a_producer_that_disconnects_reattaches_without_gaps_or_repeats() {
     let replayed = collect(&mut client.follow(&id, 0).await.unwrap()).await;
     assert_eq!(replayed, all);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_listing_ends_and_lists_each_key_once_while_a_key_is_rewritten() {
+    use rbee_schemas::hive::{WorkerInfo, WorkerState};
+    let broker = Broker::start();
+    let nats = broker.client().await;
+    let (_, workers, _) = rbee_broker::ensure_memory_buckets(&async_nats::jetstream::new(nats)).await.unwrap();
+    let info = |id: &str, served: u64| WorkerInfo {
+        v: 1,
+        id: id.into(),
+        hive: "h".into(),
+        model: "noop".into(),
+        state: WorkerState::Ready,
+        pid: 1,
+        backend: "cpu".into(),
+        device: "cpu".into(),
+        started_at_ms: 0,
+        jobs_served: served,
+        last_activity_ms: 0,
+        keep_alive_ms: 0,
+        memory: 0,
+        slots: 1,
+    };
+    for id in ["w0", "w1", "w2", "w3", "w4"] {
+        workers.put(id, serde_json::to_vec(&info(id, 0)).unwrap().into()).await.unwrap();
+    }
+    // One worker's entry rewritten about every millisecond, as heartbeats and
+    // state changes do on a busy fleet.
+    let writer = {
+        let workers = workers.clone();
+        tokio::spawn(async move {
+            for n in 1.. {
+                let _ = workers.put("w0", serde_json::to_vec(&info("w0", n)).unwrap().into()).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    // async-nats's `keys()` failed this within a few tries: its listing
+    // followed the rewrites for ever, yielding w0 each time.
+    for _ in 0..50 {
+        let listed = tokio::time::timeout(Duration::from_secs(5), client.workers()).await.expect("the listing ends").unwrap();
+        let ids: Vec<&str> = listed.iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(ids, ["w0", "w1", "w2", "w3", "w4"]);
+    }
+    writer.abort();
+}
