@@ -449,11 +449,18 @@ async fn run_async(a: &Args) -> Result<()> {
     println!("  {:<58} {rate:>10.1} jobs/s", format!("{model}, max_tokens 1, 1 worker, {} jobs", a.model_jobs));
     // Hives without the model's worker pull its jobs too, and leave them for
     // the one that serves it: what that costs a job, one at a time.
-    let mut fleet = Vec::new();
+    let (mut fleet, mut queued) = (Vec::new(), Vec::new());
     for _ in 0..(a.model_jobs / 2).max(20) {
-        fleet.push(timed_job(&client, model, req(prompt, 1)).await?.0);
+        let (ttft, evs) = timed_job(&client, model, req(prompt, 1)).await?;
+        fleet.push(ttft);
+        if let Some(EventBody::Done(d)) = evs.last().map(|e| &e.body) {
+            queued.push(d.timings.queued_ms);
+        }
     }
     row(&format!("{model}, 1-token jobs in turn, {} hives, 1 serving it", hives.len()), &mut fleet);
+    // The prompt dominates the row above and swings with the VM; this is the
+    // part placement adds: publish → the serving hive has the job.
+    row("  of that: in the queue (publish → the serving hive has it)", &mut queued);
     // As 2b's last row, with the other hives pulling (and leaving) the queued jobs.
     let at_once = 2 * (a.slots as usize).clamp(1, 4);
     let others: Vec<u32> = hives.iter().skip(1).map(HiveProc::pid).collect();
