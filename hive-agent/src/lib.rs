@@ -306,6 +306,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         hand_back: hand_back.clone(),
         leaves: claimer::Leaves::default(),
         scaling: job::place::ScaleOut::new(args.scale_out_after),
+        served_elsewhere: job::place::ServedElsewhere::default(),
     });
     let sweep_stop = CancellationToken::new();
     let sweeping = tokio::spawn(sweeper::run(ctx.clone(), broker.jobs.clone(), sweep_stop.clone()));

@@ -70,6 +70,8 @@ pub struct JobCtx {
     pub leaves: crate::claimer::Leaves,
     /// Workers started here because another hive's jobs waited.
     pub scaling: place::ScaleOut,
+    /// Models another hive was just found to serve.
+    pub served_elsewhere: place::ServedElsewhere,
 }
 
 /// Who to answer and how, known before the body is trusted.

@@ -135,6 +135,38 @@ impl ScaleOut {
     }
 }
 
+/// Models this hive just found served by another hive, for a moment: while
+/// that hive's jobs keep coming by, each one would otherwise read the catalog
+/// and ask the broker for the cold-start lease again, and the job would wait
+/// for both before it is left (placement step 4).
+#[derive(Debug, Default)]
+pub struct ServedElsewhere(Mutex<HashMap<String, (ModelEntry, String, Instant)>>);
+
+/// How long [`ServedElsewhere`] trusts what it saw. The lease it read lasts
+/// 15 s after its holder stops, so this adds little to the time a model
+/// whose hive died takes to start elsewhere.
+const SERVED_ELSEWHERE_FOR: Duration = Duration::from_secs(1);
+
+impl ServedElsewhere {
+    fn get(&self, wanted: &str) -> Option<(ModelEntry, String)> {
+        let mut seen = lock(&self.0);
+        match seen.get(wanted) {
+            Some((entry, hive, at)) if at.elapsed() < SERVED_ELSEWHERE_FOR => Some((entry.clone(), hive.clone())),
+            Some(_) => {
+                seen.remove(wanted);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn note(&self, wanted: &str, entry: &ModelEntry, hive: &str) {
+        let mut seen = lock(&self.0);
+        seen.retain(|_, (_, _, at)| at.elapsed() < SERVED_ELSEWHERE_FOR);
+        seen.insert(wanted.to_owned(), (entry.clone(), hive.to_owned(), Instant::now()));
+    }
+}
+
 /// What is being placed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -158,6 +190,12 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
     let wanted = model.to_string();
     if let Some(entry) = ctx.pool.warm_entry(&wanted) {
         return Decision::Go(entry);
+    }
+    if let Mode::Job { queued } = mode {
+        match ctx.served_elsewhere.get(&wanted) {
+            Some((entry, hive)) if !ctx.pool.has(&entry.key) => return left_for(ctx, entry, &hive, queued).await,
+            _ => {}
+        }
     }
     let may_defer = mode != Mode::SpawnHere;
     let catalog = ctx.catalog.clone();
@@ -213,17 +251,24 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
     match ctx.fleet.place(&entry.key).await {
         Ok(Placement::Here) => Decision::Go(entry),
         Ok(Placement::Elsewhere { hive }) => {
-            if ctx.scaling.may_ask(&entry.key, queued) && ctx.fleet.take_scale_out(&entry.key).await {
-                tracing::info!(model = %entry.key, %hive, ?queued, "a job waited for hive {hive}; starting a worker here too");
-                ctx.scaling.start(&ctx.pool, entry.clone());
-            }
-            Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {hive} serves {}", entry.key) }
+            ctx.served_elsewhere.note(&wanted, &entry, &hive);
+            left_for(ctx, entry, &hive, queued).await
         }
         Err(e) => {
             tracing::warn!(error = %e, "cold-start lease unavailable; starting a worker here");
             Decision::Go(entry)
         }
     }
+}
+
+/// A job for `entry`, which `hive` serves: left for it, after starting a
+/// worker here too if the job waited long enough (placement step 5).
+async fn left_for(ctx: &JobCtx, entry: ModelEntry, hive: &str, queued: Duration) -> Decision {
+    if ctx.scaling.may_ask(&entry.key, queued) && ctx.fleet.take_scale_out(&entry.key).await {
+        tracing::info!(model = %entry.key, %hive, ?queued, "a job waited for hive {hive}; starting a worker here too");
+        ctx.scaling.start(&ctx.pool, entry.clone());
+    }
+    Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {hive} serves {}", entry.key) }
 }
 
 #[cfg(test)]
