@@ -37,9 +37,11 @@ use crate::system::human;
 /// [`leave_delay`]). While the serving hive is busy, its queued jobs come back
 /// only this often, so a slot it frees may idle up to this long: with 250 ms,
 /// a saturated hive ran its model at ~57 % of its speed while other hives
-/// were up; 100 ms gives ~83 %, for about twice the (small) cost of the visits
-/// (docs/benchmarks.md, fifth pass).
-const LEAVE_FOR_WARM: Duration = Duration::from_millis(100);
+/// were up, ~83 % with 100 ms and ~88 % with 50 ms. The visits this costs
+/// the other hives stayed under 1 % of a core at 50 ms once a hive
+/// remembers where a model is served ([`ServedElsewhere`]; docs/benchmarks.md,
+/// fifth and sixth passes).
+const LEAVE_FOR_WARM: Duration = Duration::from_millis(50);
 const LEAVE_FOR_MEMORY: Duration = Duration::from_secs(1);
 /// The delay after a job's quick visits, doubled with each further delivery.
 const FIRST_LEAVE: Duration = Duration::from_millis(10);
@@ -54,7 +56,7 @@ const FIRST_LEAVE: Duration = Duration::from_millis(10);
 /// it is used up, see [`crate::claimer`]), so it finds the hive that serves its
 /// model in about a millisecond per hive on the way. The doubling after that
 /// keeps a job that no hive can take now (its model's hive is busy) from
-/// circling faster than every 100 ms.
+/// circling faster than every 50 ms.
 pub fn leave_delay(most: Duration, delivered: i64, hives: usize) -> Duration {
     // Deliveries after the one to the last hive not yet seen.
     let past_visits = delivered.saturating_sub(i64::try_from(hives).unwrap_or(i64::MAX)).saturating_add(1);
@@ -291,14 +293,14 @@ mod tests {
         let ms = |d: Duration| d.as_millis();
         // Four hives: three quick visits, then the doubling.
         let delays: Vec<u128> = (1..=10).map(|n| ms(leave_delay(LEAVE_FOR_WARM, n, 4))).collect();
-        assert_eq!(delays, [0, 0, 0, 10, 20, 40, 80, 100, 100, 100]);
+        assert_eq!(delays, [0, 0, 0, 10, 20, 40, 50, 50, 50, 50]);
         assert_eq!(ms(leave_delay(LEAVE_FOR_MEMORY, 12, 4)), 1000);
         // Alone, or with no delivery info: the doubling starts at once.
         assert_eq!(ms(leave_delay(LEAVE_FOR_WARM, 1, 1)), 10);
         assert_eq!(ms(leave_delay(LEAVE_FOR_WARM, 2, 1)), 20);
         assert_eq!(ms(leave_delay(LEAVE_FOR_WARM, 0, 1)), 0);
         // A huge count, or a huge fleet, stays in range.
-        assert_eq!(ms(leave_delay(LEAVE_FOR_WARM, i64::MAX, 4)), 100);
+        assert_eq!(ms(leave_delay(LEAVE_FOR_WARM, i64::MAX, 4)), 50);
         assert_eq!(ms(leave_delay(LEAVE_FOR_WARM, 3, usize::MAX)), 0);
     }
 }
