@@ -378,21 +378,33 @@ async fn a_job_for_another_hives_worker_passes_each_hive_without_it_once_at_most
     assert_queue_drains(&broker.client().await).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_for_a_busy_hive_starts_one_more_worker_on_another() {
-    let broker = Broker::start();
-    // One slot and 50 ms a token: twelve 4-token jobs are ~2.4 s of work for it.
+/// A hive serving `noop` with one slot at 50 ms a token (its first job
+/// cold-started the worker), which never scales out itself.
+async fn busy_noop_hive(broker: &Broker) -> (Hive, rbee::Client) {
     let serving = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "0s"]).await;
     let client = rbee::Client::connect(&broker.url()).await.unwrap();
     let events = infer(&client, "noop", short(1)).await;
     assert_eq!((started(&events)[0].hive.as_str(), started(&events)[0].cold), (serving.id.as_str(), true));
-    let other = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "500ms"]).await;
-    let third = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "500ms"]).await;
+    (serving, client)
+}
 
+/// Twelve 4-token `noop` jobs at once: ~2.4 s of work for one slot.
+async fn noop_backlog(client: &rbee::Client) -> Vec<rbee::JobStream> {
     let mut jobs = Vec::new();
     for _ in 0..12 {
         jobs.push(client.submit("noop", short(4), Default::default()).await.unwrap());
     }
+    jobs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_for_a_busy_hive_starts_one_more_worker_on_another() {
+    let broker = Broker::start();
+    let (serving, client) = busy_noop_hive(&broker).await;
+    let other = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "500ms"]).await;
+    let third = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "500ms"]).await;
+
+    let mut jobs = noop_backlog(&client).await;
     let mut by_hive: BTreeMap<String, usize> = BTreeMap::new();
     for j in &mut jobs {
         let events = collect(j).await;
@@ -415,17 +427,11 @@ async fn a_backlog_for_a_busy_hive_starts_one_more_worker_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_out_worker_that_cannot_start_leaves_the_backlog_to_the_serving_hive() {
     let broker = Broker::start();
-    let serving = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "0s"]).await;
-    let client = rbee::Client::connect(&broker.url()).await.unwrap();
-    let events = infer(&client, "noop", short(1)).await;
-    assert_eq!(started(&events)[0].hive, serving.id);
+    let (serving, client) = busy_noop_hive(&broker).await;
     // This hive's workers exit at once, before they are ready.
     let broken = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "300ms", "--worker-bin", "/bin/false"]).await;
 
-    let mut jobs = Vec::new();
-    for _ in 0..12 {
-        jobs.push(client.submit("noop", short(4), Default::default()).await.unwrap());
-    }
+    let mut jobs = noop_backlog(&client).await;
     for j in &mut jobs {
         let events = collect(j).await;
         assert_well_formed(&events);
