@@ -11,13 +11,16 @@
 //! the hub's LFS etag (and against the known hash of a known model); a file
 //! that fails is deleted and never registered. A `.sync.part` file is never
 //! registered: only a completed, verified blob is.
+//!
+//! Each try of a download runs on a thread with a runtime of its own, so a
+//! cancelled or failed try stops all of hf-hub's chunk tasks with it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hf_hub::api::tokio::{ApiBuilder, ApiError, Progress as HubProgress};
+use hf_hub::api::tokio::{Api, ApiBuilder, ApiError, Progress as HubProgress};
 use hf_hub::{Repo, RepoType};
 use rbee_schemas::error::{ErrorCode, JobError};
 use rbee_schemas::model::{HfRef, ModelRef};
@@ -84,7 +87,7 @@ pub fn download_target(model: &ModelRef) -> Result<(HfRef, Option<&'static crate
 }
 
 impl Downloader {
-    fn api(&self) -> Result<hf_hub::api::tokio::Api, JobError> {
+    fn api(&self) -> Result<Api, JobError> {
         ApiBuilder::new()
             .with_endpoint(self.endpoint.clone())
             .with_cache_dir(self.cache_dir.clone())
@@ -140,17 +143,48 @@ impl Downloader {
         }
     }
 
+    /// One try at `file` through hf-hub, on a runtime of its own on a thread
+    /// of its own. hf-hub 0.4 spawns a task per chunk up front and keeps no
+    /// handle that stops them: dropped (a cancelled job, a hive draining) or
+    /// failed, its download would go on fetching every remaining chunk in the
+    /// background. Here the runtime goes when this future is dropped or the
+    /// try ends, and its chunk tasks with it.
+    async fn try_download(api: Api, hf: &HfRef, file: &str, transfer: &Transfer) -> Result<PathBuf, ApiError> {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        // Dropped with this future: the download's thread then stops.
+        let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (hf, file, transfer) = (hf.clone(), file.to_owned(), transfer.clone());
+        let spawned = std::thread::Builder::new().name("rbee-download".into()).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return drop(done_tx.send(Err(ApiError::IoError(e)))),
+            };
+            runtime.block_on(async move {
+                let repo = api.repo(Repo::with_revision(hf.repo.clone(), RepoType::Model, hf.revision.clone().unwrap_or_else(|| "main".to_owned())));
+                tokio::select! {
+                    r = repo.download_with_progress(&file, transfer) => drop(done_tx.send(r)),
+                    _ = stop_rx => {}
+                }
+            });
+            // Aborts the chunk tasks still running (their file writes are
+            // short blocking tasks, waited for a moment).
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        });
+        if let Err(e) = spawned {
+            return Err(ApiError::IoError(e));
+        }
+        done_rx.await.unwrap_or_else(|_| Err(ApiError::IoError(std::io::Error::other("the download thread stopped"))))
+    }
+
     /// Downloads (resuming) and verifies one file; returns its blob path, size and sha256.
     pub async fn fetch(&self, hf: &HfRef, transfer: &Transfer) -> Result<(PathBuf, u64, String, String), JobError> {
         let file = self.pick_file(hf).await?;
         let api = self.api()?;
-        let repo = Repo::with_revision(hf.repo.clone(), RepoType::Model, hf.revision.clone().unwrap_or_else(|| "main".to_owned()));
-        let repo = api.repo(repo);
         let mut attempt = 0;
         let pointer = loop {
             attempt += 1;
             let before = transfer.done.load(Ordering::Relaxed);
-            match repo.download_with_progress(&file, transfer.clone()).await {
+            match Self::try_download(api.clone(), hf, &file, transfer).await {
                 Ok(p) => break p,
                 Err(e) => {
                     let progressed = transfer.done.load(Ordering::Relaxed) > before;

@@ -7,7 +7,8 @@
 //! - `GET /api/models/{org}/{repo}/revision/{revision}`: the repo's files.
 //!
 //! Faults: [`Hub::interrupt_at`] drops the connection once, mid-response,
-//! when that many body bytes were served; [`HubFile::corrupt`] serves one flipped byte under the true hash.
+//! when that many body bytes were served; [`HubFile::corrupt`] serves one flipped byte under the true hash;
+//! [`Hub::slow`] waits before each ranged body.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,8 @@ struct State {
     /// Hang up once this many body bytes were served in all (0 = never).
     interrupt_at: AtomicU64,
     body_bytes: AtomicU64,
+    /// Wait this long (ms) before each ranged body.
+    delay_ms: AtomicU64,
 }
 
 pub struct Hub {
@@ -73,6 +76,12 @@ impl Hub {
     /// Hangs up once, in the middle of a response, when `bytes` body bytes were served in all.
     pub fn interrupt_at(&self, bytes: u64) {
         self.state.interrupt_at.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Waits `per_body` before answering each ranged request, so a download
+    /// takes about that long per 10 MB chunk.
+    pub fn slow(&self, per_body: std::time::Duration) {
+        self.state.delay_ms.store(per_body.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// First bytes of the ranged body requests for `file`, in order.
@@ -168,6 +177,10 @@ async fn respond(conn: &mut TcpStream, state: &State, method: &str, path: &str, 
     let is_metadata_probe = start == 0 && end == 0;
     if !is_metadata_probe {
         state.ranges.lock().unwrap().push((name.clone(), start));
+        let delay = state.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let (mark, so_far) = (state.interrupt_at.load(Ordering::SeqCst), state.body_bytes.load(Ordering::SeqCst));
         if mark > so_far && mark < so_far + body.len() as u64 {
             state.interrupt_at.store(0, Ordering::SeqCst);
