@@ -160,7 +160,8 @@ impl Downloader {
                 Err(e) => return drop(done_tx.send(Err(ApiError::IoError(e)))),
             };
             runtime.block_on(async move {
-                let repo = api.repo(Repo::with_revision(hf.repo.clone(), RepoType::Model, hf.revision.clone().unwrap_or_else(|| "main".to_owned())));
+                let revision = hf.revision.clone().unwrap_or_else(|| "main".to_owned());
+                let repo = api.repo(Repo::with_revision(hf.repo.clone(), RepoType::Model, revision));
                 tokio::select! {
                     r = repo.download_with_progress(&file, transfer) => drop(done_tx.send(r)),
                     _ = stop_rx => {}

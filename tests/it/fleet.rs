@@ -227,7 +227,8 @@ async fn corrupt_missing_and_unreachable_downloads_fail_clearly_and_register_not
 async fn a_cancelled_download_stops_fetching() {
     // Six 10 MB chunks, 300 ms each: hf-hub asks for them one after another.
     let bytes: Vec<u8> = (0..60_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    let hub = Hub::start(vec![HubFile { repo: "rbee-test/big".into(), name: "model.gguf".into(), bytes: Arc::new(bytes), corrupt: false }]).await;
+    let file = HubFile { repo: "rbee-test/big".into(), name: "model.gguf".into(), bytes: Arc::new(bytes), corrupt: false };
+    let hub = Hub::start(vec![file]).await;
     hub.slow(Duration::from_millis(300));
     let broker = Broker::start();
     let models = tempfile::tempdir().unwrap();

@@ -112,7 +112,8 @@ impl Hive {
         let log = std::fs::File::create(home.path().join("hive.log")).expect("log file");
         let slots = if opts.slots == 0 { vec![] } else { vec!["--slots".to_owned(), opts.slots.to_string()] };
         // The workspace's worker, unless the test names another.
-        let worker_bin = if opts.args.iter().any(|a| a == "--worker-bin") { vec![] } else { vec!["--worker-bin".into(), bin("rbee-worker").into_os_string()] };
+        let worker_bin =
+            if opts.args.iter().any(|a| a == "--worker-bin") { vec![] } else { vec!["--worker-bin".into(), bin("rbee-worker").into_os_string()] };
         let child = Command::new(bin("rbee-hive"))
             .arg("--nats-url")
             .arg(url)
