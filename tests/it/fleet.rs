@@ -113,6 +113,17 @@ fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
     out
 }
 
+/// A broker and one hive that downloads from `hub` into a temporary models
+/// directory, and a client.
+async fn hive_on_hub(hub: &Hub) -> (Broker, tempfile::TempDir, Hive, rbee::Client) {
+    let broker = Broker::start();
+    let models = tempfile::tempdir().unwrap();
+    let args = vec!["--hf-endpoint".into(), hub.url.clone()];
+    let hive = Hive::start(&broker.url(), HiveOpts { args, models_dir: Some(models.path().to_path_buf()), ..HiveOpts::default() }).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    (broker, models, hive, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_resumes_after_an_interruption_is_verified_registered_and_runs() {
     let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
@@ -120,14 +131,7 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
     // Hang up in the 4th 10 MB chunk: the first three are kept.
     hub.interrupt_at(35_000_000);
-    let broker = Broker::start();
-    let models = tempfile::tempdir().unwrap();
-    let hive = Hive::start(
-        &broker.url(),
-        HiveOpts { args: vec!["--hf-endpoint".into(), hub.url.clone()], models_dir: Some(models.path().to_path_buf()), ..HiveOpts::default() },
-    )
-    .await;
-    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let (broker, models, hive, client) = hive_on_hub(&hub).await;
 
     // Whichever hive takes it (the only one); the file is named by the hub listing.
     let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/SmolLM2-GGUF".into(), alias: Some("tiny".into()) };
@@ -230,14 +234,7 @@ async fn a_cancelled_download_stops_fetching() {
     let file = HubFile { repo: "rbee-test/big".into(), name: "model.gguf".into(), bytes: Arc::new(bytes), corrupt: false };
     let hub = Hub::start(vec![file]).await;
     hub.slow(Duration::from_millis(300));
-    let broker = Broker::start();
-    let models = tempfile::tempdir().unwrap();
-    let hive = Hive::start(
-        &broker.url(),
-        HiveOpts { args: vec!["--hf-endpoint".into(), hub.url.clone()], models_dir: Some(models.path().to_path_buf()), ..HiveOpts::default() },
-    )
-    .await;
-    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let (broker, _models, hive, client) = hive_on_hub(&hub).await;
     let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/big:model.gguf".into(), alias: Some("big".into()) };
     let mut job = client.submit_ctl(Some(&hive.id), &req, None).await.unwrap();
     eventually(Duration::from_secs(10), "the download started", || !hub.range_starts("model.gguf").is_empty()).await;
