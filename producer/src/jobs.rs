@@ -145,12 +145,9 @@ impl Client {
                         EventBody::Done(Done::generation(StopReason::Cancelled, Usage::default(), Timings::default(), 0)),
                     );
                     let mut r = queued_record(&q);
-                    r.state = JobState::Cancelled;
                     r.reply_to = reply_to.clone();
                     r.cancel_requested = true;
-                    r.next_seq = 1;
-                    r.updated_at_ms = now_ms();
-                    r.terminal = Some(event.clone());
+                    r.end_with(JobState::Cancelled, event.clone(), now_ms());
                     if records.create(&r).await.map_err(broker_err)?.is_none() {
                         continue; // a hive claimed it just now: cancel it as running
                     }

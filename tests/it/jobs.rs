@@ -104,7 +104,10 @@ async fn a_cancelled_queued_job_never_starts() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let kept = kept_events(client.nats(), &queued_id).await;
     assert!(kept.iter().all(|e| !matches!(e.body, EventBody::Started(_))), "{kept:?}");
-    assert_eq!(client.job(&queued_id).await.unwrap().state, JobState::Cancelled);
+    let rec = client.job(&queued_id).await.unwrap();
+    assert_eq!((rec.state, rec.next_seq, rec.cancel_requested), (JobState::Cancelled, 1, true));
+    let terminal = rec.terminal.as_ref().map(|e| (&e.body, e.seq));
+    assert!(matches!(terminal, Some((EventBody::Done(d), 0)) if d.stop_reason == StopReason::Cancelled), "{rec:?}");
     assert_eq!(client.cancel(&queued_id).await.unwrap(), CancelOutcome::AlreadyEnded(JobState::Cancelled));
     assert!(matches!(client.cancel("no-such-job").await, Err(rbee::ClientError::NotFound(_))));
     assert_queue_drains(client.nats()).await;
