@@ -449,25 +449,24 @@ async fn run_async(a: &Args) -> Result<()> {
     println!("  {:<58} {rate:>10.1} jobs/s", format!("{model}, max_tokens 1, 1 worker, {} jobs", a.model_jobs));
     // Hives without the model's worker pull its jobs too, and leave them for
     // the one that serves it: what that costs a job, one at a time.
-    let (mut fleet, mut queued) = (Vec::new(), Vec::new());
+    let (mut fleet, mut in_queue) = (Vec::new(), Vec::new());
     for _ in 0..(a.model_jobs / 2).max(20) {
         let (ttft, evs) = timed_job(&client, model, req(prompt, 1)).await?;
         fleet.push(ttft);
         if let Some(EventBody::Done(d)) = evs.last().map(|e| &e.body) {
-            queued.push(d.timings.queued_ms);
+            in_queue.push(d.timings.queued_ms);
         }
     }
     row(&format!("{model}, 1-token jobs in turn, {} hives, 1 serving it", hives.len()), &mut fleet);
     // The prompt dominates the row above and swings with the VM; this is the
     // part placement adds: publish → the serving hive has the job.
-    row("  of that: in the queue (publish → the serving hive has it)", &mut queued);
+    row("  of that: in the queue (publish → the serving hive has it)", &mut in_queue);
     // As 2b's last row, with the other hives pulling (and leaving) the queued jobs.
-    let at_once = 2 * (a.slots as usize).clamp(1, 4);
     let others: Vec<u32> = hives.iter().skip(1).map(HiveProc::pid).collect();
     let (busy0, t) = (others.iter().map(|&p| cpu_ms(p)).sum::<f64>(), Instant::now());
-    let queued = model_tokens_per_s(&client, model, 2 * at_once, at_once).await?;
+    let queued = model_tokens_per_s(&client, model, 4 * at_once, 2 * at_once).await?;
     let busy = (others.iter().map(|&p| cpu_ms(p)).sum::<f64>() - busy0) / t.elapsed().as_secs_f64() / 10.0;
-    println!("  {:<58} {queued:>10.1} tokens/s", format!("{model}, {at_once} 64-token jobs at once, {} hives, 1 serving it", hives.len()));
+    println!("  {:<58} {queued:>10.1} tokens/s", format!("{model}, {} 64-token jobs at once, {} hives, 1 serving it", 2 * at_once, hives.len()));
     println!("    CPU of the {} hives that leave its jobs: {busy:.1} % of a core", others.len());
 
     println!("\n4b. token streaming, 16 jobs at once");
