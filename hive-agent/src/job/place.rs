@@ -151,17 +151,12 @@ const SERVED_ELSEWHERE_FOR: Duration = Duration::from_secs(1);
 
 impl ServedElsewhere {
     fn get(&self, wanted: &str) -> Option<(ModelEntry, String)> {
-        let mut seen = lock(&self.0);
-        match seen.get(wanted) {
-            Some((entry, hive, at)) if at.elapsed() < SERVED_ELSEWHERE_FOR => Some((entry.clone(), hive.clone())),
-            Some(_) => {
-                seen.remove(wanted);
-                None
-            }
-            None => None,
-        }
+        let seen = lock(&self.0);
+        let (entry, hive, at) = seen.get(wanted)?;
+        (at.elapsed() < SERVED_ELSEWHERE_FOR).then(|| (entry.clone(), hive.clone()))
     }
 
+    /// Stale entries go here, so the map holds only what was seen in the last second.
     fn note(&self, wanted: &str, entry: &ModelEntry, hive: &str) {
         let mut seen = lock(&self.0);
         seen.retain(|_, (_, _, at)| at.elapsed() < SERVED_ELSEWHERE_FOR);
