@@ -381,6 +381,21 @@ pub async fn kv_keys(store: &kv::Store) -> Result<Vec<String>, async_nats::Error
     Ok(keys.into_iter().collect())
 }
 
+/// Every entry of a registry bucket whose value decodes from JSON as `T`,
+/// by key ([`kv_keys`], then a read of each; keys deleted meanwhile and
+/// values that do not decode are skipped).
+pub async fn kv_json_values<T: serde::de::DeserializeOwned>(store: &kv::Store) -> Result<Vec<(String, T)>, async_nats::Error> {
+    let mut out = Vec::new();
+    for key in kv_keys(store).await? {
+        if let Ok(Some(v)) = store.get(&key).await {
+            if let Ok(value) = rbee_schemas::codec::Encoding::Json.decode::<T>(&v) {
+                out.push((key, value));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// rbee's data directory: `$RBEE_HOME`, else `$XDG_DATA_HOME/rbee`
 /// (`~/.local/share/rbee` on Linux, `~/Library/Application Support/rbee` on macOS).
 pub fn rbee_home() -> std::path::PathBuf {

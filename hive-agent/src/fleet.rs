@@ -16,7 +16,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use rbee_schemas::codec::Encoding;
 use rbee_schemas::hive::{HiveInfo, HIVE_TTL_SECS};
 use rbee_schemas::subjects;
 
@@ -72,16 +71,8 @@ impl Fleet {
 
     pub async fn refresh(&self) {
         let store = lock(&self.hives_kv).clone();
-        let Ok(ids) = rbee_broker::kv_keys(&store).await else { return };
-        let mut fresh = HashMap::new();
-        for id in ids {
-            if let Ok(Some(v)) = store.get(&id).await {
-                if let Ok(info) = Encoding::Json.decode::<HiveInfo>(&v) {
-                    fresh.insert(id, info);
-                }
-            }
-        }
-        *lock(&self.hives) = fresh;
+        let Ok(hives) = rbee_broker::kv_json_values::<HiveInfo>(&store).await else { return };
+        *lock(&self.hives) = hives.into_iter().collect();
     }
 
     /// Live hives other than this one.

@@ -186,16 +186,8 @@ impl Client {
         let Ok(store) = self.js.get_key_value(bucket).await else {
             return Ok(vec![]);
         };
-        let ids = rbee_broker::kv_keys(&store).await.map_err(broker_err)?;
-        let mut out = Vec::new();
-        for id in ids {
-            if let Ok(Some(v)) = store.get(&id).await {
-                if let Ok(value) = Encoding::Json.decode::<T>(&v) {
-                    out.push(value);
-                }
-            }
-        }
-        Ok(out)
+        let entries = rbee_broker::kv_json_values::<T>(&store).await.map_err(broker_err)?;
+        Ok(entries.into_iter().map(|(_, value)| value).collect())
     }
 
     /// The hives heartbeating now.
