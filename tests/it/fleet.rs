@@ -149,9 +149,11 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     let starts = hub.range_starts("smollm2.Q4_1.gguf");
     assert_eq!(starts.iter().filter(|s| **s == 0).count(), 1, "downloaded from the start once: {starts:?}");
     assert_eq!(starts.iter().filter(|s| **s == 30_000_000).count(), 2, "the cut chunk was asked for again: {starts:?}");
-    // Only the cut chunk came twice: the failed attempt's other chunk tasks
-    // (hf-hub spawns them all up front) went with its runtime.
-    assert!(hub.body_bytes() < size + 10_000_000, "one chunk again at most: {} of {size}", hub.body_bytes());
+    // The failed try's chunk tasks (hf-hub spawns them all up front) went
+    // with its runtime: besides the cut chunk, at most the one that took its
+    // place before the runtime stopped came twice (this fixture counts a
+    // chunk's bytes as it starts to send them).
+    assert!(hub.body_bytes() < size + 20_000_000, "two chunks again at most: {} of {size}", hub.body_bytes());
 
     // Progress events carried bytes done and in all, rising to the size.
     let progress: Vec<_> = events.iter().filter_map(|e| match &e.body { EventBody::Progress(p) => Some(p.clone()), _ => None }).collect();
