@@ -55,6 +55,13 @@ pub struct Args {
     /// quicker run for comparing builds on TTFT alone.
     #[arg(long)]
     pub ttft_only: bool,
+    /// Threads of this process's async runtime, which is the producer (and
+    /// the floor's responder). 1, the default, is a current-thread runtime,
+    /// as in the `rbee` CLI: a first token is then not handed between
+    /// threads at the producer, which the in-process twin's clock never
+    /// sees either.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub producer_threads: u16,
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -258,7 +265,10 @@ fn worker_pid(hive: &str) -> Option<u32> {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = match a.producer_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n.into()).enable_all().build()?,
+    };
     rt.block_on(async {
         // On SIGTERM or Ctrl-C the run is dropped, not the process killed:
         // its nats-server and hives are stopped by their `Drop`s.
@@ -286,7 +296,14 @@ async fn run_async(a: &Args) -> Result<()> {
     let url = server.url().to_owned();
     let nats = async_nats::connect(&url).await?;
     let js = jetstream::new(nats.clone());
-    println!("rbee-bench bus: {} slot(s) per hive; nats-server {} on this machine, {} CPUs", a.slots, rbee_broker::server::binary(), std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let procs = rbee_broker::server::go_max_procs().map_or_else(|| std::env::var("GOMAXPROCS").unwrap_or_default(), |n| n.to_string());
+    println!(
+        "rbee-bench bus: {} slot(s) per hive; nats-server {} on this machine (GOMAXPROCS {procs}), {} CPUs; producer on {} thread(s)",
+        a.slots,
+        rbee_broker::server::binary(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        a.producer_threads
+    );
 
     // 1. The floor.
     println!("\n1. raw JetStream floor (no rbee code)");
