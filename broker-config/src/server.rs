@@ -3,6 +3,14 @@
 //! single-node config in `broker-config/nats-server.conf`, a store directory of
 //! the caller's choosing and, by default, a port the server picks itself (read
 //! back from its ports file, so there is no race for a free port).
+//!
+//! Such a server shares its machine with the hive and its workers, whose
+//! compute threads want every core. Go's scheduler, left at one thread per
+//! core, keeps idle threads spinning for work after each message; on a
+//! 2-core machine that cost the broker ~30 % more CPU per job and slowed the
+//! workers' prompts (docs/benchmarks.md, seventh pass). So the server runs
+//! with `GOMAXPROCS` = a quarter of the cores (at least 1), unless
+//! `GOMAXPROCS` is set in the environment, which is passed on as it is.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,12 +35,29 @@ pub struct ServerOptions {
     /// Put the server in its own process group, so a Ctrl-C in the terminal
     /// reaches only its owner, which stops it in order.
     pub own_process_group: bool,
+    /// `GOMAXPROCS` for the server; `None` leaves it to the environment
+    /// (or to Go: one per core). Defaults to [`go_max_procs`].
+    pub go_max_procs: Option<usize>,
 }
 
 impl ServerOptions {
     pub fn new(store_dir: impl Into<PathBuf>) -> Self {
-        Self { store_dir: store_dir.into(), port: None, host: "127.0.0.1".to_owned(), log_file: None, own_process_group: true }
+        Self {
+            store_dir: store_dir.into(),
+            port: None,
+            host: "127.0.0.1".to_owned(),
+            log_file: None,
+            own_process_group: true,
+            go_max_procs: go_max_procs(),
+        }
     }
+}
+
+/// The `GOMAXPROCS` a server on this machine gets: `None` when the
+/// environment sets one, else a quarter of the cores, at least 1.
+pub fn go_max_procs() -> Option<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::env::var_os("GOMAXPROCS").is_none().then_some((cores / 4).max(1))
 }
 
 /// Why a server could not be started.
@@ -94,6 +119,9 @@ impl LocalServer {
             .arg(&ports_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        if let Some(n) = options.go_max_procs {
+            cmd.env("GOMAXPROCS", n.to_string());
+        }
         match &options.log_file {
             Some(log) => {
                 cmd.arg("-l").arg(log).stderr(Stdio::null());

@@ -98,3 +98,17 @@ async fn rbee_up_keeps_a_stack_for_later_commands_and_rbee_down_stops_it() {
     assert!(text(&down.stdout).contains("rbee is down"));
     eventually(Duration::from_secs(10), "the stack to be gone", || processes_using_home(home.path()).is_empty()).await;
 }
+
+/// The broker rbee starts shares the machine with the workers: its Go
+/// scheduler gets a quarter of the cores (at least one), or whatever
+/// `GOMAXPROCS` the user set.
+#[test]
+fn the_broker_rbee_starts_leaves_the_cores_to_the_workers() {
+    let broker = Broker::start();
+    let pid = broker.server.pid().expect("the broker runs");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("the broker's environment");
+    let procs = environ.split(|&b| b == 0).find_map(|kv| kv.strip_prefix(b"GOMAXPROCS=")).map(text);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let expected = std::env::var("GOMAXPROCS").unwrap_or_else(|_| (cores / 4).max(1).to_string());
+    assert_eq!(procs.as_deref(), Some(expected.as_str()), "GOMAXPROCS of the broker on {cores} cores");
+}
