@@ -1,8 +1,11 @@
 //! What this hive knows of the others, for placement without a scheduler.
 //!
-//! - A view of the live hives (heartbeats: catalogs, free memory, protocol)
-//!   refreshed every 2 s from the `rbee-hives` bucket; entries older than the
-//!   heartbeat TTL are treated as gone.
+//! - A view of the live hives (heartbeats: catalogs, free memory, protocol),
+//!   read from the `rbee-hives` bucket at start and then followed with a KV
+//!   watch, so each heartbeat reaches every hive once as it is written (the
+//!   broker pushes ~hives²/5 messages a second fleet-wide, where polling every
+//!   2 s cost hives²/2 `get` requests). Entries older than the heartbeat TTL
+//!   are treated as gone: keys that expire leave no marker in a watch.
 //! - Cold-start leases in `rbee-leases`: the key of a model names the hive
 //!   that serves it (or is starting a worker for it). A hive without a worker
 //!   for a model may start one only by *creating* that key (compare-and-set):
@@ -16,6 +19,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use futures::StreamExt;
 use rbee_schemas::hive::{HiveInfo, HIVE_TTL_SECS};
 use rbee_schemas::subjects;
 
@@ -39,10 +43,20 @@ pub struct Fleet {
     hives: Mutex<HashMap<String, HiveInfo>>,
     /// Leases this hive holds, and when it last served or took each.
     held: Mutex<HashMap<String, std::time::Instant>>,
+    /// Woken when the buckets were recreated: the watch starts again on them.
+    replaced: tokio::sync::Notify,
 }
 
 /// A lease held this long with no worker for its model is given up.
 const UNUSED_LEASE: Duration = Duration::from_secs(15);
+
+/// A watch that delivers nothing for this long is started again: this hive's
+/// own heartbeat alone comes every 5 s. Catches a watch left behind by a
+/// broker restart (the memory bucket it followed is gone) or stalled otherwise.
+const WATCH_SILENT: Duration = Duration::from_secs(12);
+
+/// Hives whose last heartbeat is this old are dropped from the view.
+const FORGET_AFTER_MS: u64 = 4 * HIVE_TTL_SECS * 1000;
 
 impl Fleet {
     pub fn new(hive_id: &str, hives_kv: kv::Store, leases: kv::Store) -> Self {
@@ -52,6 +66,7 @@ impl Fleet {
             leases: Mutex::new(leases),
             hives: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            replaced: tokio::sync::Notify::new(),
         }
     }
 
@@ -59,20 +74,50 @@ impl Fleet {
     pub fn replace_stores(&self, hives_kv: kv::Store, leases: kv::Store) {
         *lock(&self.hives_kv) = hives_kv;
         *lock(&self.leases) = leases;
+        self.replaced.notify_waiters();
     }
 
-    /// Refreshes the hives view every 2 s until the connection closes.
+    /// Follows the hives bucket for as long as the hive runs; a watch that
+    /// fails or goes quiet is started again (from the bucket's current values).
     pub async fn refresh_forever(self: std::sync::Arc<Self>) {
         loop {
-            self.refresh().await;
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            let why = self.follow().await;
+            tracing::debug!(%why, "the hives watch stopped; starting it again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
+    /// Reads every heartbeat in the bucket (the view at start).
     pub async fn refresh(&self) {
         let store = lock(&self.hives_kv).clone();
         let Ok(hives) = rbee_broker::kv_json_values::<HiveInfo>(&store).await else { return };
         *lock(&self.hives) = hives.into_iter().collect();
+    }
+
+    /// Applies the bucket's current values, then each change as it comes;
+    /// returns why it stopped.
+    async fn follow(&self) -> String {
+        let store = lock(&self.hives_kv).clone();
+        let mut watch = match store.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => return e.to_string(),
+        };
+        tracing::debug!("following the hives bucket");
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(WATCH_SILENT, watch.next()) => next,
+                () = self.replaced.notified() => return "the buckets were recreated".to_owned(),
+            };
+            match next {
+                Err(_) => return format!("nothing came for {WATCH_SILENT:?}"),
+                Ok(None) => return "the watch ended".to_owned(),
+                Ok(Some(Err(e))) => return e.to_string(),
+                Ok(Some(Ok(entry))) => {
+                    let value = (entry.operation == kv::Operation::Put).then_some(&entry.value[..]);
+                    apply(&mut lock(&self.hives), entry.key, value, now_ms());
+                }
+            }
+        }
     }
 
     /// Live hives other than this one.
@@ -170,5 +215,64 @@ impl Fleet {
                 let _ = store.purge(&key).await;
             }
         }
+    }
+}
+
+/// One change of the hives bucket: `value` is the new heartbeat, `None` a
+/// deleted key (a hive that stopped). Hives not heard from for
+/// [`FORGET_AFTER_MS`] are dropped, so the view does not grow with every hive
+/// that ever ran.
+fn apply(hives: &mut HashMap<String, HiveInfo>, key: String, value: Option<&[u8]>, now_ms: u64) {
+    match value.map(serde_json::from_slice::<HiveInfo>) {
+        Some(Ok(h)) => {
+            // What placement sees of the others' catalogs, for "why was my job left?".
+            let models = |h: &HiveInfo| h.models.iter().filter(|m| m.present).map(|m| m.key.clone()).collect::<Vec<_>>();
+            let now = models(&h);
+            if hives.get(&key).map(models).as_ref() != Some(&now) {
+                tracing::debug!(hive = %key, models = ?now, "the fleet view has this hive's models");
+            }
+            hives.insert(key, h);
+        }
+        Some(Err(e)) => tracing::debug!(%key, error = %e, "a heartbeat that does not decode; ignored"),
+        None => {
+            hives.remove(&key);
+        }
+    }
+    let forget = now_ms.saturating_sub(FORGET_AFTER_MS);
+    hives.retain(|_, h| h.updated_at_ms >= forget);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(id: &str, at_ms: u64) -> Vec<u8> {
+        let h = serde_json::json!({
+            "hive_id": id, "version": "0", "protocol": 1, "hostname": "h", "pid": 1,
+            "started_at_ms": 0, "updated_at_ms": at_ms, "slots": 1, "busy": 0,
+        });
+        serde_json::to_vec(&h).expect("encodes")
+    }
+
+    #[test]
+    fn the_view_takes_heartbeats_drops_stopped_hives_and_forgets_silent_ones() {
+        let mut view = HashMap::new();
+        let now = 1_000_000;
+        apply(&mut view, "a".into(), Some(&beat("a", now)), now);
+        apply(&mut view, "b".into(), Some(&beat("b", now - 1000)), now);
+        assert_eq!(view.len(), 2);
+        // A newer heartbeat replaces the older one.
+        apply(&mut view, "b".into(), Some(&beat("b", now)), now);
+        assert_eq!(view["b"].updated_at_ms, now);
+        // A stopped hive deletes its key.
+        apply(&mut view, "a".into(), None, now);
+        assert!(!view.contains_key("a"));
+        // Garbage is ignored, and leaves the rest alone.
+        apply(&mut view, "c".into(), Some(b"not json"), now);
+        assert_eq!(view.keys().collect::<Vec<_>>(), vec!["b"]);
+        // A hive whose key expired (no marker) is forgotten once it is old enough.
+        let later = now + FORGET_AFTER_MS + 1;
+        apply(&mut view, "d".into(), Some(&beat("d", later)), later);
+        assert_eq!(view.keys().collect::<Vec<_>>(), vec!["d"]);
     }
 }

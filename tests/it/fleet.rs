@@ -602,3 +602,45 @@ async fn the_longest_stream_at_full_speed_ends_with_every_token() {
         assert_eq!(events.iter().filter(|e| matches!(e.body, EventBody::Token(_))).count(), 8192);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_a_hive_still_sees_what_another_gains() {
+    // A hive's view of the others is a watch on a memory bucket, which a
+    // broker restart loses: the view must follow the recreated bucket, or
+    // the hive places jobs by what it saw before the restart.
+    let mut broker = Broker::start();
+    let url = broker.url();
+    let a = Hive::start(&url, HiveOpts::default()).await;
+    let b = Hive::start(&url, HiveOpts::default()).await;
+    broker.server.restart().expect("the broker restarts on its port and store");
+    let client = rbee::Client::connect(&url).await.unwrap();
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let started_at = std::time::Instant::now();
+    loop {
+        let hives = client.hives().await.unwrap_or_default();
+        if [&a, &b].iter().all(|h| hives.iter().any(|i| i.hive_id == h.id && i.updated_at_ms > since)) {
+            break;
+        }
+        assert!(started_at.elapsed() < Duration::from_secs(20), "both hives beat again after the restart: {hives:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A model only b has, and only since the restart.
+    let path = demo_model_path().display().to_string();
+    ok_json(&cli(&url, &["models", "import", &path, "--alias", "smol-after", "--hive", &b.id, "--json"]).await);
+    let on_b = format!("hive={}", b.id);
+    let seen = || a.log().lines().any(|l| l.contains("the fleet view has this hive's models") && l.contains(&on_b) && l.contains("smol-after"));
+    eventually(Duration::from_secs(30), "a's view lists smol-after on b", seen).await;
+
+    let mut left = 0;
+    for _ in 0..4 {
+        let mut job = client.submit("smol-after", short(2), Default::default()).await.unwrap();
+        let events = collect(&mut job).await;
+        assert_well_formed(&events);
+        assert_eq!(started(&events)[0].hive, b.id, "a job a pulled must be left for b, not failed: {events:?}");
+        left += times_left(&a, job.job_id());
+    }
+    // a pulled some of them and left them by its view (else this shows nothing).
+    assert!(left > 0, "a never pulled a smol-after job:\n{}", a.log());
+    assert_queue_drains(&broker.client().await).await;
+}
