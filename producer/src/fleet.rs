@@ -97,7 +97,9 @@ impl Client {
     }
 
     /// The kept log lines of `hive` (the last hour), then, with `follow`, new
-    /// ones as they come. Without `follow` the stream ends once caught up.
+    /// ones as they come. Without `follow` the stream ends after the lines
+    /// kept when it was called: a hive that logs faster than this reads
+    /// cannot keep it going (reading "until nothing is pending" could).
     pub async fn logs(&self, hive: &str, follow: bool) -> Result<impl futures::Stream<Item = LogLine>, ClientError> {
         let stream = self.jetstream().get_stream_no_info(subjects::LOGS_STREAM).await.map_err(broker_err)?;
         let consumer = stream
@@ -108,16 +110,19 @@ impl Client {
             })
             .await
             .map_err(broker_err)?;
+        // Without `follow`: how many lines to read. Those are the ones kept now.
+        let backlog = if follow { u64::MAX } else { consumer.cached_info().num_pending };
         let messages = consumer.messages().await.map_err(broker_err)?;
-        Ok(futures::stream::unfold((messages, follow, false), |(mut messages, follow, done)| async move {
-            if done {
-                return None;
-            }
+        Ok(futures::stream::unfold((messages, follow, backlog), |(mut messages, follow, mut left)| async move {
             loop {
+                if left == 0 {
+                    return None;
+                }
                 let next = if follow {
                     messages.next().await
                 } else {
-                    // Caught up when nothing comes for a moment and nothing is pending.
+                    // A kept line that does not come (the stream's limits
+                    // dropped it meanwhile) ends the listing after a moment.
                     match tokio::time::timeout(std::time::Duration::from_millis(500), messages.next()).await {
                         Ok(m) => m,
                         Err(_) => return None,
@@ -127,12 +132,9 @@ impl Client {
                     Some(Ok(m)) => m,
                     _ => return None,
                 };
-                let last = !follow && msg.info().is_ok_and(|i| i.pending == 0);
+                left = left.saturating_sub(1);
                 if let Ok(line) = serde_json::from_slice::<LogLine>(&msg.payload) {
-                    return Some((line, (messages, follow, last)));
-                }
-                if last {
-                    return None;
+                    return Some((line, (messages, follow, left)));
                 }
             }
         }))

@@ -644,3 +644,60 @@ async fn after_a_broker_restart_a_hive_still_sees_what_another_gains() {
     assert!(left > 0, "a never pulled a smol-after job:\n{}", a.log());
     assert_queue_drains(&broker.client().await).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbee_logs_without_follow_ends_while_the_hive_keeps_logging() {
+    use futures::StreamExt;
+    let broker = Broker::start();
+    let hive = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let nats = broker.client().await;
+    let id = hive.id.clone();
+    let line = move |n: u64| {
+        let l = rbee_schemas::log::LogLine {
+            ts_ms: n,
+            level: "INFO".into(),
+            hive: id.clone(),
+            worker: None,
+            target: "test".into(),
+            message: format!("line {n}"),
+        };
+        bytes::Bytes::from(serde_json::to_vec(&l).unwrap())
+    };
+    let subject = subjects::logs_subject(&hive.id);
+    let test_lines = |lines: &[rbee_schemas::log::LogLine]| lines.iter().filter(|l| l.target == "test").map(|l| l.ts_ms).collect::<Vec<u64>>();
+
+    // Every kept line, once, in order.
+    for n in 0..2000 {
+        nats.publish(subject.clone(), line(n)).await.unwrap();
+    }
+    nats.flush().await.unwrap();
+    let lines: Vec<_> = client.logs(&hive.id, false).await.unwrap().collect().await;
+    assert_eq!(test_lines(&lines), (0..2000).collect::<Vec<_>>());
+
+    // A hive logging faster than the listing reads: it still ends (reading
+    // "until nothing is pending" never did).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn({
+        let (nats, subject, stop) = (nats.clone(), subject.clone(), stop.clone());
+        async move {
+            let mut n = 2000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..500 {
+                    let _ = nats.publish(subject.clone(), line(n)).await;
+                    n += 1;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = tokio::time::timeout(Duration::from_secs(20), async { client.logs(&hive.id, false).await.unwrap().collect::<Vec<_>>().await }).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.await.unwrap();
+    let lines = read.expect("rbee logs (no --follow) ends while lines keep coming");
+    let seen = test_lines(&lines);
+    assert!(!seen.is_empty() && seen.windows(2).all(|w| w[0] < w[1]), "in order, no repeats: {} lines", seen.len());
+    // No more than the stream kept of this hive when it was called (10,000 per hive).
+    assert!(seen.len() <= 10_000, "{} lines", seen.len());
+}
