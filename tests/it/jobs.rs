@@ -147,9 +147,11 @@ async fn interactive_jobs_go_first_and_batch_is_not_starved() {
     let hive = noop_hive(&broker.url(), 1, "5ms", &[]).await;
     let client = Client::from_nats(broker.client().await);
     let busy_id = unique("busy");
-    let mut busy = submit(&client, &busy_id, job(40)).await;
+    let mut busy = submit(&client, &busy_id, job(2000)).await;
     first_token(&mut busy).await;
-    // While the slot is taken: 2 batch jobs, then 6 interactive ones.
+    // While the slot is taken: 2 batch jobs, then 6 interactive ones. The
+    // slot is freed (the busy job cancelled) only once all are queued: on a
+    // loaded machine eight submits can outlast a short job.
     let mut streams = Vec::new();
     for i in 0..2 {
         streams.push(submit_in(&client, &format!("{}-b{i}", unique("lane")), job(2), Lane::Batch).await);
@@ -157,6 +159,7 @@ async fn interactive_jobs_go_first_and_batch_is_not_starved() {
     for i in 0..6 {
         streams.push(submit_in(&client, &format!("{}-i{i}", unique("lane")), job(2), Lane::Interactive).await);
     }
+    client.cancel(&busy_id).await.expect("cancel the busy job");
     collect(&mut busy).await;
     for s in &mut streams {
         collect(s).await;
