@@ -7,8 +7,8 @@
 //! Such a server shares its machine with the hive and its workers, whose
 //! compute threads want every core. Go's scheduler, left at one thread per
 //! core, keeps idle threads spinning for work after each message; on a
-//! 2-core machine that cost the broker ~30 % more CPU per job and slowed the
-//! workers' prompts (docs/benchmarks.md, seventh pass). So the server runs
+//! 2-core machine that cost the broker 30-50 % more CPU per job, on the cores
+//! the workers compute on (docs/benchmarks.md, seventh pass). So the server runs
 //! with `GOMAXPROCS` = a quarter of the cores (at least 1), unless
 //! `GOMAXPROCS` is set in the environment, which is passed on as it is.
 
