@@ -667,11 +667,17 @@ async fn rbee_logs_without_follow_ends_while_the_hive_keeps_logging() {
     let subject = subjects::logs_subject(&hive.id);
     let test_lines = |lines: &[rbee_schemas::log::LogLine]| lines.iter().filter(|l| l.target == "test").map(|l| l.ts_ms).collect::<Vec<u64>>();
 
-    // Every kept line, once, in order.
+    // Every kept line, once, in order. Published with the stream's ack, so
+    // all are kept before the listing starts (a flushed plain publish can
+    // still be on its way into the stream).
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut acks = Vec::new();
     for n in 0..2000 {
-        nats.publish(subject.clone(), line(n)).await.unwrap();
+        acks.push(js.publish(subject.clone(), line(n)).await.unwrap());
     }
-    nats.flush().await.unwrap();
+    for ack in acks {
+        ack.await.expect("the logs stream keeps the line");
+    }
     let lines: Vec<_> = client.logs(&hive.id, false).await.unwrap().collect().await;
     assert_eq!(test_lines(&lines), (0..2000).collect::<Vec<_>>());
 
