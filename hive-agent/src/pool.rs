@@ -11,7 +11,9 @@
 //! first, so no job can start on a worker that is being stopped.
 //!
 //! Every worker is mirrored in the `rbee-workers` bucket ([`WorkerInfo`]):
-//! lifecycle states at once, busy/ready changes at most every 250 ms.
+//! lifecycle states at once, busy/ready changes at most every 250 ms. A
+//! worker whose last job just ended is written at once unless it was written
+//! in the last 250 ms, so `rbee workers` right after a job says `ready`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,12 +25,15 @@ use async_nats::jetstream::kv;
 use rbee_schemas::codec::Encoding;
 use rbee_schemas::error::{ErrorCode, JobError};
 use rbee_schemas::hive::{WorkerInfo, WorkerState, WorkerSummary};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 
 use crate::catalog::ModelEntry;
 use crate::job::now_ms;
 use crate::lock;
 use crate::worker_proc::{SpawnSpec, WorkerProc};
+
+/// How often busy/ready changes reach the registry, at most (per worker, about).
+const STATE_EVERY: Duration = Duration::from_millis(250);
 
 type StartResult = Option<Result<Arc<Worker>, JobError>>;
 
@@ -77,6 +82,10 @@ pub struct Worker {
     last_activity_ms: AtomicU64,
     state: Mutex<WorkerState>,
     dirty: AtomicBool,
+    /// When a job's end last wrote it to the registry at once, Unix ms.
+    settled_ms: AtomicU64,
+    /// The pool's signal that a worker's last job ended.
+    settled: Arc<Notify>,
 }
 
 impl Worker {
@@ -115,6 +124,8 @@ pub struct Pool {
     slots: Mutex<HashMap<String, Slot>>,
     counter: AtomicU64,
     registry: Mutex<Option<kv::Store>>,
+    /// A worker went from busy to ready: write it now, not at the next tick.
+    settled: Arc<Notify>,
 }
 
 /// A worker's slot reserved for one job.
@@ -135,6 +146,7 @@ impl Drop for Lease {
         let last = self.entry.proc.busy.available_permits() + 1 >= self.entry.proc.slots as usize;
         if last && self.entry.state() == WorkerState::Busy {
             self.entry.set_state(WorkerState::Ready);
+            self.entry.settled.notify_one();
         }
     }
 }
@@ -147,7 +159,7 @@ fn holds(slots: &HashMap<String, Slot>, w: &Arc<Worker>) -> bool {
 
 impl Pool {
     pub fn new(config: PoolConfig) -> Arc<Self> {
-        Arc::new(Self { config, slots: Mutex::new(HashMap::new()), counter: AtomicU64::new(1), registry: Mutex::new(None) })
+        Arc::new(Self { config, slots: Mutex::new(HashMap::new()), counter: AtomicU64::new(1), registry: Mutex::new(None), settled: Arc::new(Notify::new()) })
     }
 
     /// Mirrors workers into this `rbee-workers` bucket from now on.
@@ -310,6 +322,8 @@ impl Pool {
                 last_activity_ms: AtomicU64::new(now_ms()),
                 state: Mutex::new(WorkerState::Ready),
                 dirty: AtomicBool::new(false),
+                settled_ms: AtomicU64::new(0),
+                settled: self.settled.clone(),
             })
         });
         {
@@ -347,9 +361,15 @@ impl Pool {
     /// Stops idle workers whose keep-alive ran out; writes changed states.
     /// Runs every 250 ms until the pool is dropped.
     pub async fn maintain(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(STATE_EVERY);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.settled.notified() => {
+                    self.write_states(false);
+                    continue;
+                }
+            }
             let now = now_ms();
             let mut retire = Vec::new();
             {
@@ -380,10 +400,24 @@ impl Pool {
                     drop(permit);
                 });
             }
-            for (_, w) in self.workers() {
-                if w.dirty.swap(false, Ordering::Relaxed) {
-                    self.publish(w.info(&self.config.hive_id));
+            self.write_states(true);
+        }
+    }
+
+    /// Writes the workers whose state changed: on a tick all of them; when
+    /// a job ended, those not written that way within [`STATE_EVERY`] (so
+    /// a stream of short jobs is not a stream of writes; the tick has the rest).
+    fn write_states(&self, tick: bool) {
+        let now = now_ms();
+        for (_, w) in self.workers() {
+            if !tick && now.saturating_sub(w.settled_ms.load(Ordering::Relaxed)) < STATE_EVERY.as_millis() as u64 {
+                continue;
+            }
+            if w.dirty.swap(false, Ordering::Relaxed) {
+                if !tick {
+                    w.settled_ms.store(now, Ordering::Relaxed);
                 }
+                self.publish(w.info(&self.config.hive_id));
             }
         }
     }

@@ -327,6 +327,25 @@ async fn import_get_spawn_and_stop_across_two_hives() {
     assert!(text.contains(&format!("{}/{}-w", b.id, b.id)), "worker lines: {text}");
 }
 
+/// `rbee workers` right after a job says `ready`, as a script that runs
+/// `rbee infer` then `rbee workers` expects: a worker whose last job ended is
+/// written to the registry at once, not at the next 250 ms tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_listed_ready_right_after_its_last_job() {
+    let broker = Broker::start();
+    let hive = noop_hive(&broker.url(), 1, "40ms", &[]).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    for round in 0..3 {
+        // 400 ms of tokens: a tick writes the worker busy during the job.
+        let events = infer(&client, "noop", short(10)).await;
+        assert!(matches!(events.last().map(|e| &e.body), Some(EventBody::Done(_))), "{events:?}");
+        let listed = ok_json(&cli(&broker.url(), &["workers", "list", "--json"]).await);
+        let states: Vec<&str> = listed.as_array().unwrap().iter().map(|w| w["state"].as_str().unwrap()).collect();
+        assert_eq!(states, ["ready"], "round {round}: {listed}");
+    }
+    assert_eq!(hive.worker_pids().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_for_an_unserved_model_cold_starts_once_and_warm_workers_share_the_load() {
     let broker = Broker::start();
