@@ -27,12 +27,14 @@ pub struct Heartbeat {
     pub slots: Arc<Semaphore>,
     pub catalog: Arc<Catalog>,
     pub fleet: Arc<Fleet>,
+    pub gpu: Option<Arc<crate::gpu::Gpu>>,
 }
 
 impl Heartbeat {
     /// The record as of now.
     pub fn snapshot(&self) -> HiveInfo {
         let (ram_total, ram_free) = crate::system::memory();
+        let vram = self.gpu.as_ref().and_then(|g| g.memory());
         let models = self
             .catalog
             .list()
@@ -53,6 +55,8 @@ impl Heartbeat {
             busy: self.base.slots - self.slots.available_permits() as u32,
             ram_total,
             ram_free,
+            vram_total: vram.map_or(0, |m| m.total),
+            vram_free: vram.map_or(0, |m| m.free),
             memory_used: self.pool.memory_used(),
             workers: self.pool.summaries(),
             models,

@@ -20,6 +20,7 @@ pub mod claimer;
 pub mod ctl;
 pub mod events;
 pub mod fleet;
+pub mod gpu;
 pub mod heartbeat;
 pub mod job;
 pub mod logs;
@@ -265,6 +266,8 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let running = Arc::new(running::Running::default());
     running::listen(client.clone(), running.clone()).await?;
 
+    // Models go to this GPU's memory on a CUDA hive whose VRAM can be read.
+    let gpu = gpu::Gpu::open(&args.backend, args.device).map(Arc::new);
     let pool = pool::Pool::new(pool::PoolConfig {
         hive_id: hive_id.clone(),
         worker_bin: args.worker_bin.clone().unwrap_or_else(default_worker_bin),
@@ -294,6 +297,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         fleet: fleet.clone(),
         running,
         memory_limit: args.memory_limit,
+        gpu: gpu.clone(),
         downloader: models::Downloader {
             endpoint: args.hf_endpoint.trim_end_matches('/').to_owned(),
             cache_dir: models_dir.join("hf"),
@@ -327,7 +331,11 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
             slots: args.slots,
             busy: 0,
             backends: vec![args.backend.clone()],
-            devices: vec![if args.backend == "cpu" { "cpu".to_owned() } else { format!("{}:{}", args.backend, args.device) }],
+            devices: vec![match &gpu {
+                Some(g) => g.label.clone(),
+                None if args.backend == "cpu" => "cpu".to_owned(),
+                None => format!("{}:{}", args.backend, args.device),
+            }],
             ram_total: 0,
             ram_free: 0,
             memory_limit: args.memory_limit,
@@ -341,6 +349,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         slots: slots.permits.clone(),
         catalog: ctx.catalog.clone(),
         fleet: fleet.clone(),
+        gpu: gpu.clone(),
     };
     let beat_stop = CancellationToken::new();
     let beats = tokio::spawn(heartbeat.clone().run(beat_stop.clone()));
@@ -368,7 +377,13 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         })
         .await
     });
-    tracing::info!(hive = %hive_id, nats = %args.nats_url, slots = args.slots, "hive ready");
+    match gpu.as_ref().and_then(|g| Some((g, g.memory()?))) {
+        Some((g, m)) => tracing::info!(
+            hive = %hive_id, nats = %args.nats_url, slots = args.slots, gpu = %g.label,
+            vram_free = %system::human(m.free), vram_total = %system::human(m.total), "hive ready; models are placed by GPU memory"
+        ),
+        None => tracing::info!(hive = %hive_id, nats = %args.nats_url, slots = args.slots, "hive ready"),
+    }
 
     shutdown.cancelled().await;
     tracing::info!(timeout = ?args.drain_timeout, "draining: no new jobs; waiting for running ones");

@@ -45,7 +45,9 @@ pub struct HiveInfo {
     /// Memory its workers' models are estimated to take, bytes.
     #[serde(default)]
     pub memory_used: u64,
-    /// GPU memory, bytes; 0 where there is none or it is unknown.
+    /// Memory of the GPU its workers run on (`devices`), bytes; 0 where
+    /// there is none or it cannot be read. A hive that knows it places
+    /// models by it instead of RAM.
     #[serde(default)]
     pub vram_total: u64,
     #[serde(default)]
@@ -60,8 +62,23 @@ pub struct HiveInfo {
 impl HiveInfo {
     /// Memory this hive could still give a new worker, bytes.
     pub fn memory_available(&self) -> u64 {
-        let by_limit = if self.memory_limit > 0 { self.memory_limit.saturating_sub(self.memory_used) } else { u64::MAX };
-        self.ram_free.min(by_limit)
+        let vram = (self.vram_total > 0).then_some(self.vram_free);
+        memory_available(self.ram_free, vram, self.memory_limit, self.memory_used)
+    }
+}
+
+/// Memory a new worker could still take on a hive, bytes: the free memory
+/// of its GPU where it runs workers on one it can read (`vram_free`), else
+/// the machine's available RAM (0: unknown, so only the limit counts);
+/// within the hive's `--memory-limit` (0: none) less what its workers are
+/// estimated to take (`used`). Every hive decides by this, for itself and
+/// for the others it might leave a job to.
+pub fn memory_available(ram_free: u64, vram_free: Option<u64>, limit: u64, used: u64) -> u64 {
+    let by_limit = if limit > 0 { limit.saturating_sub(used) } else { u64::MAX };
+    match vram_free {
+        Some(free) => free.min(by_limit),
+        None if ram_free > 0 => ram_free.min(by_limit),
+        None => by_limit,
     }
 }
 
@@ -136,6 +153,14 @@ mod tests {
             }],
         };
         assert_eq!(info.memory_available(), 1 << 30);
+        // A GPU hive: its VRAM decides, not its RAM.
+        let gpu = HiveInfo { vram_total: 80 << 30, vram_free: 60 << 30, memory_limit: 0, ..info.clone() };
+        assert_eq!(gpu.memory_available(), 60 << 30);
+        let full_gpu = HiveInfo { vram_free: 1 << 20, ..gpu.clone() };
+        assert_eq!(full_gpu.memory_available(), 1 << 20);
+        assert_eq!(memory_available(0, None, 0, 0), u64::MAX, "nothing known, no limit: no bound");
+        assert_eq!(memory_available(0, None, 4 << 30, 1 << 30), 3 << 30);
+        assert_eq!(memory_available(8 << 30, Some(2 << 30), 4 << 30, 3 << 30), 1 << 30);
         for enc in [Encoding::Json, Encoding::Msgpack] {
             assert_eq!(enc.decode::<HiveInfo>(&enc.encode(&info)).unwrap(), info);
         }

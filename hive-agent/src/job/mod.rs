@@ -58,6 +58,8 @@ pub struct JobCtx {
     pub running: Arc<Running>,
     /// The hive's memory budget for workers, bytes; 0 = none.
     pub memory_limit: u64,
+    /// The GPU a CUDA hive's workers load models into, when its memory can be read.
+    pub gpu: Option<Arc<crate::gpu::Gpu>>,
     /// Where and how models are downloaded.
     pub downloader: crate::models::Downloader,
     pub ack_wait: Duration,

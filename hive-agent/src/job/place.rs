@@ -220,9 +220,9 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
         return Decision::Go(entry);
     }
     let need = ctx.pool.memory_for(&entry);
-    let (_, free) = crate::system::memory();
-    let by_limit = if ctx.memory_limit > 0 { ctx.memory_limit.saturating_sub(ctx.pool.memory_used()) } else { u64::MAX };
-    let here = if free > 0 { free.min(by_limit) } else { by_limit };
+    let (_, ram_free) = crate::system::memory();
+    let vram_free = ctx.gpu.as_ref().and_then(|g| g.memory()).map(|m| m.free);
+    let here = rbee_schemas::hive::memory_available(ram_free, vram_free, ctx.memory_limit, ctx.pool.memory_used());
     if need > here {
         let fits = ctx.fleet.others().into_iter().filter(|_| may_defer).find(|h| h.memory_available() >= need);
         return match fits {
@@ -230,12 +230,16 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
             None => Decision::Fail(JobError::new(
                 ErrorCode::InsufficientMemory,
                 format!(
-                    "model {} needs about {} of memory; hive {} has {} available{} and no other hive has more. \
+                    "model {} needs about {} of memory; hive {} has {}{} available{} and no other hive has more. \
                      Free memory, raise --memory-limit, or use a smaller quantization",
                     entry.key,
                     human(need),
                     ctx.hive_id,
                     human(here),
+                    match (&ctx.gpu, vram_free) {
+                        (Some(g), Some(_)) => format!(" of GPU memory on {}", g.label),
+                        _ => String::new(),
+                    },
                     if ctx.memory_limit > 0 { format!(" (limit {})", human(ctx.memory_limit)) } else { String::new() }
                 ),
             )),
