@@ -278,7 +278,7 @@ impl Pool {
         let backend = opts.backend.clone().unwrap_or_else(|| self.config.backend.clone());
         let device = opts.device.unwrap_or(self.config.device);
         let device_name = if backend == "cpu" { "cpu".to_owned() } else { format!("{backend}:{device}") };
-        let memory = self.memory_for(&model);
+        let memory = self.memory_on(&model, &backend);
         let placeholder = |state, pid| WorkerInfo {
             v: rbee_schemas::PROTOCOL_VERSION,
             id: id.clone(),
@@ -445,13 +445,17 @@ impl Pool {
         lock(&self.slots).keys().cloned().collect()
     }
 
-    /// Memory the workers' models are estimated to take.
     /// Memory a worker of this hive for `model` is estimated to need (with
-    /// the KV cache of its `--worker-slots`).
+    /// the KV cache of its `--worker-slots`), on the hive's own backend.
     pub fn memory_for(&self, model: &ModelEntry) -> u64 {
-        crate::system::model_memory(model, self.config.worker_slots)
+        self.memory_on(model, &self.config.backend)
     }
 
+    fn memory_on(&self, model: &ModelEntry, backend: &str) -> u64 {
+        crate::system::model_memory(model, self.config.worker_slots) + crate::system::backend_memory(backend)
+    }
+
+    /// Memory the workers' models are estimated to take.
     pub fn memory_used(&self) -> u64 {
         self.workers().iter().map(|(_, w)| w.memory).sum()
     }
