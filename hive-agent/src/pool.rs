@@ -141,12 +141,17 @@ pub struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.entry.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+        let now = now_ms();
+        self.entry.last_activity_ms.store(now, Ordering::Relaxed);
         // The last running job (its permit is released right after this).
         let last = self.entry.proc.busy.available_permits() + 1 >= self.entry.proc.slots as usize;
         if last && self.entry.state() == WorkerState::Busy {
             self.entry.set_state(WorkerState::Ready);
-            self.entry.settled.notify_one();
+            // Only when the pool would write it now: short jobs in a row do
+            // not wake the pool for each one.
+            if now.saturating_sub(self.entry.settled_ms.load(Ordering::Relaxed)) >= STATE_EVERY.as_millis() as u64 {
+                self.entry.settled.notify_one();
+            }
         }
     }
 }
