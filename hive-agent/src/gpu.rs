@@ -25,6 +25,8 @@ pub struct Gpu {
     nvml: Nvml,
     /// How NVML finds it.
     which: Which,
+    /// Its model, as the driver names it: `NVIDIA H200`.
+    pub name: String,
     /// For people: `cuda:0 (NVIDIA H200)`.
     pub label: String,
 }
@@ -75,7 +77,7 @@ impl Gpu {
                 return None;
             }
         };
-        let gpu = Gpu { nvml, which, label: format!("cuda:{device}") };
+        let gpu = Gpu { nvml, which, name: String::new(), label: format!("cuda:{device}") };
         let name = match gpu.with_device(|d| d.name()) {
             Ok(n) => n,
             Err(e) => {
@@ -83,7 +85,7 @@ impl Gpu {
                 return None;
             }
         };
-        Some(Gpu { label: format!("cuda:{device} ({name})"), ..gpu })
+        Some(Gpu { label: format!("cuda:{device} ({name})"), name, ..gpu })
     }
 
     fn with_device<T>(

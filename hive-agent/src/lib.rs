@@ -331,11 +331,8 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
             slots: args.slots,
             busy: 0,
             backends: vec![args.backend.clone()],
-            devices: vec![match &gpu {
-                Some(g) => g.label.clone(),
-                None if args.backend == "cpu" => "cpu".to_owned(),
-                None => format!("{}:{}", args.backend, args.device),
-            }],
+            devices: vec![if args.backend == "cpu" { "cpu".to_owned() } else { format!("{}:{}", args.backend, args.device) }],
+            gpu_name: gpu.as_ref().map(|g| g.name.clone()).unwrap_or_default(),
             ram_total: 0,
             ram_free: 0,
             memory_limit: args.memory_limit,

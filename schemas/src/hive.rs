@@ -45,6 +45,10 @@ pub struct HiveInfo {
     /// Memory its workers' models are estimated to take, bytes.
     #[serde(default)]
     pub memory_used: u64,
+    /// The model of the GPU its workers run on, as its driver names it
+    /// (`NVIDIA H200`); empty for CPU hives and where it cannot be read.
+    #[serde(default)]
+    pub gpu_name: String,
     /// Memory of the GPU its workers run on (`devices`), bytes; 0 where
     /// there is none or it cannot be read. A hive that knows it places
     /// models by it instead of RAM.
@@ -135,6 +139,7 @@ mod tests {
             busy: 0,
             backends: vec!["cpu".into()],
             devices: vec!["cpu".into()],
+            gpu_name: String::new(),
             ram_total: 8 << 30,
             ram_free: 4 << 30,
             memory_limit: 2 << 30,
@@ -154,7 +159,8 @@ mod tests {
         };
         assert_eq!(info.memory_available(), 1 << 30);
         // A GPU hive: its VRAM decides, not its RAM.
-        let gpu = HiveInfo { vram_total: 80 << 30, vram_free: 60 << 30, memory_limit: 0, ..info.clone() };
+        let gpu = HiveInfo { gpu_name: "NVIDIA H200".into(), vram_total: 80 << 30, vram_free: 60 << 30, memory_limit: 0, ..info.clone() };
+        assert_eq!(Encoding::Json.decode::<HiveInfo>(&Encoding::Json.encode(&gpu)).unwrap(), gpu);
         assert_eq!(gpu.memory_available(), 60 << 30);
         let full_gpu = HiveInfo { vram_free: 1 << 20, ..gpu.clone() };
         assert_eq!(full_gpu.memory_available(), 1 << 20);

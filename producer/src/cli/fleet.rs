@@ -424,7 +424,10 @@ pub fn hive_rows(hives: &[HiveInfo]) -> Vec<Vec<String>> {
             vec![
                 h.hive_id.clone(),
                 format!("{}{compat}", h.version),
-                h.devices.join(","),
+                match h.gpu_name.as_str() {
+                    "" => h.devices.join(","),
+                    gpu => format!("{} ({gpu})", h.devices.join(",")),
+                },
                 format!("{}/{}", h.busy, h.slots),
                 format!("{} free of {}", gib(h.ram_free), gib(h.ram_total)),
                 if h.vram_total > 0 { format!("{} free of {}", gib(h.vram_free), gib(h.vram_total)) } else { "-".to_owned() },
