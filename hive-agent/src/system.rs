@@ -49,13 +49,14 @@ pub fn backend_memory(backend: &str) -> u64 {
     }
 }
 
-/// Bytes for people: "98.4 MB".
+/// Bytes for people, in the binary units `rbee hives` and `--memory-limit`
+/// use: "93.8 MiB".
 pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
         u += 1;
     }
     if u == 0 {
@@ -105,7 +106,8 @@ mod tests {
         // (one slot's KV cache unfilled) is within its estimate.
         assert_eq!(backend_memory("cpu"), 0);
         assert!(one + backend_memory("cuda") >= 810 << 20);
-        assert_eq!(human(98_362_432), "98.4 MB");
+        assert_eq!(human(98_362_432), "93.8 MiB");
+        assert_eq!(human(8 << 30), "8.0 GiB");
         assert_eq!(human(12), "12 B");
     }
 }
