@@ -316,6 +316,8 @@ impl Pool {
         let loading = placeholder(WorkerState::Loading, 0);
         let result = WorkerProc::spawn(spec, move |pid| pool.publish(WorkerInfo { pid, ..loading })).await;
         let result = result.map(|proc| {
+            // Its KV caches: as many as the jobs it said it runs at once.
+            let memory = crate::system::model_memory(&model, proc.slots) + crate::system::backend_memory(&backend);
             Arc::new(Worker {
                 proc,
                 entry: model.clone(),
@@ -456,8 +458,11 @@ impl Pool {
         self.memory_on(model, &self.config.backend)
     }
 
+    /// Before the worker says how many jobs it runs at once: a GPU worker
+    /// (candle) runs one, a CPU worker up to `--worker-slots`.
     fn memory_on(&self, model: &ModelEntry, backend: &str) -> u64 {
-        crate::system::model_memory(model, self.config.worker_slots) + crate::system::backend_memory(backend)
+        let slots = if backend == "cpu" { self.config.worker_slots } else { 1 };
+        crate::system::model_memory(model, slots) + crate::system::backend_memory(backend)
     }
 
     /// Memory the workers' models are estimated to take.

@@ -295,5 +295,8 @@ async fn a_worker_that_runs_one_job_at_a_time_gets_one_at_a_time() {
     }
     let listed = client.workers().await.unwrap();
     assert_eq!(listed.iter().map(|w| w.slots).collect::<Vec<_>>(), [1], "candle runs one job at a time: {listed:?}");
+    // Its estimate counts one KV cache, not one per --worker-slots: weights
+    // (98,362,432 B), a tenth, 64 MiB, and 4,096 tokens of 23,040 B.
+    assert_eq!(listed[0].memory, 98_362_432 + 9_836_243 + (64 << 20) + 4096 * 23_040, "{listed:?}");
     assert_eq!(hive.worker_pids().len(), 1);
 }
