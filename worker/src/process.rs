@@ -175,7 +175,11 @@ fn load(args: &Args) -> Result<Loaded, JobError> {
     let device = device_for(&args.backend, args.device).map_err(|m| JobError::new(ErrorCode::ModelLoadFailed, m))?;
     let model = args.model.as_deref().ok_or_else(|| JobError::new(ErrorCode::ModelLoadFailed, "no --model given"))?;
     tracing::info!(worker = %args.id, model = %model.display(), backend = %args.backend, engine = ?args.engine, "loading");
-    let engine = Engine::load_with(model, device, args.engine)?;
+    let on_gpu = !device.is_cpu();
+    let mut engine = Engine::load_with(model, device, args.engine)?;
+    if on_gpu {
+        warm_up(&mut engine, &args.id)?;
+    }
     match engine.fallback_reason() {
         Some(why) => tracing::info!(worker = %args.id, engine = %engine.kind(), "not on the fast engine: {why}"),
         None => tracing::info!(worker = %args.id, engine = %engine.kind(), "engine chosen"),
@@ -184,6 +188,29 @@ fn load(args: &Args) -> Result<Loaded, JobError> {
         tracing::warn!(worker = %args.id, slots = args.slots, "the candle engine runs one job at a time; --slots is ignored");
     }
     Ok(Loaded::Llama(Box::new(engine)))
+}
+
+/// Runs two short jobs on a GPU before the worker says it is ready: one
+/// sampled with the default settings, one greedy (each picks its tokens with
+/// other kernels). The driver compiles candle's kernels at their first use:
+/// ~10 s of PTX on a fresh H200. Paid here, it is part of loading (within
+/// `--load-timeout`, and while a cold start's job waits for the load anyway),
+/// not some job's first token, and a worker spawned ahead of time is ready
+/// when it says so.
+fn warm_up(engine: &mut Engine, id: &str) -> Result<(), JobError> {
+    let started = std::time::Instant::now();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    // Longer than most chat prompts' first turn: some kernels are chosen by length.
+    let prompt = "Say hello. ".repeat(24);
+    for temperature in [None, Some(0.0)] {
+        let req = rbee_schemas::job::InferRequest { prompt: Some(prompt.clone()), max_tokens: Some(4), temperature, ..Default::default() };
+        let params = req.validate(0)?;
+        engine.generate(&params, None, &cancel, &mut |_, _| {}).map_err(|e| {
+            JobError::new(ErrorCode::ModelLoadFailed, format!("the model loaded but a first step on the GPU failed: {}", e.message))
+        })?;
+    }
+    tracing::info!(worker = %id, ms = started.elapsed().as_millis() as u64, "warmed up the GPU kernels");
+    Ok(())
 }
 
 /// Duplicates stdout into a file for the protocol and points fd 1 at stderr.
