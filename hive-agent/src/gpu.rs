@@ -58,6 +58,14 @@ fn nvml_device(device: usize, visible: Option<&str>) -> Option<Which> {
     }
 }
 
+/// NVML's handle of `which` (looked up per reading: it borrows `nvml`).
+fn nvml_handle<'n>(nvml: &'n Nvml, which: &Which) -> Result<nvml_wrapper::Device<'n>, nvml_wrapper::error::NvmlError> {
+    match which {
+        Which::Index(i) => nvml.device_by_index(*i),
+        Which::Uuid(u) => nvml.device_by_uuid(u.as_str()),
+    }
+}
+
 impl Gpu {
     /// The GPU that workers of `backend` on `device` use, if its memory can
     /// be read: CUDA only (Metal shares the machine's RAM).
@@ -77,31 +85,19 @@ impl Gpu {
                 return None;
             }
         };
-        let gpu = Gpu { nvml, which, name: String::new(), label: format!("cuda:{device}") };
-        let name = match gpu.with_device(|d| d.name()) {
+        let name = match nvml_handle(&nvml, &which).and_then(|d| d.name()) {
             Ok(n) => n,
             Err(e) => {
-                tracing::warn!(error = %e, gpu = ?gpu.which, "NVML does not know this GPU; placing models by RAM");
+                tracing::warn!(error = %e, gpu = ?which, "NVML does not know this GPU; placing models by RAM");
                 return None;
             }
         };
-        Some(Gpu { label: format!("cuda:{device} ({name})"), name, ..gpu })
-    }
-
-    fn with_device<T>(
-        &self,
-        f: impl FnOnce(&nvml_wrapper::Device<'_>) -> Result<T, nvml_wrapper::error::NvmlError>,
-    ) -> Result<T, nvml_wrapper::error::NvmlError> {
-        let device = match &self.which {
-            Which::Index(i) => self.nvml.device_by_index(*i)?,
-            Which::Uuid(u) => self.nvml.device_by_uuid(u.as_str())?,
-        };
-        f(&device)
+        Some(Gpu { nvml, which, label: format!("cuda:{device} ({name})"), name })
     }
 
     /// Its memory now; `None` (logged) if NVML could not say.
     pub fn memory(&self) -> Option<Memory> {
-        match self.with_device(|d| d.memory_info()) {
+        match nvml_handle(&self.nvml, &self.which).and_then(|d| d.memory_info()) {
             Ok(m) => Some(Memory { total: m.total, free: m.free }),
             Err(e) => {
                 tracing::warn!(error = %e, gpu = %self.label, "reading GPU memory failed");
