@@ -331,7 +331,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
             slots: args.slots,
             busy: 0,
             backends: vec![args.backend.clone()],
-            devices: vec![if args.backend == "cpu" { "cpu".to_owned() } else { format!("{}:{}", args.backend, args.device) }],
+            devices: vec![pool::device_label(&args.backend, args.device)],
             gpu_name: gpu.as_ref().map(|g| g.name.clone()).unwrap_or_default(),
             ram_total: 0,
             ram_free: 0,

@@ -32,6 +32,15 @@ use crate::job::now_ms;
 use crate::lock;
 use crate::worker_proc::{SpawnSpec, WorkerProc};
 
+/// A device as the registry and heartbeats name it: `cpu`, `cuda:0`.
+pub fn device_label(backend: &str, device: usize) -> String {
+    if backend == "cpu" {
+        "cpu".to_owned()
+    } else {
+        format!("{backend}:{device}")
+    }
+}
+
 /// How often busy/ready changes reach the registry, at most (per worker, about).
 const STATE_EVERY: Duration = Duration::from_millis(250);
 
@@ -93,6 +102,11 @@ impl Worker {
         *lock(&self.state)
     }
 
+    /// Whether a job's end wrote it to the registry within [`STATE_EVERY`] of `now_ms`.
+    fn settled_lately(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.settled_ms.load(Ordering::Relaxed)) < STATE_EVERY.as_millis() as u64
+    }
+
     fn set_state(&self, s: WorkerState) {
         *lock(&self.state) = s;
         self.dirty.store(true, Ordering::Relaxed);
@@ -149,7 +163,7 @@ impl Drop for Lease {
             self.entry.set_state(WorkerState::Ready);
             // Only when the pool would write it now: short jobs in a row do
             // not wake the pool for each one.
-            if now.saturating_sub(self.entry.settled_ms.load(Ordering::Relaxed)) >= STATE_EVERY.as_millis() as u64 {
+            if !self.entry.settled_lately(now) {
                 self.entry.settled.notify_one();
             }
         }
@@ -282,7 +296,7 @@ impl Pool {
         let id = format!("{}-w{n}", self.config.hive_id);
         let backend = opts.backend.clone().unwrap_or_else(|| self.config.backend.clone());
         let device = opts.device.unwrap_or(self.config.device);
-        let device_name = if backend == "cpu" { "cpu".to_owned() } else { format!("{backend}:{device}") };
+        let device_name = device_label(&backend, device);
         let memory = self.memory_on(&model, &backend);
         let placeholder = |state, pid| WorkerInfo {
             v: rbee_schemas::PROTOCOL_VERSION,
@@ -317,7 +331,7 @@ impl Pool {
         let result = WorkerProc::spawn(spec, move |pid| pool.publish(WorkerInfo { pid, ..loading })).await;
         let result = result.map(|proc| {
             // Its KV caches: as many as the jobs it said it runs at once.
-            let memory = crate::system::model_memory(&model, proc.slots) + crate::system::backend_memory(&backend);
+            let memory = crate::system::worker_memory(&model, proc.slots, &backend);
             Arc::new(Worker {
                 proc,
                 entry: model.clone(),
@@ -417,7 +431,7 @@ impl Pool {
     fn write_states(&self, tick: bool) {
         let now = now_ms();
         for (_, w) in self.workers() {
-            if !tick && now.saturating_sub(w.settled_ms.load(Ordering::Relaxed)) < STATE_EVERY.as_millis() as u64 {
+            if !tick && w.settled_lately(now) {
                 continue;
             }
             if w.dirty.swap(false, Ordering::Relaxed) {
@@ -462,7 +476,7 @@ impl Pool {
     /// (candle) runs one, a CPU worker up to `--worker-slots`.
     fn memory_on(&self, model: &ModelEntry, backend: &str) -> u64 {
         let slots = if backend == "cpu" { self.config.worker_slots } else { 1 };
-        crate::system::model_memory(model, slots) + crate::system::backend_memory(backend)
+        crate::system::worker_memory(model, slots, backend)
     }
 
     /// Memory the workers' models are estimated to take.

@@ -41,12 +41,17 @@ pub fn model_memory(model: &ModelEntry, slots: u32) -> u64 {
 pub const CUDA_RUNTIME: u64 = 704 * 1024 * 1024;
 
 /// What a worker on `backend` needs on top of [`model_memory`].
-pub fn backend_memory(backend: &str) -> u64 {
+fn backend_memory(backend: &str) -> u64 {
     if backend == "cuda" {
         CUDA_RUNTIME
     } else {
         0
     }
+}
+
+/// A worker's whole estimate: its model with `slots` KV caches, on `backend`.
+pub fn worker_memory(model: &ModelEntry, slots: u32, backend: &str) -> u64 {
+    model_memory(model, slots) + backend_memory(backend)
 }
 
 /// Bytes for people, in the binary units `rbee hives` and `--memory-limit`
