@@ -5,13 +5,29 @@
 //! cannot be loaded, the hive says so once and places models by RAM, as a
 //! CPU hive does.
 //!
-//! NVML numbers GPUs in PCI bus order; CUDA by default puts the fastest
-//! first and honours `CUDA_VISIBLE_DEVICES`. The hive maps `--device N`
-//! through `CUDA_VISIBLE_DEVICES` (indices or `GPU-` UUIDs); on a machine
-//! with GPUs of different speeds, set `CUDA_DEVICE_ORDER=PCI_BUS_ID` so that
-//! both count the same way.
+//! NVML (like `nvidia-smi`) numbers GPUs in PCI bus order; CUDA by default
+//! puts the fastest first. The hive starts CUDA workers with
+//! `CUDA_DEVICE_ORDER=PCI_BUS_ID` unless that is set already (see
+//! [`worker_env`]), so `--device N` is `nvidia-smi`'s GPU N for the worker
+//! and for the readings here. It maps `--device N` through
+//! `CUDA_VISIBLE_DEVICES` (indices or `GPU-` UUIDs) as CUDA does.
+//!
+//! Tests of placement by GPU memory run where there is no GPU: the hive's
+//! hidden `--test-gpu NAME:TOTAL_MIB:FREE_MIB` gives a CUDA hive fixed
+//! readings instead of NVML's ([`Gpu::fixed`]).
 
 use nvml_wrapper::Nvml;
+
+/// The order CUDA numbers GPUs in, for workers: the one NVML uses.
+const CUDA_DEVICE_ORDER: &str = "CUDA_DEVICE_ORDER";
+const PCI_BUS_ID: &str = "PCI_BUS_ID";
+
+/// What a worker of `backend` needs in its environment so that its device
+/// numbers are NVML's, given the hive's own `CUDA_DEVICE_ORDER` (`current`).
+/// A value the user set is kept.
+pub fn worker_env(backend: &str, current: Option<&str>) -> Option<(&'static str, &'static str)> {
+    (backend == "cuda" && current.is_none()).then_some((CUDA_DEVICE_ORDER, PCI_BUS_ID))
+}
 
 /// Free and total memory of one GPU, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,9 +38,7 @@ pub struct Memory {
 
 /// One GPU, open for memory readings.
 pub struct Gpu {
-    nvml: Nvml,
-    /// How NVML finds it.
-    which: Which,
+    source: Source,
     /// Its model, as the driver names it: `NVIDIA H200`.
     pub name: String,
     /// For people: `cuda:0 (NVIDIA H200)`.
@@ -33,8 +47,16 @@ pub struct Gpu {
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gpu").field("which", &self.which).field("label", &self.label).finish()
+        f.debug_struct("Gpu").field("label", &self.label).finish()
     }
+}
+
+/// Where a GPU's readings come from.
+enum Source {
+    /// Boxed: NVML's function table is ~12 KB.
+    Nvml { nvml: Box<Nvml>, which: Which },
+    /// `--test-gpu`: the same readings every time.
+    Fixed(Memory),
 }
 
 /// A GPU as NVML knows it.
@@ -78,6 +100,13 @@ impl Gpu {
             tracing::warn!(device, visible = ?visible, "CUDA device {device} is not in CUDA_VISIBLE_DEVICES; placing models by RAM");
             return None;
         };
+        if let Ok(order) = std::env::var(CUDA_DEVICE_ORDER) {
+            if order != PCI_BUS_ID {
+                tracing::warn!(
+                    "CUDA_DEVICE_ORDER={order}: CUDA may number the GPUs differently from NVML, and the memory read for device {device} may be another GPU's; unset it or set PCI_BUS_ID"
+                );
+            }
+        }
         let nvml = match Nvml::init() {
             Ok(n) => n,
             Err(e) => {
@@ -92,12 +121,21 @@ impl Gpu {
                 return None;
             }
         };
-        Some(Gpu { nvml, which, label: format!("cuda:{device} ({name})"), name })
+        Some(Gpu { source: Source::Nvml { nvml: Box::new(nvml), which }, label: format!("cuda:{device} ({name})"), name })
+    }
+
+    /// A GPU that always reads `memory` (the hive's hidden `--test-gpu`).
+    pub fn fixed(device: usize, name: &str, memory: Memory) -> Gpu {
+        Gpu { source: Source::Fixed(memory), label: format!("cuda:{device} ({name})"), name: name.to_owned() }
     }
 
     /// Its memory now; `None` (logged) if NVML could not say.
     pub fn memory(&self) -> Option<Memory> {
-        match nvml_handle(&self.nvml, &self.which).and_then(|d| d.memory_info()) {
+        let (nvml, which) = match &self.source {
+            Source::Nvml { nvml, which } => (nvml, which),
+            Source::Fixed(m) => return Some(*m),
+        };
+        match nvml_handle(nvml, which).and_then(|d| d.memory_info()) {
             Ok(m) => Some(Memory { total: m.total, free: m.free }),
             Err(e) => {
                 tracing::warn!(error = %e, gpu = %self.label, "reading GPU memory failed");
@@ -107,9 +145,45 @@ impl Gpu {
     }
 }
 
+/// Parses `--test-gpu`: `NAME:TOTAL_MIB:FREE_MIB`.
+pub fn parse_test_gpu(s: &str) -> Result<(String, Memory), String> {
+    let bad = || format!("{s:?}: expected NAME:TOTAL_MIB:FREE_MIB, e.g. \"Test GPU:1024:40\"");
+    let mut parts = s.rsplitn(3, ':');
+    let (Some(free), Some(total), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let mib = |v: &str| v.trim().parse::<u64>().map(|m| m << 20).map_err(|_| bad());
+    let memory = Memory { total: mib(total)?, free: mib(free)? };
+    if name.is_empty() || memory.free > memory.total {
+        return Err(bad());
+    }
+    Ok((name.to_owned(), memory))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_workers_count_gpus_in_nvml_order_unless_told_otherwise() {
+        assert_eq!(worker_env("cuda", None), Some(("CUDA_DEVICE_ORDER", "PCI_BUS_ID")));
+        assert_eq!(worker_env("cuda", Some("FASTEST_FIRST")), None, "the user's choice is kept");
+        assert_eq!(worker_env("cpu", None), None);
+        assert_eq!(worker_env("metal", None), None);
+    }
+
+    #[test]
+    fn test_gpu_readings_parse_and_are_fixed() {
+        let (name, memory) = parse_test_gpu("Test GPU:1024:40").unwrap();
+        assert_eq!(name, "Test GPU");
+        assert_eq!(memory, Memory { total: 1024 << 20, free: 40 << 20 });
+        let gpu = Gpu::fixed(1, &name, memory);
+        assert_eq!(gpu.label, "cuda:1 (Test GPU)");
+        assert_eq!(gpu.memory(), Some(memory));
+        for bad in ["", "1024:40", ":1024:40", "G:40:1024", "G:x:40"] {
+            assert!(parse_test_gpu(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn cuda_devices_map_to_nvml_through_cuda_visible_devices() {

@@ -129,6 +129,10 @@ pub struct HiveArgs {
     /// Offer the no-op test model `noop` (no weights; emits " t0", " t1", ...). For tests and benchmarks.
     #[arg(long, hide = true)]
     pub test_noop_model: bool,
+    /// Test mode for a CUDA hive: fixed GPU readings `NAME:TOTAL_MIB:FREE_MIB`
+    /// instead of NVML's, to test placement by GPU memory without a GPU.
+    #[arg(long, hide = true, value_parser = gpu::parse_test_gpu)]
+    pub test_gpu: Option<(String, gpu::Memory)>,
     /// Time per token of the no-op test model.
     #[arg(long, hide = true, default_value = "0ms", value_parser = humantime::parse_duration)]
     pub noop_token_delay: Duration,
@@ -267,7 +271,11 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     running::listen(client.clone(), running.clone()).await?;
 
     // Models go to this GPU's memory on a CUDA hive whose VRAM can be read.
-    let gpu = gpu::Gpu::open(&args.backend, args.device).map(Arc::new);
+    let gpu = match &args.test_gpu {
+        Some((name, memory)) if args.backend == "cuda" => Some(gpu::Gpu::fixed(args.device, name, *memory)),
+        _ => gpu::Gpu::open(&args.backend, args.device),
+    }
+    .map(Arc::new);
     let pool = pool::Pool::new(pool::PoolConfig {
         hive_id: hive_id.clone(),
         worker_bin: args.worker_bin.clone().unwrap_or_else(default_worker_bin),

@@ -538,6 +538,43 @@ async fn a_model_too_big_for_every_hive_fails_with_insufficient_memory() {
     assert_queue_drains(&broker.client().await).await;
 }
 
+/// A CUDA hive places models by its GPU's free memory, not the machine's
+/// RAM, and another hive judges it by the same numbers. No GPU here: the
+/// hive's hidden `--test-gpu` gives it fixed readings in NVML's place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cuda_hive_places_models_by_its_gpu_memory() {
+    let broker = Broker::start();
+    let gpu_args = ["--backend", "cuda", "--test-gpu", "Test GPU:1024:40"].map(String::from).to_vec();
+    let gpu = Hive::start(&broker.url(), HiveOpts { args: gpu_args, ..HiveOpts::default() }).await;
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let info = until_heartbeat(&client, &gpu.id, "reports its GPU", |h| h.vram_total > 0).await;
+    assert_eq!((info.vram_total, info.vram_free), (1024 << 20, 40 << 20));
+    assert_eq!(info.gpu_name, "Test GPU");
+    assert_eq!(info.devices, ["cuda:0"]);
+    assert_eq!(info.memory_available(), 40 << 20, "GPU memory, not the machine's RAM");
+    let listed = cli(&broker.url(), &["hives", "list"]).await;
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(table.contains("Test GPU") && table.contains("40 MiB free of 1.0 GiB"), "{table}");
+
+    // The demo model on CUDA needs far more than 40 MiB; the machine's RAM would hold it.
+    let events = infer(&client, "smollm2-135m", short(2)).await;
+    let (code, message) = error(&events);
+    assert_eq!(code, ErrorCode::InsufficientMemory);
+    assert!(message.contains("of GPU memory on cuda:0 (Test GPU)"), "{message}");
+    assert!(started(&events).is_empty());
+
+    // A CPU hive beside it: the CUDA hive leaves the model's jobs to it.
+    let cpu = Hive::start(&broker.url(), HiveOpts::default()).await;
+    until_heartbeat(&client, &cpu.id, "heartbeats", |_| true).await;
+    for _ in 0..2 {
+        let events = infer(&client, "smollm2-135m", short(2)).await;
+        assert!(matches!(events.last().map(|e| &e.body), Some(EventBody::Done(_))), "{events:?}");
+        assert_eq!(started(&events).iter().map(|s| s.hive.as_str()).collect::<Vec<_>>(), [cpu.id.as_str()]);
+    }
+    assert!(gpu.worker_pids().is_empty(), "no worker was started on the CUDA hive");
+    assert_queue_drains(&broker.client().await).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_running_job_and_sigkill_leaves_no_worker() {
     let broker = Broker::start();
