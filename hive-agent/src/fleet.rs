@@ -1,8 +1,8 @@
 //! What this hive knows of the others, for placement without a scheduler.
 //!
 //! - A view of the live hives (heartbeats: catalogs, free memory, protocol),
-//!   read from the `rbee-hives` bucket at start and then followed with a KV
-//!   watch, so each heartbeat reaches every hive once as it is written (the
+//!   followed in the `rbee-hives` bucket with a KV watch (its current values
+//!   first, then each change), so each heartbeat reaches every hive once as it is written (the
 //!   broker pushes ~hives²/5 messages a second fleet-wide, where polling every
 //!   2 s cost hives²/2 `get` requests). Entries older than the heartbeat TTL
 //!   are treated as gone: keys that expire leave no marker in a watch.
@@ -77,26 +77,34 @@ impl Fleet {
         self.replaced.notify_waiters();
     }
 
-    /// Follows the hives bucket for as long as the hive runs; a watch that
-    /// fails or goes quiet is started again (from the bucket's current values).
-    pub async fn refresh_forever(self: std::sync::Arc<Self>) {
-        loop {
-            let why = self.follow().await;
-            tracing::debug!(%why, "the hives watch stopped; starting it again");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    /// Starts following the hives bucket, for as long as the hive runs (a
+    /// watch that fails or goes quiet is started again, from the bucket's
+    /// current values), and returns once the heartbeats the bucket held have
+    /// been applied, or after `patience`: a new hive places its first jobs
+    /// knowing the others. The watch's first delivery is the only read of
+    /// the bucket.
+    pub async fn follow_from_start(self: std::sync::Arc<Self>, patience: Duration) {
+        let (tx, caught_up) = tokio::sync::oneshot::channel();
+        let store = lock(&self.hives_kv).clone();
+        // An empty bucket has nothing to deliver first; so has one we cannot read.
+        let held = store.status().await.map_or(0, |s| s.values());
+        tokio::spawn(async move {
+            let mut caught_up = Some(tx);
+            loop {
+                let why = self.follow(&mut caught_up).await;
+                tracing::debug!(%why, "the hives watch stopped; starting it again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        if held > 0 && tokio::time::timeout(patience, caught_up).await.is_err() {
+            tracing::warn!("the other hives' heartbeats did not all arrive within {patience:?}; placing with what came");
         }
     }
 
-    /// Reads every heartbeat in the bucket (the view at start).
-    pub async fn refresh(&self) {
-        let store = lock(&self.hives_kv).clone();
-        let Ok(hives) = rbee_broker::kv_json_values::<HiveInfo>(&store).await else { return };
-        *lock(&self.hives) = hives.into_iter().collect();
-    }
-
     /// Applies the bucket's current values, then each change as it comes;
-    /// returns why it stopped.
-    async fn follow(&self) -> String {
+    /// returns why it stopped. `caught_up` is told (once) when the current
+    /// values are all in.
+    async fn follow(&self, caught_up: &mut Option<tokio::sync::oneshot::Sender<()>>) -> String {
         let store = lock(&self.hives_kv).clone();
         let mut watch = match store.watch_with_history(">").await {
             Ok(w) => w,
@@ -115,6 +123,12 @@ impl Fleet {
                 Ok(Some(Ok(entry))) => {
                     let value = (entry.operation == kv::Operation::Put).then_some(&entry.value[..]);
                     apply(&mut lock(&self.hives), entry.key, value, now_ms());
+                    // `delta`: how many of the values there at the start are still to come.
+                    if entry.delta == 0 {
+                        if let Some(tx) = caught_up.take() {
+                            let _ = tx.send(());
+                        }
+                    }
                 }
             }
         }

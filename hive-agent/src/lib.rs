@@ -290,8 +290,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     pool.set_registry(broker.workers.clone());
     tokio::spawn(pool.clone().maintain());
     let fleet = Arc::new(fleet::Fleet::new(&hive_id, broker.hives.clone(), broker.leases.clone()));
-    fleet.refresh().await;
-    tokio::spawn(fleet.clone().refresh_forever());
+    fleet.clone().follow_from_start(Duration::from_secs(2)).await;
     let slots = claimer::Slots::new(args.slots as usize);
     let hand_back = CancellationToken::new();
     let ctx = Arc::new(job::JobCtx {
