@@ -2,10 +2,11 @@
 //!
 //! - A view of the live hives (heartbeats: catalogs, free memory, protocol),
 //!   followed in the `rbee-hives` bucket with a KV watch (its current values
-//!   first, then each change), so each heartbeat reaches every hive once as it is written (the
-//!   broker pushes ~hives²/5 messages a second fleet-wide, where polling every
-//!   2 s cost hives²/2 `get` requests). Entries older than the heartbeat TTL
-//!   are treated as gone: keys that expire leave no marker in a watch.
+//!   first, then each change), so each heartbeat reaches every hive once as
+//!   it is written (the broker pushes ~hives²/5 messages a second
+//!   fleet-wide, where polling every 2 s cost hives²/2 `get` requests).
+//!   Entries older than the heartbeat TTL are treated as gone: keys that
+//!   expire leave no marker in a watch.
 //! - Cold-start leases in `rbee-leases`: the key of a model names the hive
 //!   that serves it (or is starting a worker for it). A hive without a worker
 //!   for a model may start one only by *creating* that key (compare-and-set):
