@@ -19,7 +19,7 @@
 use nvml_wrapper::Nvml;
 
 /// The order CUDA numbers GPUs in, for workers: the one NVML uses.
-const CUDA_DEVICE_ORDER: &str = "CUDA_DEVICE_ORDER";
+pub const CUDA_DEVICE_ORDER: &str = "CUDA_DEVICE_ORDER";
 const PCI_BUS_ID: &str = "PCI_BUS_ID";
 
 /// What a worker of `backend` needs in its environment so that its device

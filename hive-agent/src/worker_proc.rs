@@ -105,7 +105,7 @@ impl WorkerProc {
         if let Some(n) = spec.threads {
             cmd.env("RAYON_NUM_THREADS", n.to_string());
         }
-        let order = std::env::var("CUDA_DEVICE_ORDER").ok();
+        let order = std::env::var(crate::gpu::CUDA_DEVICE_ORDER).ok();
         if let Some((key, value)) = crate::gpu::worker_env(&spec.backend, order.as_deref()) {
             cmd.env(key, value);
         }
