@@ -221,6 +221,16 @@ impl Fleet {
         }
     }
 
+    /// Gives up every lease this hive holds: it is stopping, and its
+    /// models' jobs should go to another hive now, not once the leases
+    /// expire (15 s).
+    pub async fn release_all(&self) {
+        let held: Vec<String> = lock(&self.held).drain().map(|(m, _)| m).collect();
+        for m in held {
+            self.release(&m).await;
+        }
+    }
+
     /// Gives up the lease of a model this hive no longer serves.
     pub async fn release(&self, model_key: &str) {
         let key = subjects::cold_start_lease_key(model_key);

@@ -415,6 +415,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     pool.shutdown(Duration::from_secs(5)).await;
+    fleet.release_all().await;
     sweep_stop.cancel();
     let _ = sweeping.await;
     beat_stop.cancel();

@@ -593,6 +593,11 @@ async fn sigterm_drains_a_running_job_and_sigkill_leaves_no_worker() {
         other => panic!("{other:?}"),
     }
     assert_eq!(hive.wait(Duration::from_secs(30)), Some(0));
+    // Its lease on the model goes with it: another hive takes the model's
+    // jobs at once, not when the lease expires (15 s).
+    let js = async_nats::jetstream::new(broker.client().await);
+    let leases = js.get_key_value(subjects::LEASES_BUCKET).await.unwrap();
+    assert_eq!(leases.get(subjects::cold_start_lease_key("noop")).await.unwrap(), None);
     eventually(Duration::from_secs(5), "no worker left after the drain", || hive.worker_pids().is_empty()).await;
 
     // SIGKILL: the hive cannot clean up; its workers notice and exit on their own.
