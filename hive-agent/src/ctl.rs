@@ -87,11 +87,16 @@ async fn handle_in_span(
     // A spawn is placed before the record is touched: one left for another
     // hive must reach it untouched.
     let mut spawn_entry = None;
+    // Memory set aside for the worker, held until the spawn is done.
+    let mut _reservation = None;
     if let Ok(CtlRequest::WorkerSpawn { model, .. }) = &req {
         let mode = if to_any { Mode::SpawnAny } else { Mode::SpawnHere };
         match ModelRef::parse(model) {
             Ok(m) => match place(&ctx, &m, mode).await {
-                Decision::Go(entry) => spawn_entry = Some(entry),
+                Decision::Go(entry, reservation) => {
+                    spawn_entry = Some(entry);
+                    _reservation = reservation;
+                }
                 Decision::Defer { delay, why } => {
                     crate::job::place::leave(&ctx, &msg, delay, &why, "spawn").await;
                     return;

@@ -117,7 +117,8 @@ pub struct HiveArgs {
     /// Memory budget for this hive's workers (e.g. 8GiB, 512MB); 0 = only the machine's free memory.
     #[arg(long, env = "RBEE_MEMORY_LIMIT", default_value = "0", value_parser = parse_bytes)]
     pub memory_limit: u64,
-    /// How long an idle worker stays loaded (jobs may say otherwise with keep_alive_ms); "-1" = for ever.
+    /// How long an idle worker stays loaded (jobs may say otherwise with keep_alive_ms); "-1" = for ever,
+    /// and never stopped to make room for another model.
     #[arg(long, env = "RBEE_KEEP_ALIVE", default_value = "5m", value_parser = parse_keep_alive, allow_hyphen_values = true)]
     pub keep_alive: i64,
     /// The Hugging Face hub to download models from.

@@ -10,6 +10,12 @@
 //! idle workers whose keep-alive ran out: it takes all the worker's slots
 //! first, so no job can start on a worker that is being stopped.
 //!
+//! Memory: every worker counts its estimate from the moment its model is
+//! placed here ([`Pool::admit`] sets it aside; a starting worker carries it),
+//! not once its process has taken it. Another model's job may stop idle
+//! workers for room ([`Pool::evict_one`], least recently used first, never
+//! one with keep-alive -1, nor one a placed job is about to use).
+//!
 //! Every worker is mirrored in the `rbee-workers` bucket ([`WorkerInfo`]):
 //! lifecycle states at once, busy/ready changes at most every 250 ms. A
 //! worker whose last job just ended is written at once unless it was written
@@ -48,7 +54,8 @@ type StartResult = Option<Result<Arc<Worker>, JobError>>;
 
 #[derive(Debug, Clone)]
 enum Slot {
-    Starting(watch::Receiver<StartResult>),
+    /// Its estimated memory counts from here on, before the process takes any.
+    Starting { rx: watch::Receiver<StartResult>, memory: u64 },
     Ready(Arc<Worker>),
 }
 
@@ -140,6 +147,107 @@ pub struct Pool {
     registry: Mutex<Option<kv::Store>>,
     /// A worker went from busy to ready: write it now, not at the next tick.
     settled: Arc<Notify>,
+    /// Memory set aside for workers about to start, by reservation id (see [`Pool::admit`]).
+    reserved: Mutex<HashMap<u64, Reserved>>,
+    next_reservation: AtomicU64,
+}
+
+/// Memory set aside for a model's worker from the moment its placement
+/// passed until the worker exists (or the job ends without one).
+#[derive(Debug)]
+struct Reserved {
+    model: String,
+    bytes: u64,
+}
+
+/// Memory set aside here for a model's worker by [`Pool::admit`]; given back
+/// when dropped. It stops counting once the model has a worker here (the
+/// worker counts instead), so holding it for the whole job is fine.
+#[derive(Debug)]
+pub struct Reservation {
+    pool: Arc<Pool>,
+    id: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        lock(&self.pool.reserved).remove(&self.id);
+    }
+}
+
+/// The memory a new worker could take here, as the machine reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Free {
+    /// Available RAM, bytes (0: unknown).
+    pub ram: u64,
+    /// Free memory of the GPU the workers run on, where the hive reads one.
+    pub vram: Option<u64>,
+    /// `--memory-limit` (0: none).
+    pub limit: u64,
+}
+
+/// What this hive's workers are counted for, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Every worker, ready or starting, and every reservation of a model
+    /// without one: what `--memory-limit` is compared with.
+    pub total: u64,
+    /// The part the machine's free memory does not show yet: workers
+    /// starting, reservations.
+    pub pending: u64,
+}
+
+/// Why a model does not fit here now, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shortfall {
+    /// Room for a new worker now.
+    pub here: u64,
+    /// Held by idle workers that may be stopped to make room.
+    pub idle: u64,
+    /// Held by workers that are busy or starting (or reserved for): room
+    /// once they are idle.
+    pub busy: u64,
+    /// Held by workers with keep-alive -1, which are never stopped for room.
+    pub pinned: u64,
+}
+
+impl Free {
+    /// Room for a new worker with `c` counted against it.
+    pub fn room(&self, c: Committed) -> u64 {
+        let vram = self.vram.map(|v| v.saturating_sub(c.pending));
+        let room = rbee_schemas::hive::memory_available(self.ram.saturating_sub(c.pending), vram, self.limit, c.total);
+        // RAM taken up by what is pending is none left, not "unknown" (0).
+        if vram.is_none() && self.ram > 0 && self.ram <= c.pending {
+            return 0;
+        }
+        room
+    }
+}
+
+/// Memory reserved for models with no worker here yet. One reservation per
+/// model counts: jobs for the same model share its worker.
+fn reserved_for_new(reserved: &HashMap<u64, Reserved>, slots: &HashMap<String, Slot>) -> u64 {
+    let mut models: HashMap<&str, u64> = HashMap::new();
+    for r in reserved.values().filter(|r| !slots.contains_key(&r.model)) {
+        let m = models.entry(&r.model).or_default();
+        *m = (*m).max(r.bytes);
+    }
+    models.values().sum()
+}
+
+/// Models that jobs placed here hold (see [`Pool::hold`] and [`Pool::admit`]).
+fn wanted(reserved: &HashMap<u64, Reserved>) -> std::collections::HashSet<&str> {
+    reserved.values().map(|r| r.model.as_str()).collect()
+}
+
+/// Whether a worker may be stopped to make room for another model: any
+/// but one whose keep-alive says never.
+fn evictable(w: &Worker) -> bool {
+    w.keep_alive_ms.load(Ordering::Relaxed) >= 0
+}
+
+fn is_idle(w: &Worker) -> bool {
+    w.proc.busy.available_permits() >= w.proc.slots as usize
 }
 
 /// A worker's slot reserved for one job.
@@ -178,7 +286,15 @@ fn holds(slots: &HashMap<String, Slot>, w: &Arc<Worker>) -> bool {
 
 impl Pool {
     pub fn new(config: PoolConfig) -> Arc<Self> {
-        Arc::new(Self { config, slots: Mutex::new(HashMap::new()), counter: AtomicU64::new(1), registry: Mutex::new(None), settled: Arc::new(Notify::new()) })
+        Arc::new(Self {
+            config,
+            slots: Mutex::new(HashMap::new()),
+            counter: AtomicU64::new(1),
+            registry: Mutex::new(None),
+            settled: Arc::new(Notify::new()),
+            reserved: Mutex::new(HashMap::new()),
+            next_reservation: AtomicU64::new(1),
+        })
     }
 
     /// Mirrors workers into this `rbee-workers` bucket from now on.
@@ -244,7 +360,7 @@ impl Pool {
             let slot = self.slot_for(model, StartOptions::default());
             let worker = match slot {
                 Slot::Ready(w) => w,
-                Slot::Starting(rx) => {
+                Slot::Starting { rx, .. } => {
                     waited_for_start = true;
                     wait_started(rx).await?
                 }
@@ -269,7 +385,7 @@ impl Pool {
                 }
                 Ok((w, false))
             }
-            Slot::Starting(rx) => wait_started(rx).await.map(|w| (w, true)),
+            Slot::Starting { rx, .. } => wait_started(rx).await.map(|w| (w, true)),
         }
     }
 
@@ -281,12 +397,14 @@ impl Pool {
         let mut slots = lock(&self.slots);
         match slots.get(&model.key) {
             Some(Slot::Ready(w)) if w.proc.exit_reason().is_none() => Slot::Ready(w.clone()),
-            Some(Slot::Starting(rx)) => Slot::Starting(rx.clone()),
+            Some(s @ Slot::Starting { .. }) => s.clone(),
             _ => {
                 let (tx, rx) = watch::channel(None);
-                slots.insert(model.key.clone(), Slot::Starting(rx.clone()));
+                let memory = self.memory_on(model, opts.backend.as_deref().unwrap_or(&self.config.backend));
+                let slot = Slot::Starting { rx, memory };
+                slots.insert(model.key.clone(), slot.clone());
                 tokio::spawn(self.clone().start(model.clone(), opts, tx));
-                Slot::Starting(rx)
+                slot
             }
         }
     }
@@ -394,9 +512,14 @@ impl Pool {
             let now = now_ms();
             let mut retire = Vec::new();
             {
+                let reserved = lock(&self.reserved);
+                let wanted = wanted(&reserved);
                 let mut slots = lock(&self.slots);
-                slots.retain(|_, slot| {
+                slots.retain(|model, slot| {
                     let Slot::Ready(w) = slot else { return true };
+                    if wanted.contains(model.as_str()) {
+                        return true;
+                    }
                     let keep = w.keep_alive_ms.load(Ordering::Relaxed);
                     let idle_for = now.saturating_sub(w.last_activity_ms.load(Ordering::Relaxed));
                     if keep < 0 || idle_for < keep as u64 {
@@ -456,7 +579,7 @@ impl Pool {
             .iter()
             .filter_map(|(k, s)| match s {
                 Slot::Ready(w) => Some((k.clone(), w.clone())),
-                Slot::Starting(_) => None,
+                Slot::Starting { .. } => None,
             })
             .collect()
     }
@@ -479,9 +602,111 @@ impl Pool {
         crate::system::worker_memory(model, slots, backend)
     }
 
-    /// Memory the workers' models are estimated to take.
+    /// Memory the workers' models are estimated to take, those starting
+    /// and reserved for included.
     pub fn memory_used(&self) -> u64 {
-        self.workers().iter().map(|(_, w)| w.memory).sum()
+        self.committed().total
+    }
+
+    pub fn committed(&self) -> Committed {
+        self.committed_with(&lock(&self.reserved))
+    }
+
+    /// Lock order: `reserved`, then `slots`.
+    fn committed_with(&self, reserved: &HashMap<u64, Reserved>) -> Committed {
+        let slots = lock(&self.slots);
+        let mut c = Committed::default();
+        for slot in slots.values() {
+            match slot {
+                Slot::Ready(w) => c.total += w.memory,
+                Slot::Starting { memory, .. } => {
+                    c.total += memory;
+                    c.pending += memory;
+                }
+            }
+        }
+        let held = reserved_for_new(reserved, &slots);
+        c.total += held;
+        c.pending += held;
+        c
+    }
+
+    /// Sets `need` bytes aside for a worker of `model` if they fit in what
+    /// `free` leaves once every worker and reservation here is counted;
+    /// otherwise says what holds the memory. A model that already has a
+    /// worker or a reservation here needs no more. Check and reservation are
+    /// one step, so two models placed at once cannot both take the last room.
+    pub fn admit(self: &Arc<Self>, model: &str, need: u64, free: Free) -> Result<Reservation, Shortfall> {
+        let mut reserved = lock(&self.reserved);
+        let known = reserved.values().any(|r| r.model == model) || lock(&self.slots).contains_key(model);
+        if !known {
+            let here = free.room(self.committed_with(&reserved));
+            if need > here {
+                return Err(self.shortfall(here, &reserved));
+            }
+        }
+        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        reserved.insert(id, Reserved { model: model.to_owned(), bytes: need });
+        Ok(Reservation { pool: self.clone(), id })
+    }
+
+    /// Marks `model`'s worker here as wanted by a job placed on it, until
+    /// the reservation is dropped: between placement and the job taking a
+    /// slot (a round trip to the broker for the claim) the worker looks idle,
+    /// and neither the keep-alive reaper nor [`Pool::evict_one`] may stop it
+    /// then, or the job would start it again without a memory check.
+    pub fn hold(self: &Arc<Self>, model: &str) -> Reservation {
+        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        lock(&self.reserved).insert(id, Reserved { model: model.to_owned(), bytes: 0 });
+        Reservation { pool: self.clone(), id }
+    }
+
+    fn shortfall(&self, here: u64, reserved: &HashMap<u64, Reserved>) -> Shortfall {
+        let slots = lock(&self.slots);
+        let wanted = wanted(reserved);
+        let mut s = Shortfall { here, ..Shortfall::default() };
+        for (model, slot) in slots.iter() {
+            match slot {
+                Slot::Ready(w) if !evictable(w) => s.pinned += w.memory,
+                Slot::Ready(w) if is_idle(w) && !wanted.contains(model.as_str()) => s.idle += w.memory,
+                Slot::Ready(w) => s.busy += w.memory,
+                Slot::Starting { memory, .. } => s.busy += memory,
+            }
+        }
+        s.busy += reserved_for_new(reserved, &slots);
+        s
+    }
+
+    /// Stops the least recently used idle worker that may be stopped for
+    /// room (see [`evictable`]) and waits for its process to exit, so its
+    /// memory is free when this returns. `None` when there is no such worker.
+    pub async fn evict_one(&self, for_model: &str) -> Option<Arc<Worker>> {
+        let (w, permit) = {
+            let reserved = lock(&self.reserved);
+            let wanted = wanted(&reserved);
+            let mut slots = lock(&self.slots);
+            let oldest = slots
+                .iter()
+                .filter_map(|(k, s)| match s {
+                    Slot::Ready(w) if evictable(w) && is_idle(w) && !wanted.contains(k.as_str()) && w.proc.exit_reason().is_none() => {
+                        Some((k, w))
+                    }
+                    _ => None,
+                })
+                .min_by_key(|(_, w)| w.last_activity_ms.load(Ordering::Relaxed))
+                .map(|(k, w)| (k.clone(), w.clone()));
+            let (key, w) = oldest?;
+            // All its slots: no job can start on it from here on.
+            let permit = w.proc.busy.clone().try_acquire_many_owned(w.proc.slots).ok()?;
+            slots.remove(&key);
+            (w, permit)
+        };
+        tracing::info!(worker = %w.proc.id, model = %w.entry.key, "stopping an idle worker to make room for {for_model}");
+        w.set_state(WorkerState::Stopping);
+        self.publish(w.info(&self.config.hive_id));
+        w.proc.stop(Duration::from_secs(5)).await;
+        drop(permit);
+        Some(w)
     }
 
     pub fn summaries(&self) -> Vec<WorkerSummary> {
@@ -495,7 +720,7 @@ impl Pool {
                     pid: w.proc.pid,
                     jobs_served: w.proc.jobs_served.load(Ordering::Relaxed),
                 },
-                Slot::Starting(_) => WorkerSummary { id: String::new(), model: model.clone(), state: "starting".to_owned(), pid: 0, jobs_served: 0 },
+                Slot::Starting { .. } => WorkerSummary { id: String::new(), model: model.clone(), state: "starting".to_owned(), pid: 0, jobs_served: 0 },
             })
             .collect();
         out.sort_by(|a, b| a.model.cmp(&b.model));
@@ -559,5 +784,58 @@ async fn wait_started(mut rx: watch::Receiver<StartResult>) -> Result<Arc<Worker
         if rx.changed().await.is_err() {
             return Err(JobError::internal("worker start abandoned"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Arc<Pool> {
+        Pool::new(PoolConfig {
+            hive_id: "h".into(),
+            worker_bin: PathBuf::new(),
+            backend: "cpu".into(),
+            device: 0,
+            threads: None,
+            load_timeout: Duration::from_secs(1),
+            noop_token_delay: Duration::ZERO,
+            keep_alive_ms: 0,
+            worker_slots: 1,
+        })
+    }
+
+    #[test]
+    fn memory_is_set_aside_once_per_model_until_its_reservations_are_dropped() {
+        let pool = pool();
+        let free = Free { ram: 1000, vram: None, limit: 0 };
+        let a = pool.admit("a", 600, free).expect("fits");
+        let a_again = pool.admit("a", 600, free).expect("a second job for the same model shares its worker");
+        assert_eq!(pool.committed(), Committed { total: 600, pending: 600 });
+        assert_eq!(pool.memory_used(), 600);
+        // Another model no longer fits: the room is set aside for "a", which is not idle.
+        assert_eq!(pool.admit("b", 600, free).expect_err("no room left"), Shortfall { here: 400, busy: 600, ..Shortfall::default() });
+        assert!(pool.admit("c", 400, free).is_ok(), "what is left still fits");
+        drop(a);
+        assert_eq!(pool.committed().total, 600, "one job for \"a\" still holds it");
+        drop(a_again);
+        assert_eq!(pool.committed(), Committed::default());
+        assert!(pool.admit("b", 600, free).is_ok());
+        // A job placed on a running worker holds it, but sets no memory aside.
+        let held = pool.hold("warm");
+        assert_eq!(pool.committed(), Committed::default());
+        assert!(wanted(&lock(&pool.reserved)).contains("warm"));
+        drop(held);
+        assert!(wanted(&lock(&pool.reserved)).is_empty());
+    }
+
+    #[test]
+    fn room_is_the_least_of_free_memory_less_what_is_pending_and_the_limit_less_what_is_committed() {
+        let c = Committed { total: 300, pending: 100 };
+        assert_eq!(Free { ram: 1000, vram: None, limit: 0 }.room(c), 900);
+        assert_eq!(Free { ram: 1000, vram: None, limit: 500 }.room(c), 200);
+        assert_eq!(Free { ram: 1000, vram: Some(150), limit: 0 }.room(c), 50, "GPU memory, not RAM");
+        assert_eq!(Free { ram: 0, vram: None, limit: 500 }.room(c), 200, "RAM unknown: the limit alone");
+        assert_eq!(Free { ram: 50, vram: None, limit: 0 }.room(c), 0, "all of it pending: none left, not unknown");
     }
 }

@@ -538,6 +538,129 @@ async fn a_model_too_big_for_every_hive_fails_with_insufficient_memory() {
     assert_queue_drains(&broker.client().await).await;
 }
 
+/// What the demo model's worker is estimated to take (its registry entry) on
+/// a hive with `slots` slots, from one without a memory limit that then stops
+/// cleanly: its heartbeat key and its lease on the model go with it, so the
+/// next hive takes the model's jobs at once.
+async fn demo_worker_memory(broker: &Broker, client: &rbee::Client, slots: u32) -> u64 {
+    let mut probe = noop_hive(&broker.url(), slots, "0ms", &[]).await;
+    let events = infer(client, "smollm2-135m", short(1)).await;
+    assert!(matches!(events.last().map(|e| &e.body), Some(EventBody::Done(_))), "{events:?}");
+    let worker = workers_of(client, &probe.id).await.into_iter().find(|w| w.model == "smollm2-135m").expect("the demo model's worker");
+    probe.signal(Signal::TERM);
+    assert_eq!(probe.wait(Duration::from_secs(30)), Some(0));
+    let js = async_nats::jetstream::new(broker.client().await);
+    let leases = js.get_key_value(subjects::LEASES_BUCKET).await.unwrap();
+    let lease = leases.get(subjects::cold_start_lease_key("smollm2-135m")).await.unwrap();
+    assert_eq!(lease, None, "a hive that stops gives up its models' leases");
+    assert!(worker.memory > 64 << 20, "{worker:?}");
+    worker.memory
+}
+
+fn done(events: &[Event]) -> bool {
+    matches!(events.last().map(|e| &e.body), Some(EventBody::Done(d)) if d.stop_reason != StopReason::Cancelled)
+}
+
+/// A hive with room for one model at a time: the demo model's worker, or the
+/// no-op model's (64 MiB), not both. An idle worker is stopped to make room
+/// for another model's job, least recently used first; one with keep-alive -1
+/// is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_makes_room_for_another_model_unless_its_keep_alive_is_never() {
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let limit = (demo_worker_memory(&broker, &client, 1).await + (32 << 20)).to_string();
+    let hive = noop_hive(&broker.url(), 1, "0ms", &["--memory-limit", &limit]).await;
+
+    assert!(done(&infer(&client, "noop", short(2)).await));
+    let noop_pid = hive.worker_pids();
+    assert_eq!(noop_pid.len(), 1);
+    let events = infer(&client, "smollm2-135m", short(2)).await;
+    assert!(done(&events), "{events:?}");
+    assert!(started(&events)[0].cold);
+    let pids = hive.worker_pids();
+    assert_eq!(pids.len(), 1, "the no-op worker made room");
+    assert_ne!(pids, noop_pid);
+    assert!(hive.log().contains("stopping an idle worker to make room for smollm2-135m"), "{}", hive.log());
+    // And back: the demo model's worker makes room for the no-op model.
+    assert!(done(&infer(&client, "noop", InferRequest { keep_alive_ms: Some(-1), ..short(2) }).await));
+    let models: Vec<String> = workers_of(&client, &hive.id).await.into_iter().map(|w| w.model).collect();
+    assert_eq!(models, ["noop"]);
+
+    // The no-op worker now has keep-alive -1: it stays, and the demo model does not fit.
+    let events = infer(&client, "smollm2-135m", short(2)).await;
+    let (code, message) = error(&events);
+    assert_eq!(code, ErrorCode::InsufficientMemory);
+    assert!(message.contains("keep-alive -1 hold 64.0 MiB"), "{message}");
+    assert!(started(&events).is_empty());
+    let models: Vec<String> = workers_of(&client, &hive.id).await.into_iter().map(|w| w.model).collect();
+    assert_eq!(models, ["noop"]);
+    assert_queue_drains(&broker.client().await).await;
+}
+
+/// The same hive; a job for the no-op model comes while the demo model's
+/// worker is loading. A worker used to count only once it was ready, so
+/// both started. Now its memory counts from when its job was placed: the
+/// no-op job waits in the queue while the demo model's runs, then its worker
+/// replaces the idle one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_for_two_models_that_fit_one_at_a_time_take_turns() {
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let limit = (demo_worker_memory(&broker, &client, 2).await + (32 << 20)).to_string();
+    let hive = noop_hive(&broker.url(), 2, "10ms", &["--memory-limit", &limit]).await;
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let most = {
+        let (watching, id) = (watching.clone(), hive.id.clone());
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(processes_with_arg(&format!("{id}-w")).len());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        })
+    };
+    let demo = {
+        let client = client.clone();
+        tokio::spawn(async move { infer(&client, "smollm2-135m", short(2)).await })
+    };
+    eventually(Duration::from_secs(10), "the demo model's worker starts", || !hive.worker_pids().is_empty()).await;
+    let b = infer(&client, "noop", short(5)).await;
+    let a = demo.await.unwrap();
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(done(&a), "{a:?}");
+    assert!(done(&b), "{b:?}");
+    assert_eq!(most.join().unwrap(), 1, "never two workers at once");
+    assert_queue_drains(&broker.client().await).await;
+}
+
+/// A job that waits in the queue for room (busy workers hold it) ends
+/// `DEADLINE_EXCEEDED` once its deadline passes, instead of waiting on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_for_room_ends_at_its_deadline() {
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let limit = (demo_worker_memory(&broker, &client, 2).await + (32 << 20)).to_string();
+    let hive = noop_hive(&broker.url(), 2, "100ms", &["--memory-limit", &limit]).await;
+    // Two seconds of no-op tokens keep the no-op worker busy.
+    let busy = {
+        let client = client.clone();
+        tokio::spawn(async move { infer(&client, "noop", short(20)).await })
+    };
+    eventually(Duration::from_secs(10), "the no-op worker starts", || !hive.worker_pids().is_empty()).await;
+    let events = infer(&client, "smollm2-135m", InferRequest { timeout_ms: Some(300), ..short(2) }).await;
+    let (code, message) = error(&events);
+    assert_eq!(code, ErrorCode::DeadlineExceeded);
+    assert!(message.contains("waited in the queue"), "{message}");
+    assert!(started(&events).is_empty());
+    let job = client.job(&events[0].job_id).await.unwrap();
+    assert_eq!(job.state, rbee_schemas::record::JobState::Expired);
+    assert!(hive.log().contains("waiting for busy workers here to be idle"), "{}", hive.log());
+    assert!(done(&busy.await.unwrap()), "the busy job was left alone");
+    assert_queue_drains(&broker.client().await).await;
+}
+
 /// A CUDA hive places models by its GPU's free memory, not the machine's
 /// RAM, and another hive judges it by the same numbers. No GPU here: the
 /// hive's hidden `--test-gpu` gives it fixed readings in NVML's place.

@@ -155,9 +155,18 @@ async fn handle_in_span(
     };
     // Placement comes before the record: a job left for another hive must
     // reach it untouched.
+    // Held until the job ends (see `place::Decision::Go`).
+    let mut _reservation = None;
     let prepared = match prepared {
         Ok(p) => match place::place(&ctx, &p.model, place::Mode::Job { queued: Duration::from_secs_f64(env.queued_ms / 1e3) }).await {
-            place::Decision::Go(entry) => Ok((p, entry)),
+            place::Decision::Go(entry, reservation) => {
+                _reservation = reservation;
+                Ok((p, entry))
+            }
+            // A job past its deadline is not left again: it ends here, expired.
+            place::Decision::Defer { .. } if p.expired() => {
+                Err(JobError::new(ErrorCode::DeadlineExceeded, "the job's deadline passed while it waited in the queue"))
+            }
             place::Decision::Defer { delay, why } => {
                 ctx.leaves.left();
                 place::leave(&ctx, &msg, delay, &why, "job").await;

@@ -5,8 +5,14 @@
 //! 2. A worker for it runs here: warm start, go (checked first: a warm job
 //!    reads nothing, not even the catalog).
 //! 3. Its estimated memory must fit here (free memory, and `--memory-limit`
-//!    minus what this hive's workers take). If not, but it fits another live
-//!    hive, the job is left for it; if it fits nowhere: `INSUFFICIENT_MEMORY`.
+//!    minus what this hive's workers take, those still starting included).
+//!    The memory is set aside for it at once ([`Pool::admit`]), so two models
+//!    placed at the same moment cannot both take the last room. If it does
+//!    not fit, but fits another live hive, the job is left for it; else idle
+//!    workers here are stopped for it, least recently used first, unless
+//!    their keep-alive is -1; a job that would fit once busy workers here are
+//!    idle waits in the queue; one that fits nowhere even then ends
+//!    `INSUFFICIENT_MEMORY` ([`make_room`]).
 //! 4. Cold start only with the model's lease ([`crate::fleet`]): when another
 //!    hive holds it (serves the model, or is starting a worker), the job is
 //!    left in the queue for that hive. So a burst of jobs for an unserved
@@ -30,7 +36,7 @@ use super::JobCtx;
 use crate::catalog::ModelEntry;
 use crate::fleet::Placement;
 use crate::lock;
-use crate::pool::{Pool, StartOptions};
+use crate::pool::{Free, Pool, Reservation, Shortfall, StartOptions};
 use crate::system::human;
 
 /// The longest a job left for another hive stays out of the queue (see
@@ -122,13 +128,15 @@ impl ScaleOut {
 
     /// Starts a worker for `entry` in the background; until it is ready the
     /// model's jobs are left for the hive that serves it.
-    fn start(&self, pool: &Arc<Pool>, entry: ModelEntry) {
+    fn start(&self, pool: &Arc<Pool>, entry: ModelEntry, reservation: Reservation) {
         if !lock(&self.starting).insert(entry.key.clone()) {
             return;
         }
         let (pool, starting) = (pool.clone(), self.starting.clone());
         tokio::spawn(async move {
-            match pool.spawn(&entry, StartOptions::default()).await {
+            let started = pool.spawn(&entry, StartOptions::default()).await;
+            drop(reservation);
+            match started {
                 Ok(_) => tracing::info!(model = %entry.key, "scale-out worker ready"),
                 Err(e) => tracing::warn!(model = %entry.key, error = %e.message, "scale-out worker failed to start"),
             }
@@ -178,7 +186,10 @@ pub enum Mode {
 
 #[derive(Debug)]
 pub enum Decision {
-    Go(ModelEntry),
+    /// Run it here. Keep the reservation until the job ends: it sets the
+    /// worker's memory aside when the model has no worker here yet, and
+    /// keeps the worker from being stopped before the job takes a slot.
+    Go(ModelEntry, Option<Reservation>),
     Defer { delay: Duration, why: String },
     Fail(JobError),
 }
@@ -186,7 +197,8 @@ pub enum Decision {
 pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
     let wanted = model.to_string();
     if let Some(entry) = ctx.pool.warm_entry(&wanted) {
-        return Decision::Go(entry);
+        let held = ctx.pool.hold(&entry.key);
+        return Decision::Go(entry, Some(held));
     }
     if let Mode::Job { queued } = mode {
         match ctx.served_elsewhere.get(&wanted) {
@@ -217,57 +229,113 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
         if matches!(mode, Mode::Job { .. }) && ctx.scaling.is_scaling(&entry.key) {
             return Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("a worker for {} is starting here to scale out", entry.key) };
         }
-        return Decision::Go(entry);
+        let held = ctx.pool.hold(&entry.key);
+        return Decision::Go(entry, Some(held));
     }
     let need = ctx.pool.memory_for(&entry);
-    let (_, ram_free) = crate::system::memory();
-    let vram_free = ctx.gpu.as_ref().and_then(|g| g.memory()).map(|m| m.free);
-    let here = rbee_schemas::hive::memory_available(ram_free, vram_free, ctx.memory_limit, ctx.pool.memory_used());
-    if need > here {
-        let fits = ctx.fleet.others().into_iter().filter(|_| may_defer).find(|h| h.memory_available() >= need);
-        return match fits {
-            Some(h) => Decision::Defer { delay: LEAVE_FOR_MEMORY, why: format!("{} needs {} and fits hive {}", entry.key, human(need), h.hive_id) },
-            None => Decision::Fail(JobError::new(
-                ErrorCode::InsufficientMemory,
-                format!(
-                    "model {} needs about {} of memory; hive {} has {}{} available{} and no other hive has more. \
-                     Free memory, raise --memory-limit, or use a smaller quantization",
-                    entry.key,
-                    human(need),
-                    ctx.hive_id,
-                    human(here),
-                    match (&ctx.gpu, vram_free) {
-                        (Some(g), Some(_)) => format!(" of GPU memory on {}", g.label),
-                        _ => String::new(),
-                    },
-                    if ctx.memory_limit > 0 { format!(" (limit {})", human(ctx.memory_limit)) } else { String::new() }
-                ),
-            )),
-        };
-    }
+    let reservation = match ctx.pool.admit(&entry.key, need, free_here(ctx)) {
+        Ok(r) => r,
+        Err(short) => return make_room(ctx, entry, need, short, mode).await,
+    };
     let Mode::Job { queued } = mode else {
         // An explicit spawn starts a worker whoever holds the lease.
-        return Decision::Go(entry);
+        return Decision::Go(entry, Some(reservation));
     };
     match ctx.fleet.place(&entry.key).await {
-        Ok(Placement::Here) => Decision::Go(entry),
+        Ok(Placement::Here) => Decision::Go(entry, Some(reservation)),
         Ok(Placement::Elsewhere { hive }) => {
+            drop(reservation);
             ctx.served_elsewhere.note(&wanted, &entry, &hive);
             left_for(ctx, entry, &hive, queued).await
         }
         Err(e) => {
             tracing::warn!(error = %e, "cold-start lease unavailable; starting a worker here");
-            Decision::Go(entry)
+            Decision::Go(entry, Some(reservation))
         }
     }
+}
+
+/// The memory a new worker could take on this hive, read now.
+fn free_here(ctx: &JobCtx) -> Free {
+    let (_, ram) = crate::system::memory();
+    Free { ram, vram: ctx.gpu.as_ref().and_then(|g| g.memory()).map(|m| m.free), limit: ctx.memory_limit }
+}
+
+/// The model does not fit here as things stand (step 3). In order:
+/// - another live hive has the room: leave the job for it;
+/// - idle workers here hold enough: stop them, least recently used first,
+///   and start this one (a job first takes the model's lease, so no worker is
+///   stopped for a model another hive serves);
+/// - busy or starting workers hold enough: a job waits in the queue until they
+///   are idle (an explicit spawn fails, saying so);
+/// - not even then (the model is too big, or workers with keep-alive -1 hold
+///   the room): `INSUFFICIENT_MEMORY`.
+async fn make_room(ctx: &JobCtx, entry: ModelEntry, need: u64, mut short: Shortfall, mode: Mode) -> Decision {
+    if mode != Mode::SpawnHere {
+        if let Some(h) = ctx.fleet.others().into_iter().find(|h| h.memory_available() >= need) {
+            return Decision::Defer { delay: LEAVE_FOR_MEMORY, why: format!("{} needs {} and fits hive {}", entry.key, human(need), h.hive_id) };
+        }
+    }
+    if need <= short.here + short.idle {
+        if let Mode::Job { queued } = mode {
+            match ctx.fleet.place(&entry.key).await {
+                Ok(Placement::Here) => {}
+                Ok(Placement::Elsewhere { hive }) => return left_for(ctx, entry, &hive, queued).await,
+                Err(e) => tracing::warn!(error = %e, "cold-start lease unavailable; making room here"),
+            }
+        }
+        while ctx.pool.evict_one(&entry.key).await.is_some() {
+            match ctx.pool.admit(&entry.key, need, free_here(ctx)) {
+                Ok(r) => return Decision::Go(entry, Some(r)),
+                Err(s) => short = s,
+            }
+        }
+    }
+    let wait = need <= short.here + short.idle + short.busy;
+    if wait && matches!(mode, Mode::Job { .. }) {
+        return Decision::Defer { delay: LEAVE_FOR_MEMORY, why: format!("{} needs {}; waiting for busy workers here to be idle", entry.key, human(need)) };
+    }
+    Decision::Fail(insufficient(ctx, &entry, need, short, wait))
+}
+
+fn insufficient(ctx: &JobCtx, entry: &ModelEntry, need: u64, short: Shortfall, busy: bool) -> JobError {
+    let on_gpu = match &ctx.gpu {
+        Some(g) if g.memory().is_some() => format!(" of GPU memory on {}", g.label),
+        _ => String::new(),
+    };
+    let limit = if ctx.memory_limit > 0 { format!(" (limit {})", human(ctx.memory_limit)) } else { String::new() };
+    let held = if busy {
+        format!("; busy workers here hold {}: try again when they are idle", human(short.busy))
+    } else if short.pinned > 0 {
+        format!("; workers with keep-alive -1 hold {} and are not stopped for other models", human(short.pinned))
+    } else {
+        String::new()
+    };
+    JobError::new(
+        ErrorCode::InsufficientMemory,
+        format!(
+            "model {} needs about {} of memory; hive {} has {}{on_gpu} available{limit}{held}, and no other hive has more. \
+             Free memory, raise --memory-limit, or use a smaller quantization",
+            entry.key,
+            human(need),
+            ctx.hive_id,
+            human(short.here + short.idle),
+        ),
+    )
 }
 
 /// A job for `entry`, which `hive` serves: left for it, after starting a
 /// worker here too if the job waited long enough (placement step 5).
 async fn left_for(ctx: &JobCtx, entry: ModelEntry, hive: &str, queued: Duration) -> Decision {
-    if ctx.scaling.may_ask(&entry.key, queued) && ctx.fleet.take_scale_out(&entry.key).await {
-        tracing::info!(model = %entry.key, %hive, ?queued, "a job waited for hive {hive}; starting a worker here too");
-        ctx.scaling.start(&ctx.pool, entry.clone());
+    if ctx.scaling.may_ask(&entry.key, queued) {
+        // Only where the model fits as things stand: scale-out stops no worker.
+        let room = ctx.pool.admit(&entry.key, ctx.pool.memory_for(&entry), free_here(ctx));
+        if let Ok(reservation) = room {
+            if ctx.fleet.take_scale_out(&entry.key).await {
+                tracing::info!(model = %entry.key, %hive, ?queued, "a job waited for hive {hive}; starting a worker here too");
+                ctx.scaling.start(&ctx.pool, entry.clone(), reservation);
+            }
+        }
     }
     Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {hive} serves {}", entry.key) }
 }

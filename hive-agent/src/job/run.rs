@@ -180,7 +180,8 @@ impl<'a> Run<'a> {
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(code = %e.code, message = %e.message, "job rejected");
-                return self.end(sink, rec, JobState::Failed, e.into(), AckKind::Term).await;
+                let state = if e.code == ErrorCode::DeadlineExceeded { JobState::Expired } else { JobState::Failed };
+                return self.end(sink, rec, state, e.into(), AckKind::Term).await;
             }
         };
         if prepared.expired() {
