@@ -18,6 +18,61 @@ use crate::fleet::Fleet;
 use crate::job::now_ms;
 use crate::pool::Pool;
 
+/// How long a hive that finds its id's heartbeat written by another process
+/// watches for that one to beat again before it takes the id over: two
+/// heartbeat intervals and a second, so one late beat is not taken for a
+/// stopped hive.
+const ID_TAKEOVER_WAIT: Duration = Duration::from_secs(2 * HEARTBEAT_INTERVAL_SECS + 1);
+
+/// Refuses to run a second hive under the id of a live one: they would share
+/// one heartbeat key, one lifecycle consumer (a download or stop meant for
+/// one machine could run on the other), worker ids and cold-start leases.
+///
+/// A hive that stops cleanly deletes its key. One that was killed leaves it
+/// until the bucket's TTL (15 s) removes it; its heartbeat no longer changes,
+/// so a hive restarted under the same id waits up to [`ID_TAKEOVER_WAIT`]
+/// to see, then takes the id over. A heartbeat from this very host and pid
+/// is a previous run of this process slot (a restarted container): no wait.
+pub async fn ensure_id_free(store: &kv::Store, hive_id: &str, hostname: &str, pid: u32) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let decode = |e: &kv::Entry| (e.operation == kv::Operation::Put).then(|| Encoding::Json.decode::<HiveInfo>(&e.value).ok()).flatten();
+    let Some(found) = store.entry(hive_id).await?.as_ref().and_then(decode) else { return Ok(()) };
+    if found.hostname == hostname && found.pid == pid {
+        return Ok(());
+    }
+    tracing::info!(
+        host = %found.hostname, pid = found.pid,
+        "a heartbeat for hive id {hive_id} is in the registry; waiting up to {}s to see whether that hive is alive",
+        ID_TAKEOVER_WAIT.as_secs()
+    );
+    let mut changes = store.watch(hive_id).await?;
+    let beat = tokio::time::timeout(ID_TAKEOVER_WAIT, async {
+        while let Some(Ok(e)) = changes.next().await {
+            if let Some(info) = decode(&e) {
+                return Some(info);
+            }
+        }
+        None
+    })
+    .await;
+    match beat {
+        Ok(Some(live)) => anyhow::bail!(
+            "hive id {hive_id:?} is in use by a live hive on host {} (pid {}, rbee {}); \
+             start this one with another --hive-id (or RBEE_HIVE_ID), or stop that one first",
+            live.hostname,
+            live.pid,
+            live.version
+        ),
+        _ => {
+            tracing::warn!(
+                host = %found.hostname, pid = found.pid,
+                "hive id {hive_id} was last used by a hive that stopped without signing off; taking it over"
+            );
+            Ok(())
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     pub js: async_nats::jetstream::Context,

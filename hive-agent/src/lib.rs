@@ -57,7 +57,8 @@ pub struct HiveArgs {
     /// NATS server to attach to.
     #[arg(long, env = "RBEE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
-    /// This hive's id (default: the host name, dots replaced by dashes). Unique per machine.
+    /// This hive's id (default: the host name, dots replaced by dashes). Unique in the fleet: a hive
+    /// will not start under the id of a live one.
     #[arg(long, env = "RBEE_HIVE_ID")]
     pub hive_id: Option<String>,
     /// Data directory: catalog and models (default: $RBEE_HOME, else ~/.local/share/rbee).
@@ -266,6 +267,11 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         ..rbee_broker::Limits::default()
     };
     let broker = rbee_broker::ensure(&js, &limits).await?;
+    let host = hostname();
+    tokio::select! {
+        free = heartbeat::ensure_id_free(&broker.hives, &hive_id, &host, std::process::id()) => free?,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
     let mut infer = broker.infer.clone();
     let ack_wait = infer.info().await.map(|i| i.config.ack_wait).unwrap_or(Duration::from_secs(30));
     let running = Arc::new(running::Running::default());

@@ -661,6 +661,35 @@ async fn a_job_waiting_for_room_ends_at_its_deadline() {
     assert_queue_drains(&broker.client().await).await;
 }
 
+/// Two hives under one id would share a heartbeat key, a lifecycle
+/// consumer, worker ids and leases. A second one is refused while the first
+/// is alive; a hive started under the id of one that was killed takes it
+/// over once that one's heartbeat has stopped changing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hive_under_a_live_hives_id_is_refused_and_a_killed_ones_is_taken_over() {
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let mut first = noop_hive(&broker.url(), 1, "0ms", &[]).await;
+    let id = first.id.clone();
+    let same_id = || HiveOpts { id: id.clone(), args: vec!["--test-noop-model".into()], ..HiveOpts::default() };
+
+    let mut second = Hive::spawn(&broker.url(), same_id());
+    assert_eq!(second.wait(Duration::from_secs(30)), Some(1), "{}", second.log());
+    let log = second.log();
+    assert!(log.contains("is in use by a live hive on host") && log.contains(&format!("pid {}", first.pid())), "{log}");
+    assert_eq!(hive_info(&client, &first.id).await.pid, first.pid(), "the first hive carries on");
+    assert!(done(&infer(&client, "noop", short(2)).await));
+    assert_queue_drains(&broker.client().await).await; // acked before the kill
+
+    first.signal(Signal::KILL);
+    first.wait(Duration::from_secs(10));
+    // Waits for the new hive's own heartbeat (up to 30 s).
+    let third = Hive::start(&broker.url(), same_id()).await;
+    assert!(third.log().contains("stopped without signing off; taking it over"), "{}", third.log());
+    assert!(done(&infer(&client, "noop", short(2)).await));
+    assert_queue_drains(&broker.client().await).await;
+}
+
 /// A CUDA hive places models by its GPU's free memory, not the machine's
 /// RAM, and another hive judges it by the same numbers. No GPU here: the
 /// hive's hidden `--test-gpu` gives it fixed readings in NVML's place.

@@ -108,6 +108,13 @@ impl Hive {
 
     /// Starts a hive on `url` and waits for its first heartbeat.
     pub async fn start(url: &str, opts: HiveOpts) -> Self {
+        let hive = Self::spawn(url, opts);
+        hive.wait_ready(url).await;
+        hive
+    }
+
+    /// Starts a hive on `url` without waiting for anything.
+    pub fn spawn(url: &str, opts: HiveOpts) -> Self {
         let home = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(home.path().join("hive.log")).expect("log file");
         let slots = if opts.slots == 0 { vec![] } else { vec!["--slots".to_owned(), opts.slots.to_string()] };
@@ -136,9 +143,7 @@ impl Hive {
             .stderr(log)
             .spawn()
             .expect("start rbee-hive");
-        let hive = Self { id: opts.id, child: Some(child), home };
-        hive.wait_ready(url).await;
-        hive
+        Self { id: opts.id, child: Some(child), home }
     }
 
     async fn wait_ready(&self, url: &str) {
@@ -146,8 +151,11 @@ impl Hive {
         let started = Instant::now();
         loop {
             if let Ok(kv) = js.get_key_value(subjects::HIVES_BUCKET).await {
-                if let Ok(Some(_)) = kv.get(&self.id).await {
-                    return;
+                // Its own heartbeat: a hive killed under the same id may have left one.
+                if let Ok(Some(v)) = kv.get(&self.id).await {
+                    if Encoding::Json.decode::<rbee_schemas::hive::HiveInfo>(&v).is_ok_and(|h| h.pid == self.pid()) {
+                        return;
+                    }
                 }
             }
             assert!(started.elapsed() < Duration::from_secs(30), "hive {} did not come up:\n{}", self.id, self.log());
