@@ -283,8 +283,27 @@ impl Catalog {
         }
     }
 
+    /// The entry registered from `source`; for an `hf:` reference without a
+    /// file, the one entry from that repo and revision (so a model
+    /// downloaded as `hf:org/repo`, the hive picking the file, runs as
+    /// `hf:org/repo` too). Several such entries: an error naming them.
     fn find_by_source(&self, source: &str) -> Result<Option<ModelEntry>, JobError> {
-        Ok(self.list()?.into_iter().find(|e| e.source == source))
+        let all = self.list()?;
+        if let Some(e) = all.iter().find(|e| e.source == source) {
+            return Ok(Some(e.clone()));
+        }
+        let Ok(wanted) = ModelRef::parse(source) else { return Ok(None) };
+        let mut matching: Vec<ModelEntry> = all.into_iter().filter(|e| wanted.matches_source(&e.source)).collect();
+        match matching.len() {
+            0 | 1 => Ok(matching.pop()),
+            _ => Err(JobError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "{source} names several models here; name one: {}",
+                    matching.iter().map(|e| e.source.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
     }
 
     fn register_known(&self, k: &KnownModel, path: &Path) -> Result<ModelEntry, JobError> {
@@ -366,6 +385,42 @@ mod tests {
         let e = c.resolve(&ModelRef::parse("tiny").unwrap(), "h").unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownModel);
         assert!(e.message.contains("vanished"), "{}", e.message);
+    }
+
+    #[test]
+    fn an_hf_reference_without_a_file_finds_the_one_model_from_its_repo() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.redb"), dir.path()).unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"GGUF").expect("model file");
+            path
+        };
+        let entry = |key: &str, source: &str, path: PathBuf| ModelEntry {
+            key: key.into(),
+            source: source.into(),
+            path,
+            format: "gguf".into(),
+            architecture: "llama".into(),
+            quantization: "q4_1".into(),
+            size: 4,
+            sha256: String::new(),
+            added_at_ms: 1,
+            last_used_ms: 1,
+            kv_bytes_per_token: 0,
+            context_length: 0,
+        };
+        let r = |s: &str| ModelRef::parse(s).expect("reference");
+        c.put(&entry("tiny", "hf:org/repo:a.gguf", file("a.gguf"))).expect("put");
+        // Downloaded under an alias, the hive picking the file: the bare repo finds it.
+        assert_eq!(c.resolve(&r("hf:org/repo"), "h").expect("found").key, "tiny");
+        assert_eq!(c.resolve(&r("hf:org/repo:a.gguf"), "h").expect("found").key, "tiny");
+        assert_eq!(c.resolve(&r("hf:org/repo:b.gguf"), "h").expect_err("not here").code, ErrorCode::ModelSourceUnreachable);
+        // A second file from the same repo: the bare repo is ambiguous, and says so.
+        c.put(&entry("other", "hf:org/repo:b.gguf", file("b.gguf"))).expect("put");
+        let e = c.resolve(&r("hf:org/repo"), "h").expect_err("ambiguous");
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.contains("hf:org/repo:a.gguf") && e.message.contains("hf:org/repo:b.gguf"), "{}", e.message);
     }
 
     #[test]

@@ -120,6 +120,18 @@ impl ModelRef {
         }
     }
 
+    /// Whether a model registered from `source` (a catalog entry's full
+    /// reference, `hf:org/repo[@revision]:file`) is this one: the same
+    /// string, or, for an `hf:` reference without a file, any file of the
+    /// same repo and revision (no revision being `main`). An alias names a
+    /// catalog key, never a source.
+    pub fn matches_source(&self, source: &str) -> bool {
+        let ModelRef::Hf(want) = self else { return false };
+        let Ok(ModelRef::Hf(have)) = ModelRef::parse(source) else { return false };
+        let rev = |h: &HfRef| h.revision.clone().unwrap_or_else(|| "main".to_owned());
+        want.repo == have.repo && rev(want) == rev(&have) && (want.file.is_none() || want.file == have.file)
+    }
+
     /// Parses a model key taken from a subject.
     pub fn from_subject_key(key: &str) -> Result<Self, ModelRefError> {
         let decoded = unescape_key(key).ok_or_else(|| err(key, "bad %XX escape in model key"))?;
@@ -187,6 +199,21 @@ fn unescape_key(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_hf_reference_without_a_file_matches_any_file_of_its_repo_and_revision() {
+        let r = |s: &str| ModelRef::parse(s).unwrap();
+        let source = "hf:org/repo:model.Q4_1.gguf";
+        assert!(r("hf:org/repo").matches_source(source));
+        assert!(r("hf:org/repo@main").matches_source(source), "no revision is main");
+        assert!(r("hf:org/repo:model.Q4_1.gguf").matches_source(source));
+        assert!(!r("hf:org/repo:other.gguf").matches_source(source));
+        assert!(!r("hf:org/repo@v2").matches_source(source));
+        assert!(!r("hf:org/repo2").matches_source(source));
+        assert!(r("hf:org/repo@v2").matches_source("hf:org/repo@v2:m.gguf"));
+        assert!(!r("smollm2-135m").matches_source(source), "an alias names a key, not a source");
+        assert!(!r("hf:org/repo").matches_source("file:/models/m.gguf"));
+    }
 
     #[test]
     fn aliases_parse_and_key_to_themselves() {
