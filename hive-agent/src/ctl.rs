@@ -195,6 +195,7 @@ async fn progress(sink: &mut EventSink, stage: &str, done: u64, total: u64, rate
 }
 
 async fn execute(ctx: &JobCtx, req: CtlRequest, spawn_entry: Option<ModelEntry>, sink: &mut EventSink) -> Outcome {
+    let changes_catalog = matches!(req, CtlRequest::ModelDownload { .. } | CtlRequest::ModelImport { .. } | CtlRequest::ModelDelete { .. });
     let r = match req {
         CtlRequest::ModelDownload { model, alias, .. } => download(ctx, &model, alias, sink).await,
         CtlRequest::ModelImport { path, alias, .. } => import(ctx, path, alias).await,
@@ -210,7 +211,12 @@ async fn execute(ctx: &JobCtx, req: CtlRequest, spawn_entry: Option<ModelEntry>,
             .map(|w| json!({ "hive": ctx.hive_id, "worker": w.proc.id, "model": w.entry.key, "stopped": true })),
     };
     match r {
-        Ok(v) => Outcome::Done(v),
+        Ok(v) => {
+            if changes_catalog {
+                ctx.beat_now.notify_one();
+            }
+            Outcome::Done(v)
+        }
         Err(e) => Outcome::Failed(e),
     }
 }

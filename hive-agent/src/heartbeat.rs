@@ -83,6 +83,8 @@ pub struct Heartbeat {
     pub catalog: Arc<Catalog>,
     pub fleet: Arc<Fleet>,
     pub gpu: Option<Arc<crate::gpu::Gpu>>,
+    /// A beat out of turn (see `JobCtx::beat_now`).
+    pub beat_now: Arc<tokio::sync::Notify>,
 }
 
 impl Heartbeat {
@@ -145,6 +147,11 @@ impl Heartbeat {
                             }
                             Err(e) => tracing::warn!(error = %e, "re-creating the buckets failed"),
                         }
+                    }
+                }
+                _ = self.beat_now.notified() => {
+                    if let Err(e) = self.beat().await {
+                        tracing::debug!(error = %e, "heartbeat out of turn failed; the next one retries");
                     }
                 }
                 _ = stop.cancelled() => break,

@@ -299,6 +299,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let fleet = Arc::new(fleet::Fleet::new(&hive_id, broker.hives.clone(), broker.leases.clone()));
     fleet.clone().follow_from_start(Duration::from_secs(2)).await;
     let slots = claimer::Slots::new(args.slots as usize);
+    let beat_now = Arc::new(tokio::sync::Notify::new());
     let hand_back = CancellationToken::new();
     let ctx = Arc::new(job::JobCtx {
         hive_id: hive_id.clone(),
@@ -310,6 +311,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         pool: pool.clone(),
         fleet: fleet.clone(),
         running,
+        beat_now: beat_now.clone(),
         memory_limit: args.memory_limit,
         gpu: gpu.clone(),
         downloader: models::Downloader {
@@ -361,6 +363,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         catalog: ctx.catalog.clone(),
         fleet: fleet.clone(),
         gpu: gpu.clone(),
+        beat_now: beat_now.clone(),
     };
     let beat_stop = CancellationToken::new();
     let beats = tokio::spawn(heartbeat.clone().run(beat_stop.clone()));

@@ -161,8 +161,13 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     assert!(progress.iter().all(|p| p.stage == "download" && p.total == size && p.done <= size), "{progress:?}");
     assert_eq!(progress.last().unwrap().done, size);
 
-    // Registered: listed by the CLI (from the heartbeat), and it runs.
-    until_heartbeat(&client, &hive.id, "lists tiny", |h| h.models.iter().any(|m| m.key == "tiny" && m.present)).await;
+    // Registered: listed by the CLI (from the heartbeat, which the hive
+    // sends at once when its catalog changes, not at the next 5 s beat), and it runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !hive_info(&client, &hive.id).await.models.iter().any(|m| m.key == "tiny" && m.present) {
+        assert!(std::time::Instant::now() < deadline, "the heartbeat did not list tiny within 2 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let listed = ok_json(&cli(&broker.url(), &["models", "list", "--json"]).await);
     let row = listed.as_array().unwrap().iter().find(|r| r["model"]["key"] == "tiny").expect("tiny listed");
     assert_eq!(row["hive"], hive.id.as_str());

@@ -56,6 +56,9 @@ pub struct JobCtx {
     pub pool: Arc<Pool>,
     pub fleet: Arc<Fleet>,
     pub running: Arc<Running>,
+    /// Wakes the heartbeat at once: the catalog changed, and other hives
+    /// (and `rbee models list`) should see it now, not at the next beat.
+    pub beat_now: Arc<tokio::sync::Notify>,
     /// The hive's memory budget for workers, bytes; 0 = none.
     pub memory_limit: u64,
     /// The GPU a CUDA hive's workers load models into, when its memory can be read.
