@@ -191,6 +191,51 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     assert!(files_under(&models.path().join("hf")).iter().all(|(_, len)| *len < 1_000_000), "no model file left");
 }
 
+/// `rbee infer` with an `hf:` model that no hive has downloads it first
+/// (progress and result on stderr, only the answer on stdout), then runs it;
+/// the next time there is nothing to download. `--no-pull` fails as the
+/// hive does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbee_infer_downloads_an_hf_model_no_hive_has_then_runs_it() {
+    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
+    let size = demo.len() as u64;
+    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    let (broker, _models, hive, _client) = hive_on_hub(&hub).await;
+    let infer = |model: &'static str, pull: bool| {
+        let url = broker.url();
+        async move {
+            let mut args = vec!["infer", "--model", model, "--max-tokens", "4", "--temperature", "0", "Hi"];
+            if !pull {
+                args.insert(1, "--no-pull");
+            }
+            let out = cli(&url, &args).await;
+            (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let model = "hf:rbee-test/SmolLM2-GGUF";
+
+    let (code, _, stderr) = infer(model, false).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("MODEL_SOURCE_UNREACHABLE") && stderr.contains("rbee models download"), "{stderr}");
+    assert_eq!(hub.body_bytes(), 0);
+
+    let (code, stdout, stderr) = infer(model, true).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("downloading it first") && stderr.contains(&format!("downloaded to hive {}", hive.id)), "{stderr}");
+    assert!(!stdout.trim().is_empty() && !stdout.contains("downloaded"), "the answer alone on stdout: {stdout:?}");
+    let served = hub.body_bytes();
+    assert!(served >= size, "{served} of {size}");
+
+    // Present now, by the bare repo and by the full reference: nothing to download.
+    for m in [model, "hf:rbee-test/SmolLM2-GGUF:smollm2.Q4_1.gguf"] {
+        let (code, stdout, stderr) = infer(m, true).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stderr.contains("downloading"), "{stderr}");
+        assert!(!stdout.trim().is_empty());
+    }
+    assert_eq!(hub.body_bytes(), served);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_missing_and_unreachable_downloads_fail_clearly_and_register_nothing() {
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();

@@ -137,7 +137,19 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 /// Follows a lifecycle job to its end: a progress bar on stderr (when it is a
 /// terminal), the result on stdout. Ctrl-C cancels the job (exit 130).
-async fn follow(client: &Client, mut job: crate::JobStream, json: bool, describe: impl Fn(&Value) -> String) -> anyhow::Result<ExitCode> {
+async fn follow(client: &Client, job: crate::JobStream, json: bool, describe: impl Fn(&Value) -> String) -> anyhow::Result<ExitCode> {
+    follow_to(client, job, json, false, describe).await
+}
+
+/// [`follow`], with the result on stderr when `to_stderr` (for a job run on
+/// the way to another command's output).
+async fn follow_to(
+    client: &Client,
+    mut job: crate::JobStream,
+    json: bool,
+    to_stderr: bool,
+    describe: impl Fn(&Value) -> String,
+) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     let bar = if std::io::stderr().is_terminal() && !json { Some(ProgressBar::new(0)) } else { None };
     let job_id = job.job_id().to_owned();
@@ -181,10 +193,13 @@ async fn follow(client: &Client, mut job: crate::JobStream, json: bool, describe
                 let result = d.result.unwrap_or(Value::Null);
                 if json {
                     print_json(&json!({ "job_id": job_id, "stop_reason": d.stop_reason, "result": result }))?;
-                } else if d.stop_reason == rbee_schemas::event::StopReason::Cancelled {
-                    println!("cancelled");
                 } else {
-                    println!("{}", describe(&result));
+                    let line = if d.stop_reason == rbee_schemas::event::StopReason::Cancelled { "cancelled".to_owned() } else { describe(&result) };
+                    if to_stderr {
+                        eprintln!("{line}");
+                    } else {
+                        println!("{line}");
+                    }
                 }
                 break ExitCode::SUCCESS;
             }
@@ -203,6 +218,39 @@ async fn follow(client: &Client, mut job: crate::JobStream, json: bool, describe
         }
     };
     Ok(code)
+}
+
+/// What a finished `model.download` says.
+fn downloaded(r: &Value) -> String {
+    let verb = if r["already_present"].as_bool() == Some(true) { "already on" } else { "downloaded to" };
+    format!("{} {verb} hive {} ({}, sha256 {})", field(r, "model"), field(r, "hive"), gib(r["size"].as_u64().unwrap_or(0)), field(r, "sha256"))
+}
+
+/// For `rbee infer`: downloads an `hf:` model that no attached hive has
+/// (to whichever hive takes the download),
+/// progress and result on stderr, then waits until a hive's heartbeat lists
+/// it, so the job finds it. `None` when there was nothing to do or it
+/// worked; the exit code when the download failed.
+pub(super) async fn pull_if_missing(client: &Client, model: &str, hives: &[HiveInfo]) -> anyhow::Result<Option<ExitCode>> {
+    let Ok(wanted @ ModelRef::Hf(_)) = ModelRef::parse(model) else { return Ok(None) };
+    let key = wanted.to_string();
+    let listed = |hs: &[HiveInfo]| hs.iter().any(|h| h.models.iter().any(|m| m.present && (m.key == key || wanted.matches_source(&m.source))));
+    if listed(hives) {
+        return Ok(None);
+    }
+    eprintln!("no hive has {key} yet: downloading it first (--no-pull to fail instead)");
+    let req = CtlRequest::ModelDownload { v: PROTOCOL_VERSION, model: key.clone(), alias: None };
+    let job = client.submit_ctl(None, &req, None).await?;
+    let code = follow_to(client, job, false, true, downloaded).await?;
+    if code != ExitCode::SUCCESS {
+        return Ok(Some(code));
+    }
+    // The hive beats as soon as its catalog changed; this is that beat's way here.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !listed(&client.hives().await?) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(None)
 }
 
 fn field<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -275,11 +323,7 @@ pub async fn models(client: &Client, cmd: ModelsCommand) -> anyhow::Result<ExitC
         ModelsCommand::Download { model, alias, hive, json } => {
             let req = CtlRequest::ModelDownload { v: PROTOCOL_VERSION, model, alias };
             let job = client.submit_ctl(hive.as_deref(), &req, None).await?;
-            follow(client, job, json, |r| {
-                let verb = if r["already_present"].as_bool() == Some(true) { "already on" } else { "downloaded to" };
-                format!("{} {verb} hive {} ({}, sha256 {})", field(r, "model"), field(r, "hive"), gib(r["size"].as_u64().unwrap_or(0)), field(r, "sha256"))
-            })
-            .await
+            follow(client, job, json, downloaded).await
         }
         ModelsCommand::Import { path, alias, hive, json } => {
             let hive = match hive {

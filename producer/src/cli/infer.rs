@@ -1,7 +1,7 @@
 //! `rbee infer`: submit one job and print its tokens as they come.
 //!
 //! Before publishing it checks that a hive is attached (else the job would
-//! wait unseen). A full queue is retried with exponential backoff and jitter
+//! wait unseen), and downloads an `hf:` model no hive has (`--no-pull`: no). A full queue is retried with exponential backoff and jitter
 //! (`--retries`, off with `--no-retry`). Ctrl-C cancels the job on its hive
 //! and exits with 130.
 
@@ -66,6 +66,9 @@ pub struct InferArgs {
     /// Fail at once when the queue is full.
     #[arg(long)]
     pub no_retry: bool,
+    /// Fail when no hive has the hf: model, instead of downloading it first.
+    #[arg(long)]
+    pub no_pull: bool,
     /// Encode the job (and its events) as MessagePack instead of JSON.
     #[arg(long)]
     pub msgpack: bool,
@@ -118,7 +121,15 @@ pub async fn run(nats_url: Option<String>, home: &Path, args: InferArgs) -> anyh
     let req = request(&args)?;
     let (client, mut embedded) = connect_or_embed(nats_url, home, args.verbose).await?;
     // Refuses when no hive is attached, or none speaks this protocol version.
-    client.compatible_hives().await?;
+    let hives = client.compatible_hives().await?;
+    if !args.no_pull {
+        if let Some(failed) = super::fleet::pull_if_missing(&client, &args.model, &hives).await? {
+            if let Some(stack) = embedded.take() {
+                let _ = tokio::task::spawn_blocking(move || drop(stack)).await;
+            }
+            return Ok(failed);
+        }
+    }
     let opts = SubmitOptions {
         job_id: Some(args.id.clone().unwrap_or_else(crate::new_job_id)),
         encoding: if args.msgpack { Encoding::Msgpack } else { Encoding::Json },
