@@ -589,11 +589,11 @@ async fn a_model_too_big_for_every_hive_fails_with_insufficient_memory() {
 }
 
 /// What the demo model's worker is estimated to take (its registry entry) on
-/// a hive with `slots` slots, from one without a memory limit that then stops
+/// a hive with 2 slots, from one without a memory limit that then stops
 /// cleanly: its heartbeat key and its lease on the model go with it, so the
 /// next hive takes the model's jobs at once.
-async fn demo_worker_memory(broker: &Broker, client: &rbee::Client, slots: u32) -> u64 {
-    let mut probe = noop_hive(&broker.url(), slots, "0ms", &[]).await;
+async fn demo_worker_memory(broker: &Broker, client: &rbee::Client) -> u64 {
+    let mut probe = noop_hive(&broker.url(), 2, "0ms", &[]).await;
     let events = infer(client, "smollm2-135m", short(1)).await;
     assert!(matches!(events.last().map(|e| &e.body), Some(EventBody::Done(_))), "{events:?}");
     let worker = workers_of(client, &probe.id).await.into_iter().find(|w| w.model == "smollm2-135m").expect("the demo model's worker");
@@ -607,20 +607,37 @@ async fn demo_worker_memory(broker: &Broker, client: &rbee::Client, slots: u32) 
     worker.memory
 }
 
+/// A broker, a client and a hive (2 slots, a no-op token every `delay`)
+/// with room for the demo model's worker or the no-op model's (64 MiB), not
+/// both.
+async fn hive_with_room_for_one_model(delay: &str) -> (Broker, rbee::Client, Hive) {
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let limit = (demo_worker_memory(&broker, &client).await + (32 << 20)).to_string();
+    let hive = noop_hive(&broker.url(), 2, delay, &["--memory-limit", &limit]).await;
+    (broker, client, hive)
+}
+
+/// Runs a job in the background, once `hive` has started a worker for it.
+async fn infer_in_background(client: &rbee::Client, hive: &Hive, model: &'static str, req: InferRequest) -> tokio::task::JoinHandle<Vec<Event>> {
+    let job = {
+        let client = client.clone();
+        tokio::spawn(async move { infer(&client, model, req).await })
+    };
+    eventually(Duration::from_secs(10), "the background job's worker starts", || !hive.worker_pids().is_empty()).await;
+    job
+}
+
 fn done(events: &[Event]) -> bool {
     matches!(events.last().map(|e| &e.body), Some(EventBody::Done(d)) if d.stop_reason != StopReason::Cancelled)
 }
 
-/// A hive with room for one model at a time: the demo model's worker, or the
-/// no-op model's (64 MiB), not both. An idle worker is stopped to make room
+/// A hive with room for one model at a time. An idle worker is stopped to make room
 /// for another model's job, least recently used first; one with keep-alive -1
 /// is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_makes_room_for_another_model_unless_its_keep_alive_is_never() {
-    let broker = Broker::start();
-    let client = rbee::Client::connect(&broker.url()).await.unwrap();
-    let limit = (demo_worker_memory(&broker, &client, 1).await + (32 << 20)).to_string();
-    let hive = noop_hive(&broker.url(), 1, "0ms", &["--memory-limit", &limit]).await;
+    let (broker, client, hive) = hive_with_room_for_one_model("0ms").await;
 
     assert!(done(&infer(&client, "noop", short(2)).await));
     let noop_pid = hive.worker_pids();
@@ -655,10 +672,7 @@ async fn an_idle_worker_makes_room_for_another_model_unless_its_keep_alive_is_ne
 /// replaces the idle one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_for_two_models_that_fit_one_at_a_time_take_turns() {
-    let broker = Broker::start();
-    let client = rbee::Client::connect(&broker.url()).await.unwrap();
-    let limit = (demo_worker_memory(&broker, &client, 2).await + (32 << 20)).to_string();
-    let hive = noop_hive(&broker.url(), 2, "10ms", &["--memory-limit", &limit]).await;
+    let (broker, client, hive) = hive_with_room_for_one_model("10ms").await;
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let most = {
         let (watching, id) = (watching.clone(), hive.id.clone());
@@ -671,11 +685,7 @@ async fn jobs_for_two_models_that_fit_one_at_a_time_take_turns() {
             most
         })
     };
-    let demo = {
-        let client = client.clone();
-        tokio::spawn(async move { infer(&client, "smollm2-135m", short(2)).await })
-    };
-    eventually(Duration::from_secs(10), "the demo model's worker starts", || !hive.worker_pids().is_empty()).await;
+    let demo = infer_in_background(&client, &hive, "smollm2-135m", short(2)).await;
     let b = infer(&client, "noop", short(5)).await;
     let a = demo.await.unwrap();
     watching.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -689,16 +699,9 @@ async fn jobs_for_two_models_that_fit_one_at_a_time_take_turns() {
 /// `DEADLINE_EXCEEDED` once its deadline passes, instead of waiting on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_waiting_for_room_ends_at_its_deadline() {
-    let broker = Broker::start();
-    let client = rbee::Client::connect(&broker.url()).await.unwrap();
-    let limit = (demo_worker_memory(&broker, &client, 2).await + (32 << 20)).to_string();
-    let hive = noop_hive(&broker.url(), 2, "100ms", &["--memory-limit", &limit]).await;
+    let (broker, client, hive) = hive_with_room_for_one_model("100ms").await;
     // Two seconds of no-op tokens keep the no-op worker busy.
-    let busy = {
-        let client = client.clone();
-        tokio::spawn(async move { infer(&client, "noop", short(20)).await })
-    };
-    eventually(Duration::from_secs(10), "the no-op worker starts", || !hive.worker_pids().is_empty()).await;
+    let busy = infer_in_background(&client, &hive, "noop", short(20)).await;
     let events = infer(&client, "smollm2-135m", InferRequest { timeout_ms: Some(300), ..short(2) }).await;
     let (code, message) = error(&events);
     assert_eq!(code, ErrorCode::DeadlineExceeded);
