@@ -14,7 +14,8 @@
 //! placed here ([`Pool::admit`] sets it aside; a starting worker carries it),
 //! not once its process has taken it. Another model's job may stop idle
 //! workers for room ([`Pool::evict_one`], least recently used first, never
-//! one with keep-alive -1, nor one a placed job is about to use).
+//! one with keep-alive -1, nor one a placed job is about to use), and after
+//! waiting a while drain busy ones ([`Pool::drain_for`]).
 //!
 //! Every worker is mirrored in the `rbee-workers` bucket ([`WorkerInfo`]):
 //! lifecycle states at once, busy/ready changes at most every 250 ms. A
@@ -102,9 +103,16 @@ pub struct Worker {
     settled_ms: AtomicU64,
     /// The pool's signal that a worker's last job ended.
     settled: Arc<Notify>,
+    /// Takes no new jobs: another model's job has waited too long for the
+    /// room it holds ([`Pool::drain_for`]). Stopped once idle.
+    draining: AtomicBool,
 }
 
 impl Worker {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     pub fn state(&self) -> WorkerState {
         *lock(&self.state)
     }
@@ -158,7 +166,22 @@ pub struct Pool {
 struct Reserved {
     model: String,
     bytes: u64,
+    /// A promise rather than a reservation: room kept for a job that is
+    /// waiting in the queue while workers drain for it ([`Pool::drain_for`]),
+    /// until then. Other models may not take it; the job's own model
+    /// still has to fit when it comes back.
+    promised_until: Option<Instant>,
 }
+
+impl Reserved {
+    fn counts(&self, now: Instant) -> bool {
+        self.promised_until.is_none_or(|t| now < t)
+    }
+}
+
+/// How long room promised to a waiting job is kept: it comes back at least
+/// every second (the longest nak for memory), and renews the promise.
+const PROMISE_FOR: Duration = Duration::from_secs(3);
 
 /// Memory set aside here for a model's worker by [`Pool::admit`]; given back
 /// when dropped. It stops counting once the model has a worker here (the
@@ -224,11 +247,14 @@ impl Free {
     }
 }
 
-/// Memory reserved for models with no worker here yet. One reservation per
-/// model counts: jobs for the same model share its worker.
-fn reserved_for_new(reserved: &HashMap<u64, Reserved>, slots: &HashMap<String, Slot>) -> u64 {
+/// Memory reserved (or promised) for models with no worker here yet, but
+/// `except`'s promises. One reservation per model counts: jobs for the same
+/// model share its worker.
+fn reserved_for_new(reserved: &HashMap<u64, Reserved>, slots: &HashMap<String, Slot>, except: Option<&str>) -> u64 {
+    let now = Instant::now();
     let mut models: HashMap<&str, u64> = HashMap::new();
-    for r in reserved.values().filter(|r| !slots.contains_key(&r.model)) {
+    let counted = |r: &&Reserved| r.counts(now) && !(r.promised_until.is_some() && except == Some(r.model.as_str()));
+    for r in reserved.values().filter(counted).filter(|r| !slots.contains_key(&r.model)) {
         let m = models.entry(&r.model).or_default();
         *m = (*m).max(r.bytes);
     }
@@ -237,7 +263,7 @@ fn reserved_for_new(reserved: &HashMap<u64, Reserved>, slots: &HashMap<String, S
 
 /// Models that jobs placed here hold (see [`Pool::hold`] and [`Pool::admit`]).
 fn wanted(reserved: &HashMap<u64, Reserved>) -> std::collections::HashSet<&str> {
-    reserved.values().map(|r| r.model.as_str()).collect()
+    reserved.values().filter(|r| r.promised_until.is_none()).map(|r| r.model.as_str()).collect()
 }
 
 /// Whether a worker may be stopped to make room for another model: any
@@ -328,7 +354,9 @@ impl Pool {
     /// reference (its key or its source): a warm job needs no catalog read.
     pub fn warm_entry(&self, wanted: &str) -> Option<ModelEntry> {
         lock(&self.slots).values().find_map(|slot| match slot {
-            Slot::Ready(w) if w.proc.exit_reason().is_none() && (w.entry.key == wanted || w.entry.source == wanted) => Some(w.entry.clone()),
+            Slot::Ready(w) if w.proc.exit_reason().is_none() && !w.is_draining() && (w.entry.key == wanted || w.entry.source == wanted) => {
+                Some(w.entry.clone())
+            }
             _ => None,
         })
     }
@@ -337,7 +365,7 @@ impl Pool {
     /// now; never starts or waits for a worker.
     pub fn try_lease(&self, model: &ModelEntry, keep_alive_ms: Option<i64>) -> Option<Lease> {
         let worker = match lock(&self.slots).get(&model.key) {
-            Some(Slot::Ready(w)) if w.proc.exit_reason().is_none() => w.clone(),
+            Some(Slot::Ready(w)) if w.proc.exit_reason().is_none() && !w.is_draining() => w.clone(),
             _ => return None,
         };
         let permit = worker.proc.busy.clone().try_acquire_owned().ok()?;
@@ -463,6 +491,7 @@ impl Pool {
                 dirty: AtomicBool::new(false),
                 settled_ms: AtomicU64::new(0),
                 settled: self.settled.clone(),
+                draining: AtomicBool::new(false),
             })
         });
         {
@@ -522,7 +551,8 @@ impl Pool {
                     }
                     let keep = w.keep_alive_ms.load(Ordering::Relaxed);
                     let idle_for = now.saturating_sub(w.last_activity_ms.load(Ordering::Relaxed));
-                    if keep < 0 || idle_for < keep as u64 {
+                    // A draining worker goes once idle, whoever asked for its room.
+                    if !w.is_draining() && (keep < 0 || idle_for < keep as u64) {
                         return true;
                     }
                     // Take all its slots: no job runs or can start on it from here on.
@@ -609,11 +639,12 @@ impl Pool {
     }
 
     pub fn committed(&self) -> Committed {
-        self.committed_with(&lock(&self.reserved))
+        self.committed_with(&lock(&self.reserved), None)
     }
 
-    /// Lock order: `reserved`, then `slots`.
-    fn committed_with(&self, reserved: &HashMap<u64, Reserved>) -> Committed {
+    /// Counting for a placement of `except` (whose own promise is not
+    /// counted against it). Lock order: `reserved`, then `slots`.
+    fn committed_with(&self, reserved: &HashMap<u64, Reserved>, except: Option<&str>) -> Committed {
         let slots = lock(&self.slots);
         let mut c = Committed::default();
         for slot in slots.values() {
@@ -625,7 +656,7 @@ impl Pool {
                 }
             }
         }
-        let held = reserved_for_new(reserved, &slots);
+        let held = reserved_for_new(reserved, &slots, except);
         c.total += held;
         c.pending += held;
         c
@@ -638,15 +669,19 @@ impl Pool {
     /// one step, so two models placed at once cannot both take the last room.
     pub fn admit(self: &Arc<Self>, model: &str, need: u64, free: Free) -> Result<Reservation, Shortfall> {
         let mut reserved = lock(&self.reserved);
-        let known = reserved.values().any(|r| r.model == model) || lock(&self.slots).contains_key(model);
+        let now = Instant::now();
+        reserved.retain(|_, r| r.counts(now));
+        let known = reserved.values().any(|r| r.model == model && r.promised_until.is_none()) || lock(&self.slots).contains_key(model);
         if !known {
-            let here = free.room(self.committed_with(&reserved));
+            let here = free.room(self.committed_with(&reserved, Some(model)));
             if need > here {
-                return Err(self.shortfall(here, &reserved));
+                return Err(self.shortfall(here, &reserved, model));
             }
         }
+        // What was promised to this model is taken now.
+        reserved.retain(|_, r| !(r.model == model && r.promised_until.is_some()));
         let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
-        reserved.insert(id, Reserved { model: model.to_owned(), bytes: need });
+        reserved.insert(id, Reserved { model: model.to_owned(), bytes: need, promised_until: None });
         Ok(Reservation { pool: self.clone(), id })
     }
 
@@ -657,11 +692,11 @@ impl Pool {
     /// then, or the job would start it again without a memory check.
     pub fn hold(self: &Arc<Self>, model: &str) -> Reservation {
         let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
-        lock(&self.reserved).insert(id, Reserved { model: model.to_owned(), bytes: 0 });
+        lock(&self.reserved).insert(id, Reserved { model: model.to_owned(), bytes: 0, promised_until: None });
         Reservation { pool: self.clone(), id }
     }
 
-    fn shortfall(&self, here: u64, reserved: &HashMap<u64, Reserved>) -> Shortfall {
+    fn shortfall(&self, here: u64, reserved: &HashMap<u64, Reserved>, model: &str) -> Shortfall {
         let slots = lock(&self.slots);
         let wanted = wanted(reserved);
         let mut s = Shortfall { here, ..Shortfall::default() };
@@ -673,8 +708,51 @@ impl Pool {
                 Slot::Starting { memory, .. } => s.busy += memory,
             }
         }
-        s.busy += reserved_for_new(reserved, &slots);
+        s.busy += reserved_for_new(reserved, &slots, Some(model));
         s
+    }
+
+    /// Whether `model`'s worker here is draining (see [`Pool::drain_for`]).
+    pub fn is_draining(&self, model: &str) -> bool {
+        matches!(lock(&self.slots).get(model), Some(Slot::Ready(w)) if w.is_draining())
+    }
+
+    /// A job for another model has waited too long for room that busy
+    /// workers hold: marks the least recently used busy workers that may be
+    /// stopped for room (see [`evictable`]) as draining, until they hold
+    /// `short_by` bytes (those draining already count). A draining worker
+    /// takes no new jobs, finishes those it runs, and is stopped once idle;
+    /// its model's jobs wait in the queue meanwhile. So two models that do
+    /// not fit together take turns instead of one starving the other.
+    ///
+    /// The room, `need` bytes, is promised to `for_model` for [`PROMISE_FOR`]
+    /// (renewed by each call), so other models' jobs cannot take it while
+    /// the job waits to come back.
+    pub fn drain_for(&self, for_model: &str, short_by: u64, need: u64) {
+        let mut reserved = lock(&self.reserved);
+        reserved.retain(|_, r| !(r.model == for_model && r.promised_until.is_some()));
+        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        reserved.insert(id, Reserved { model: for_model.to_owned(), bytes: need, promised_until: Some(Instant::now() + PROMISE_FOR) });
+        let slots = lock(&self.slots);
+        let mut busy: Vec<&Arc<Worker>> = slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(w) if evictable(w) && w.proc.exit_reason().is_none() => Some(w),
+                _ => None,
+            })
+            .collect();
+        let mut freed: u64 = busy.iter().filter(|w| w.is_draining()).map(|w| w.memory).sum();
+        busy.sort_by_key(|w| w.last_activity_ms.load(Ordering::Relaxed));
+        for w in busy {
+            if freed >= short_by {
+                break;
+            }
+            if !w.is_draining() {
+                tracing::info!(worker = %w.proc.id, model = %w.entry.key, "a job for {for_model} waited for room: the worker takes no new jobs and stops once idle");
+                w.draining.store(true, Ordering::Relaxed);
+                freed += w.memory;
+            }
+        }
     }
 
     /// Stops the least recently used idle worker that may be stopped for
@@ -827,6 +905,21 @@ mod tests {
         assert!(wanted(&lock(&pool.reserved)).contains("warm"));
         drop(held);
         assert!(wanted(&lock(&pool.reserved)).is_empty());
+    }
+
+    #[test]
+    fn room_promised_to_a_waiting_model_is_kept_from_others_and_taken_by_it() {
+        let pool = pool();
+        let free = Free { ram: 1000, vram: None, limit: 0 };
+        pool.drain_for("b", 600, 600);
+        assert_eq!(pool.committed().total, 600, "the promise counts");
+        // Another model must wait: the room is promised.
+        assert_eq!(pool.admit("c", 600, free).expect_err("promised to b"), Shortfall { here: 400, busy: 600, ..Shortfall::default() });
+        // Its own promise does not count against "b", which takes it.
+        let b = pool.admit("b", 600, free).expect("its own room");
+        assert_eq!(pool.committed().total, 600, "the promise became b's reservation");
+        drop(b);
+        assert_eq!(pool.committed(), Committed::default());
     }
 
     #[test]

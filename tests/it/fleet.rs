@@ -695,6 +695,47 @@ async fn jobs_for_two_models_that_fit_one_at_a_time_take_turns() {
     assert_queue_drains(&broker.client().await).await;
 }
 
+/// A steady stream of no-op jobs keeps that model's worker busy for good.
+/// A demo-model job waiting for its room gets it anyway: after 5 s the busy
+/// worker takes no new jobs and is stopped once idle; the stream's jobs wait
+/// meanwhile, and all of them end well too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_of_one_model_does_not_starve_another() {
+    let (broker, client, hive) = hive_with_room_for_one_model("10ms").await;
+    let streaming = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Four submitters for a 2-slot hive: its worker is never idle.
+    let submitters: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, streaming) = (client.clone(), streaming.clone());
+            tokio::spawn(async move {
+                let mut ended = Vec::new();
+                while streaming.load(std::sync::atomic::Ordering::Relaxed) {
+                    ended.push(done(&infer(&client, "noop", short(5)).await));
+                }
+                ended
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(10), "the stream's worker starts", || !hive.worker_pids().is_empty()).await;
+    let began = std::time::Instant::now();
+    let events = infer(&client, "smollm2-135m", short(2)).await;
+    let waited = began.elapsed();
+    assert!(done(&events), "{events:?}");
+    assert!(waited < Duration::from_secs(20), "the demo-model job waited {waited:?}");
+    assert!(hive.log().contains("waited for room: the worker takes no new jobs"), "{}", hive.log());
+    // The stream goes on afterwards (its worker comes back), then stops.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    streaming.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut jobs = 0;
+    for s in submitters {
+        let ended = s.await.unwrap();
+        assert!(ended.iter().all(|ok| *ok), "every stream job ended done");
+        jobs += ended.len();
+    }
+    assert!(jobs > 20, "{jobs} stream jobs");
+    assert_queue_drains(&broker.client().await).await;
+}
+
 /// A job that waits in the queue for room (busy workers hold it) ends
 /// `DEADLINE_EXCEEDED` once its deadline passes, instead of waiting on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,8 @@
 //!    not fit, but fits another live hive, the job is left for it; else idle
 //!    workers here are stopped for it, least recently used first, unless
 //!    their keep-alive is -1; a job that would fit once busy workers here are
-//!    idle waits in the queue; one that fits nowhere even then ends
+//!    idle waits in the queue (after 5 s they are drained for it: no new
+//!    jobs, stopped once idle); one that fits nowhere even then ends
 //!    `INSUFFICIENT_MEMORY` ([`make_room`]).
 //! 4. Cold start only with the model's lease ([`crate::fleet`]): when another
 //!    hive holds it (serves the model, or is starting a worker), the job is
@@ -49,6 +50,11 @@ use crate::system::human;
 /// fifth and sixth passes).
 const LEAVE_FOR_WARM: Duration = Duration::from_millis(50);
 const LEAVE_FOR_MEMORY: Duration = Duration::from_secs(1);
+/// How long a job may wait in the queue for room that busy workers here
+/// hold before they are drained for it ([`Pool::drain_for`]): without it, a
+/// steady stream of one model's jobs would keep another model's job waiting
+/// for ever.
+const DRAIN_AFTER: Duration = Duration::from_secs(5);
 /// The delay after a job's quick visits, doubled with each further delivery.
 const FIRST_LEAVE: Duration = Duration::from_millis(10);
 
@@ -224,6 +230,9 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
         }
         Err(e) => return Decision::Fail(JobError::internal(e.to_string())),
     };
+    if ctx.pool.is_draining(&entry.key) {
+        return Decision::Defer { delay: LEAVE_FOR_MEMORY, why: format!("the worker for {} here is stopping to make room for another model", entry.key) };
+    }
     if ctx.pool.has(&entry.key) {
         // A worker starting to take load off another hive: until it is
         // ready, that hive still runs the model's jobs sooner.
@@ -268,7 +277,8 @@ fn free_here(ctx: &JobCtx) -> Free {
 ///   and start this one (a job first takes the model's lease, so no worker is
 ///   stopped for a model another hive serves);
 /// - busy or starting workers hold enough: a job waits in the queue until they
-///   are idle (an explicit spawn fails, saying so);
+///   are idle, and after [`DRAIN_AFTER`] they take no new jobs, so they will be
+///   (an explicit spawn fails, saying so);
 /// - not even then (the model is too big, or workers with keep-alive -1 hold
 ///   the room): `INSUFFICIENT_MEMORY`.
 async fn make_room(ctx: &JobCtx, entry: ModelEntry, need: u64, mut short: Shortfall, mode: Mode) -> Decision {
@@ -293,7 +303,10 @@ async fn make_room(ctx: &JobCtx, entry: ModelEntry, need: u64, mut short: Shortf
         }
     }
     let wait = need <= short.here + short.idle + short.busy;
-    if wait && matches!(mode, Mode::Job { .. }) {
+    if let (true, Mode::Job { queued }) = (wait, mode) {
+        if queued >= DRAIN_AFTER {
+            ctx.pool.drain_for(&entry.key, need.saturating_sub(short.here), need);
+        }
         return Decision::Defer { delay: LEAVE_FOR_MEMORY, why: format!("{} needs {}; waiting for busy workers here to be idle", entry.key, human(need)) };
     }
     Decision::Fail(insufficient(ctx, &entry, need, short, wait))
