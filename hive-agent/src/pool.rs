@@ -183,6 +183,11 @@ impl Reserved {
 /// every second (the longest nak for memory), and renews the promise.
 const PROMISE_FOR: Duration = Duration::from_secs(3);
 
+/// A worker is drained only once it has been up this long: when two models'
+/// jobs both wait for each other's room, each gets a turn of at least this
+/// long instead of one job per model load.
+const MIN_TURN: Duration = Duration::from_secs(5);
+
 /// Memory set aside here for a model's worker by [`Pool::admit`]; given back
 /// when dropped. It stops counting once the model has a worker here (the
 /// worker counts instead), so holding it for the whole job is fine.
@@ -720,7 +725,8 @@ impl Pool {
     /// A job for another model has waited too long for room that busy
     /// workers hold: marks the least recently used busy workers that may be
     /// stopped for room (see [`evictable`]) as draining, until they hold
-    /// `short_by` bytes (those draining already count). A draining worker
+    /// `short_by` bytes (those draining already count), among those up for
+    /// at least [`MIN_TURN`]. A draining worker
     /// takes no new jobs, finishes those it runs, and is stopped once idle;
     /// its model's jobs wait in the queue meanwhile. So two models that do
     /// not fit together take turns instead of one starving the other.
@@ -734,10 +740,11 @@ impl Pool {
         let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
         reserved.insert(id, Reserved { model: for_model.to_owned(), bytes: need, promised_until: Some(Instant::now() + PROMISE_FOR) });
         let slots = lock(&self.slots);
+        let up_since = now_ms().saturating_sub(MIN_TURN.as_millis() as u64);
         let mut busy: Vec<&Arc<Worker>> = slots
             .values()
             .filter_map(|s| match s {
-                Slot::Ready(w) if evictable(w) && w.proc.exit_reason().is_none() => Some(w),
+                Slot::Ready(w) if evictable(w) && w.proc.exit_reason().is_none() && w.started_at_ms <= up_since => Some(w),
                 _ => None,
             })
             .collect();
