@@ -737,7 +737,8 @@ async fn a_steady_stream_of_one_model_does_not_starve_another() {
 }
 
 /// A job that waits in the queue for room (busy workers hold it) ends
-/// `DEADLINE_EXCEEDED` once its deadline passes, instead of waiting on.
+/// `DEADLINE_EXCEEDED` once its deadline passes, instead of waiting on; a
+/// `worker.spawn` for it fails at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_waiting_for_room_ends_at_its_deadline() {
     let (broker, client, hive) = hive_with_room_for_one_model("100ms").await;
@@ -751,6 +752,11 @@ async fn a_job_waiting_for_room_ends_at_its_deadline() {
     let job = client.job(&events[0].job_id).await.unwrap();
     assert_eq!(job.state, rbee_schemas::record::JobState::Expired);
     assert!(hive.log().contains("waiting for busy workers here to be idle"), "{}", hive.log());
+    // An explicit spawn does not wait: it fails at once, saying why.
+    let spawn = CtlRequest::WorkerSpawn { v: 1, model: "smollm2-135m".into(), backend: None, device: None, keep_alive_ms: None };
+    let (code, message) = error(&ctl(&client, Some(&hive.id), spawn).await);
+    assert_eq!(code, ErrorCode::InsufficientMemory);
+    assert!(message.contains("busy workers here hold 64.0 MiB: try again when they are idle"), "{message}");
     assert!(done(&busy.await.unwrap()), "the busy job was left alone");
     assert_queue_drains(&broker.client().await).await;
 }
