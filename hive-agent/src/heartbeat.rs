@@ -133,28 +133,24 @@ impl Heartbeat {
     pub async fn run(mut self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
         loop {
+            // On the tick, or out of turn (the catalog changed).
             tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(e) = self.beat().await {
-                        tracing::warn!(error = %e, "heartbeat failed; making sure the buckets exist");
-                        // A restarted broker has lost the memory-backed buckets.
-                        match rbee_broker::ensure_memory_buckets(&self.js).await {
-                            Ok((hives, workers, leases)) => {
-                                self.store = hives.clone();
-                                self.pool.set_registry(workers);
-                                self.fleet.replace_stores(hives, leases);
-                                let _ = self.beat().await;
-                            }
-                            Err(e) => tracing::warn!(error = %e, "re-creating the buckets failed"),
-                        }
-                    }
-                }
-                _ = self.beat_now.notified() => {
-                    if let Err(e) = self.beat().await {
-                        tracing::debug!(error = %e, "heartbeat out of turn failed; the next one retries");
-                    }
-                }
+                _ = tick.tick() => {}
+                _ = self.beat_now.notified() => {}
                 _ = stop.cancelled() => break,
+            }
+            if let Err(e) = self.beat().await {
+                tracing::warn!(error = %e, "heartbeat failed; making sure the buckets exist");
+                // A restarted broker has lost the memory-backed buckets.
+                match rbee_broker::ensure_memory_buckets(&self.js).await {
+                    Ok((hives, workers, leases)) => {
+                        self.store = hives.clone();
+                        self.pool.set_registry(workers);
+                        self.fleet.replace_stores(hives, leases);
+                        let _ = self.beat().await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "re-creating the buckets failed"),
+                }
             }
         }
         if let Err(e) = self.store.delete(&self.base.hive_id).await {
