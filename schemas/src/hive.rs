@@ -103,6 +103,15 @@ pub struct ModelSummary {
     pub present: bool,
 }
 
+impl ModelSummary {
+    /// Whether this is `model` (named by `key`, its canonical spelling) and
+    /// its file is there: the catalog key, or the source it was registered
+    /// from ([`ModelRef::matches_source`]).
+    pub fn is_present(&self, model: &crate::model::ModelRef, key: &str) -> bool {
+        self.present && (self.key == key || model.matches_source(&self.source))
+    }
+}
+
 fn yes() -> bool {
     true
 }

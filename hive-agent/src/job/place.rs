@@ -219,8 +219,7 @@ pub async fn place(ctx: &JobCtx, model: &ModelRef, mode: Mode) -> Decision {
     let entry = match tokio::task::spawn_blocking(move || catalog.resolve(&to_resolve, &hive)).await {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {
-            let has = |m: &rbee_schemas::hive::ModelSummary| m.present && (m.key == wanted || model.matches_source(&m.source));
-            let elsewhere = ctx.fleet.others().into_iter().find(|h| h.models.iter().any(has));
+            let elsewhere = ctx.fleet.others().into_iter().find(|h| h.models.iter().any(|m| m.is_present(model, &wanted)));
             return match elsewhere {
                 Some(h) if may_defer && matches!(e.code, ErrorCode::UnknownModel | ErrorCode::ModelSourceUnreachable) => {
                     Decision::Defer { delay: LEAVE_FOR_WARM, why: format!("hive {} has {wanted}", h.hive_id) }

@@ -234,7 +234,7 @@ fn downloaded(r: &Value) -> String {
 pub(super) async fn pull_if_missing(client: &Client, model: &str, hives: &[HiveInfo]) -> anyhow::Result<Option<ExitCode>> {
     let Ok(wanted @ ModelRef::Hf(_)) = ModelRef::parse(model) else { return Ok(None) };
     let key = wanted.to_string();
-    let listed = |hs: &[HiveInfo]| hs.iter().any(|h| h.models.iter().any(|m| m.present && (m.key == key || wanted.matches_source(&m.source))));
+    let listed = |hs: &[HiveInfo]| hs.iter().any(|h| h.models.iter().any(|m| m.is_present(&wanted, &key)));
     if listed(hives) {
         return Ok(None);
     }
