@@ -234,6 +234,8 @@ async fn rbee_infer_downloads_an_hf_model_no_hive_has_then_runs_it() {
         assert!(!stdout.trim().is_empty());
     }
     assert_eq!(hub.body_bytes(), served);
+    // The refused job, the download and the three answered jobs all left the queue.
+    assert_queue_drains(&broker.client().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
