@@ -122,6 +122,12 @@ pub struct HiveArgs {
     /// and never stopped to make room for another model.
     #[arg(long, env = "RBEE_KEEP_ALIVE", default_value = "5m", value_parser = parse_keep_alive, allow_hyphen_values = true)]
     pub keep_alive: i64,
+    /// When models that do not fit here together both have jobs waiting, the shortest time a worker
+    /// keeps serving before it is drained (no new jobs, stopped once idle) for the other model; a
+    /// worker that took long to load keeps its turn four times its load time if that is longer.
+    /// Workers with keep-alive -1 are never drained.
+    #[arg(long, env = "RBEE_MIN_TURN", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub min_turn: Duration,
     /// The Hugging Face hub to download models from.
     #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
     pub hf_endpoint: String,
@@ -293,6 +299,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         noop_token_delay: args.noop_token_delay,
         keep_alive_ms: args.keep_alive,
         worker_slots: args.worker_slots.unwrap_or(args.slots).min(64),
+        min_turn: args.min_turn,
     });
     pool.set_registry(broker.workers.clone());
     tokio::spawn(pool.clone().maintain());

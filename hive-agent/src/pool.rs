@@ -75,6 +75,9 @@ pub struct PoolConfig {
     pub keep_alive_ms: i64,
     /// Jobs one worker runs at once.
     pub worker_slots: u32,
+    /// The shortest turn a worker gets before it is drained for another
+    /// model's waiting job (see [`turn_is_over`]).
+    pub min_turn: Duration,
 }
 
 /// How to start one worker (defaults from [`PoolConfig`]).
@@ -94,7 +97,10 @@ pub struct Worker {
     pub backend: String,
     pub device: String,
     pub memory: u64,
+    /// When it became ready, Unix ms.
     pub started_at_ms: u64,
+    /// How long it took from spawn to ready, ms.
+    pub load_ms: u64,
     keep_alive_ms: AtomicI64,
     last_activity_ms: AtomicU64,
     state: Mutex<WorkerState>,
@@ -143,6 +149,7 @@ impl Worker {
             keep_alive_ms: self.keep_alive_ms.load(Ordering::Relaxed),
             memory: self.memory,
             slots: self.proc.slots,
+            draining: self.is_draining(),
         }
     }
 }
@@ -183,10 +190,20 @@ impl Reserved {
 /// every second (the longest nak for memory), and renews the promise.
 const PROMISE_FOR: Duration = Duration::from_secs(3);
 
-/// A worker is drained only once it has been up this long: when two models'
-/// jobs both wait for each other's room, each gets a turn of at least this
-/// long instead of one job per model load.
-const MIN_TURN: Duration = Duration::from_secs(5);
+/// A turn lasts at least this many times the worker's own load time: when
+/// two models take turns, loading then takes at most a fifth of the time.
+const TURN_PER_LOAD: u64 = 4;
+
+/// Whether a worker that became ready at `ready_ms` after loading for
+/// `load_ms` has had its turn by `now_ms`: it was up at least `min_turn`
+/// (`--min-turn`) and [`TURN_PER_LOAD`] times its load time. When two
+/// models' jobs both wait for each other's room, each then gets a turn
+/// instead of one job per model load, and a model that takes a minute to
+/// load keeps its worker for minutes, not seconds.
+pub fn turn_is_over(ready_ms: u64, load_ms: u64, now_ms: u64, min_turn: Duration) -> bool {
+    let turn = (min_turn.as_millis() as u64).max(load_ms.saturating_mul(TURN_PER_LOAD));
+    now_ms.saturating_sub(ready_ms) >= turn
+}
 
 /// Memory set aside here for a model's worker by [`Pool::admit`]; given back
 /// when dropped. It stops counting once the model has a worker here (the
@@ -443,6 +460,7 @@ impl Pool {
     }
 
     async fn start(self: Arc<Self>, model: ModelEntry, opts: StartOptions, done: watch::Sender<StartResult>) {
+        let began = now_ms();
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-w{n}", self.config.hive_id);
         let backend = opts.backend.clone().unwrap_or_else(|| self.config.backend.clone());
@@ -464,6 +482,7 @@ impl Pool {
             keep_alive_ms: opts.keep_alive_ms.unwrap_or(self.config.keep_alive_ms),
             memory,
             slots: 0,
+            draining: false,
         };
         self.publish(placeholder(WorkerState::Starting, 0));
         let spec = SpawnSpec {
@@ -483,13 +502,15 @@ impl Pool {
         let result = result.map(|proc| {
             // Its KV caches: as many as the jobs it said it runs at once.
             let memory = crate::system::worker_memory(&model, proc.slots, &backend);
+            let ready = now_ms();
             Arc::new(Worker {
                 proc,
                 entry: model.clone(),
                 backend: backend.clone(),
                 device: device_name.clone(),
                 memory,
-                started_at_ms: now_ms(),
+                started_at_ms: ready,
+                load_ms: ready.saturating_sub(began),
                 keep_alive_ms: AtomicI64::new(opts.keep_alive_ms.unwrap_or(self.config.keep_alive_ms)),
                 last_activity_ms: AtomicU64::new(now_ms()),
                 state: Mutex::new(WorkerState::Ready),
@@ -725,8 +746,8 @@ impl Pool {
     /// A job for another model has waited too long for room that busy
     /// workers hold: marks the least recently used busy workers that may be
     /// stopped for room (see [`evictable`]) as draining, until they hold
-    /// `short_by` bytes (those draining already count), among those up for
-    /// at least [`MIN_TURN`]. A draining worker
+    /// `short_by` bytes (those draining already count), among those whose
+    /// turn is over ([`turn_is_over`]). A draining worker
     /// takes no new jobs, finishes those it runs, and is stopped once idle;
     /// its model's jobs wait in the queue meanwhile. So two models that do
     /// not fit together take turns instead of one starving the other.
@@ -740,11 +761,12 @@ impl Pool {
         let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
         reserved.insert(id, Reserved { model: for_model.to_owned(), bytes: need, promised_until: Some(Instant::now() + PROMISE_FOR) });
         let slots = lock(&self.slots);
-        let up_since = now_ms().saturating_sub(MIN_TURN.as_millis() as u64);
+        let now = now_ms();
+        let had_turn = |w: &Worker| turn_is_over(w.started_at_ms, w.load_ms, now, self.config.min_turn);
         let mut busy: Vec<&Arc<Worker>> = slots
             .values()
             .filter_map(|s| match s {
-                Slot::Ready(w) if evictable(w) && w.proc.exit_reason().is_none() && w.started_at_ms <= up_since => Some(w),
+                Slot::Ready(w) if evictable(w) && w.proc.exit_reason().is_none() && had_turn(w) => Some(w),
                 _ => None,
             })
             .collect();
@@ -757,6 +779,7 @@ impl Pool {
             if !w.is_draining() {
                 tracing::info!(worker = %w.proc.id, model = %w.entry.key, "a job for {for_model} waited for room: the worker takes no new jobs and stops once idle");
                 w.draining.store(true, Ordering::Relaxed);
+                w.dirty.store(true, Ordering::Relaxed);
                 freed += w.memory;
             }
         }
@@ -887,7 +910,24 @@ mod tests {
             noop_token_delay: Duration::ZERO,
             keep_alive_ms: 0,
             worker_slots: 1,
+            min_turn: Duration::from_secs(5),
         })
+    }
+
+    #[test]
+    fn a_turn_lasts_the_minimum_or_four_loads_whichever_is_longer() {
+        let five = Duration::from_secs(5);
+        // A quick load: the minimum turn.
+        assert!(!turn_is_over(1_000, 300, 5_999, five));
+        assert!(turn_is_over(1_000, 300, 6_000, five));
+        // A minute's load: four minutes' turn, whatever the minimum.
+        assert!(!turn_is_over(0, 60_000, 239_999, five));
+        assert!(turn_is_over(0, 60_000, 240_000, five));
+        // No minimum: still four loads.
+        assert!(!turn_is_over(0, 300, 1_199, Duration::ZERO));
+        assert!(turn_is_over(0, 300, 1_200, Duration::ZERO));
+        // A clock that went back is no turn over.
+        assert!(!turn_is_over(10_000, 0, 9_000, five));
     }
 
     #[test]

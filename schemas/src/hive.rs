@@ -180,6 +180,23 @@ mod tests {
             assert_eq!(enc.decode::<HiveInfo>(&enc.encode(&info)).unwrap(), info);
         }
     }
+
+    #[test]
+    fn worker_info_round_trips_and_reads_older_hives_entries() {
+        // As a hive before `draining` wrote it.
+        let old = r#"{"v":1,"id":"h-w0","hive":"h","model":"m","state":"busy","pid":7,"backend":"cpu","device":"cpu",
+            "started_at_ms":1,"jobs_served":2,"last_activity_ms":3,"keep_alive_ms":-1,"memory":5,"slots":4}"#;
+        let info: WorkerInfo = Encoding::Json.decode(old.as_bytes()).unwrap();
+        assert_eq!((info.state, info.keep_alive_ms, info.slots, info.draining), (WorkerState::Busy, -1, 4, false));
+        let draining = WorkerInfo { draining: true, ..info };
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let back: WorkerInfo = enc.decode(&enc.encode(&draining)).unwrap();
+            assert_eq!((back.id.as_str(), back.state, back.draining), ("h-w0", WorkerState::Busy, true));
+        }
+        // A state a later hive may add reads as unknown, not as an error.
+        let later = old.replace("\"busy\"", "\"hibernating\"");
+        assert_eq!(Encoding::Json.decode::<WorkerInfo>(later.as_bytes()).unwrap().state, WorkerState::Unknown);
+    }
 }
 
 /// A worker in the `rbee-workers` registry (key = worker id). Written by its
@@ -210,6 +227,10 @@ pub struct WorkerInfo {
     /// from hives that do not say.
     #[serde(default)]
     pub slots: u32,
+    /// Takes no new jobs: a job for another model waits for the memory it
+    /// holds. It finishes the jobs it runs, then stops.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A worker's life: starting → loading → ready ⇄ busy → stopping → gone

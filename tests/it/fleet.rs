@@ -612,11 +612,12 @@ async fn demo_worker_memory(broker: &Broker, client: &rbee::Client) -> u64 {
 /// A broker, a client and a hive (2 slots, a no-op token every `delay`)
 /// with room for the demo model's worker or the no-op model's (64 MiB), not
 /// both.
-async fn hive_with_room_for_one_model(delay: &str) -> (Broker, rbee::Client, Hive) {
+async fn hive_with_room_for_one_model(delay: &str, extra: &[&str]) -> (Broker, rbee::Client, Hive) {
     let broker = Broker::start();
     let client = rbee::Client::connect(&broker.url()).await.unwrap();
     let limit = (demo_worker_memory(&broker, &client).await + (32 << 20)).to_string();
-    let hive = noop_hive(&broker.url(), 2, delay, &["--memory-limit", &limit]).await;
+    let args: Vec<&str> = ["--memory-limit", &limit].into_iter().chain(extra.iter().copied()).collect();
+    let hive = noop_hive(&broker.url(), 2, delay, &args).await;
     (broker, client, hive)
 }
 
@@ -639,7 +640,7 @@ fn done(events: &[Event]) -> bool {
 /// is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_makes_room_for_another_model_unless_its_keep_alive_is_never() {
-    let (broker, client, hive) = hive_with_room_for_one_model("0ms").await;
+    let (broker, client, hive) = hive_with_room_for_one_model("0ms", &[]).await;
 
     assert!(done(&infer(&client, "noop", short(2)).await));
     let noop_pid = hive.worker_pids();
@@ -674,7 +675,7 @@ async fn an_idle_worker_makes_room_for_another_model_unless_its_keep_alive_is_ne
 /// replaces the idle one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_for_two_models_that_fit_one_at_a_time_take_turns() {
-    let (broker, client, hive) = hive_with_room_for_one_model("10ms").await;
+    let (broker, client, hive) = hive_with_room_for_one_model("10ms", &[]).await;
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let most = {
         let (watching, id) = (watching.clone(), hive.id.clone());
@@ -703,7 +704,8 @@ async fn jobs_for_two_models_that_fit_one_at_a_time_take_turns() {
 /// meanwhile, and all of them end well too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_stream_of_one_model_does_not_starve_another() {
-    let (broker, client, hive) = hive_with_room_for_one_model("10ms").await;
+    let (broker, client, hive) = hive_with_room_for_one_model("10ms", &[]).await;
+    let draining_shown = draining_shown(&broker, "noop").await;
     let streaming = Arc::new(std::sync::atomic::AtomicBool::new(true));
     // Four submitters for a 2-slot hive: its worker is never idle.
     let submitters: Vec<_> = (0..4)
@@ -725,6 +727,8 @@ async fn a_steady_stream_of_one_model_does_not_starve_another() {
     assert!(done(&events), "{events:?}");
     assert!(waited < Duration::from_secs(20), "the demo-model job waited {waited:?}");
     assert!(hive.log().contains("waited for room: the worker takes no new jobs"), "{}", hive.log());
+    let shown = tokio::time::timeout(Duration::from_secs(5), draining_shown).await;
+    assert!(matches!(shown, Ok(Ok(true))), "the registry showed the stream's worker draining: {shown:?}");
     // The stream goes on afterwards (its worker comes back), then stops.
     tokio::time::sleep(Duration::from_secs(1)).await;
     streaming.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -738,12 +742,47 @@ async fn a_steady_stream_of_one_model_does_not_starve_another() {
     assert_queue_drains(&broker.client().await).await;
 }
 
+/// Follows the workers registry until an entry of `model`'s worker says it
+/// is draining (true), or the watch ends (false).
+async fn draining_shown(broker: &Broker, model: &'static str) -> tokio::task::JoinHandle<bool> {
+    use futures::StreamExt as _;
+    let js = async_nats::jetstream::new(broker.client().await);
+    let (_, workers, _) = rbee_broker::ensure_memory_buckets(&js).await.unwrap();
+    let mut watch = workers.watch_all().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(Ok(entry)) = watch.next().await {
+            if let Ok(w) = serde_json::from_slice::<WorkerInfo>(&entry.value) {
+                if w.model == model && w.draining {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// With `--min-turn` longer than the job can wait, the busy worker is not
+/// drained for another model: the job waits in the queue until its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_keeps_its_turn_for_min_turn() {
+    let (broker, client, hive) = hive_with_room_for_one_model("100ms", &["--min-turn", "1h"]).await;
+    // Ten seconds of no-op tokens keep the no-op worker busy past the 5 s a job waits before draining.
+    let busy = infer_in_background(&client, &hive, "noop", short(100)).await;
+    let events = infer(&client, "smollm2-135m", InferRequest { timeout_ms: Some(6_500), ..short(2) }).await;
+    assert_eq!(error(&events).0, ErrorCode::DeadlineExceeded, "{events:?}");
+    assert!(!hive.log().contains("takes no new jobs"), "{}", hive.log());
+    assert!(client.workers().await.unwrap().iter().all(|w| !w.draining));
+    let busy = busy.await.unwrap();
+    assert!(done(&busy), "the busy worker's job was left alone: {busy:?}");
+    assert_queue_drains(&broker.client().await).await;
+}
+
 /// A job that waits in the queue for room (busy workers hold it) ends
 /// `DEADLINE_EXCEEDED` once its deadline passes, instead of waiting on; a
 /// `worker.spawn` for it fails at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_waiting_for_room_ends_at_its_deadline() {
-    let (broker, client, hive) = hive_with_room_for_one_model("100ms").await;
+    let (broker, client, hive) = hive_with_room_for_one_model("100ms", &[]).await;
     // Two seconds of no-op tokens keep the no-op worker busy.
     let busy = infer_in_background(&client, &hive, "noop", short(20)).await;
     let events = infer(&client, "smollm2-135m", InferRequest { timeout_ms: Some(300), ..short(2) }).await;

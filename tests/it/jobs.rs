@@ -350,6 +350,7 @@ async fn a_registry_listing_ends_and_lists_each_key_once_while_a_key_is_rewritte
         keep_alive_ms: 0,
         memory: 0,
         slots: 1,
+        draining: false,
     };
     for id in ["w0", "w1", "w2", "w3", "w4"] {
         workers.put(id, serde_json::to_vec(&info(id, 0)).unwrap().into()).await.unwrap();

@@ -418,7 +418,7 @@ pub async fn workers(client: &Client, cmd: WorkersCommand) -> anyhow::Result<Exi
                         w.id.clone(),
                         w.hive.clone(),
                         w.model.clone(),
-                        w.state.as_str().to_owned(),
+                        if w.draining { format!("{}, draining", w.state.as_str()) } else { w.state.as_str().to_owned() },
                         if w.slots == 0 { "-".to_owned() } else { w.slots.to_string() },
                         w.pid.to_string(),
                         format!("{}/{}", w.backend, w.device),
