@@ -92,6 +92,7 @@ impl Heartbeat {
     pub fn snapshot(&self) -> HiveInfo {
         let (ram_total, ram_free) = crate::system::memory();
         let vram = self.gpu.as_ref().and_then(|g| g.memory());
+        let committed = self.pool.committed();
         let models = self
             .catalog
             .list()
@@ -114,7 +115,8 @@ impl Heartbeat {
             ram_free,
             vram_total: vram.map_or(0, |m| m.total),
             vram_free: vram.map_or(0, |m| m.free),
-            memory_used: self.pool.memory_used(),
+            memory_used: committed.total,
+            memory_pending: committed.pending,
             workers: self.pool.summaries(),
             models,
             ..self.base.clone()

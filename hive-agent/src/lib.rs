@@ -306,7 +306,8 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let fleet = Arc::new(fleet::Fleet::new(&hive_id, broker.hives.clone(), broker.leases.clone()));
     fleet.clone().follow_from_start(Duration::from_secs(2)).await;
     let slots = claimer::Slots::new(args.slots as usize);
-    let beat_now = Arc::new(tokio::sync::Notify::new());
+    // Also notified by the pool when a worker starts, is ready or is gone.
+    let beat_now = pool.beat_signal();
     let hand_back = CancellationToken::new();
     let ctx = Arc::new(job::JobCtx {
         hive_id: hive_id.clone(),
@@ -360,6 +361,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
             ram_free: 0,
             memory_limit: args.memory_limit,
             memory_used: 0,
+            memory_pending: 0,
             vram_total: 0,
             vram_free: 0,
             workers: vec![],

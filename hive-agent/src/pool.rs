@@ -165,6 +165,9 @@ pub struct Pool {
     /// Memory set aside for workers about to start, by reservation id (see [`Pool::admit`]).
     reserved: Mutex<HashMap<u64, Reserved>>,
     next_reservation: AtomicU64,
+    /// A worker started, became ready or is gone: the memory this hive
+    /// offers changed, so the heartbeat goes out now ([`Pool::beat_signal`]).
+    beat: Arc<Notify>,
 }
 
 /// Memory set aside for a model's worker from the moment its placement
@@ -259,13 +262,7 @@ pub struct Shortfall {
 impl Free {
     /// Room for a new worker with `c` counted against it.
     pub fn room(&self, c: Committed) -> u64 {
-        let vram = self.vram.map(|v| v.saturating_sub(c.pending));
-        let room = rbee_schemas::hive::memory_available(self.ram.saturating_sub(c.pending), vram, self.limit, c.total);
-        // RAM taken up by what is pending is none left, not "unknown" (0).
-        if vram.is_none() && self.ram > 0 && self.ram <= c.pending {
-            return 0;
-        }
-        room
+        rbee_schemas::hive::memory_available(self.ram, self.vram, self.limit, c.total, c.pending)
     }
 }
 
@@ -342,7 +339,15 @@ impl Pool {
             settled: Arc::new(Notify::new()),
             reserved: Mutex::new(HashMap::new()),
             next_reservation: AtomicU64::new(1),
+            beat: Arc::new(Notify::new()),
         })
+    }
+
+    /// Notified whenever a worker starts, becomes ready or is gone: other
+    /// hives place models by this hive's heartbeat, and a load in progress
+    /// takes memory the free reading does not show yet.
+    pub fn beat_signal(&self) -> Arc<Notify> {
+        self.beat.clone()
     }
 
     /// Mirrors workers into this `rbee-workers` bucket from now on.
@@ -485,6 +490,7 @@ impl Pool {
             draining: false,
         };
         self.publish(placeholder(WorkerState::Starting, 0));
+        self.beat.notify_one();
         let spec = SpawnSpec {
             worker_bin: self.config.worker_bin.clone(),
             model_path: model.path.clone(),
@@ -531,6 +537,7 @@ impl Pool {
                 }
             }
         }
+        self.beat.notify_one();
         match &result {
             Ok(w) => {
                 self.publish(w.info(&self.config.hive_id));
@@ -545,6 +552,7 @@ impl Pool {
                         }
                     }
                     pool.unpublish(&w.proc.id);
+                    pool.beat.notify_one();
                 });
             }
             Err(_) => self.unpublish(&id),
@@ -656,12 +664,6 @@ impl Pool {
     fn memory_on(&self, model: &ModelEntry, backend: &str) -> u64 {
         let slots = if backend == "cpu" { self.config.worker_slots } else { 1 };
         crate::system::worker_memory(model, slots, backend)
-    }
-
-    /// Memory the workers' models are estimated to take, those starting
-    /// and reserved for included.
-    pub fn memory_used(&self) -> u64 {
-        self.committed().total
     }
 
     pub fn committed(&self) -> Committed {
@@ -937,7 +939,6 @@ mod tests {
         let a = pool.admit("a", 600, free).expect("fits");
         let a_again = pool.admit("a", 600, free).expect("a second job for the same model shares its worker");
         assert_eq!(pool.committed(), Committed { total: 600, pending: 600 });
-        assert_eq!(pool.memory_used(), 600);
         // Another model no longer fits: the room is set aside for "a", which is not idle.
         assert_eq!(pool.admit("b", 600, free).expect_err("no room left"), Shortfall { here: 400, busy: 600, ..Shortfall::default() });
         assert!(pool.admit("c", 400, free).is_ok(), "what is left still fits");

@@ -45,6 +45,12 @@ pub struct HiveInfo {
     /// Memory its workers' models are estimated to take, bytes.
     #[serde(default)]
     pub memory_used: u64,
+    /// The part of `memory_used` that `ram_free`/`vram_free` do not show
+    /// yet: workers still loading, and room set aside for ones about to
+    /// start, bytes. Other hives subtract it, so they do not leave a job for
+    /// room a load in progress is about to take.
+    #[serde(default)]
+    pub memory_pending: u64,
     /// The model of the GPU its workers run on, as its driver names it
     /// (`NVIDIA H200`); empty for CPU hives and where it cannot be read.
     #[serde(default)]
@@ -67,21 +73,23 @@ impl HiveInfo {
     /// Memory this hive could still give a new worker, bytes.
     pub fn memory_available(&self) -> u64 {
         let vram = (self.vram_total > 0).then_some(self.vram_free);
-        memory_available(self.ram_free, vram, self.memory_limit, self.memory_used)
+        memory_available(self.ram_free, vram, self.memory_limit, self.memory_used, self.memory_pending)
     }
 }
 
 /// Memory a new worker could still take on a hive, bytes: the free memory
 /// of its GPU where it runs workers on one it can read (`vram_free`), else
-/// the machine's available RAM (0: unknown, so only the limit counts);
-/// within the hive's `--memory-limit` (0: none) less what its workers are
-/// estimated to take (`used`). Every hive decides by this, for itself and
-/// for the others it might leave a job to.
-pub fn memory_available(ram_free: u64, vram_free: Option<u64>, limit: u64, used: u64) -> u64 {
+/// the machine's available RAM (0: unknown, so only the limit counts),
+/// less what loads in progress are about to take (`pending`); within the
+/// hive's `--memory-limit` (0: none) less what its workers are estimated
+/// to take (`used`, `pending` included). Every hive decides by this, for
+/// itself and for the others it might leave a job to.
+pub fn memory_available(ram_free: u64, vram_free: Option<u64>, limit: u64, used: u64, pending: u64) -> u64 {
     let by_limit = if limit > 0 { limit.saturating_sub(used) } else { u64::MAX };
     match vram_free {
-        Some(free) => free.min(by_limit),
-        None if ram_free > 0 => ram_free.min(by_limit),
+        Some(free) => free.saturating_sub(pending).min(by_limit),
+        // RAM that loads in progress take up is none left, not "unknown" (0).
+        None if ram_free > 0 => ram_free.saturating_sub(pending).min(by_limit),
         None => by_limit,
     }
 }
@@ -153,6 +161,7 @@ mod tests {
             ram_free: 4 << 30,
             memory_limit: 2 << 30,
             memory_used: 1 << 30,
+            memory_pending: 0,
             vram_total: 0,
             vram_free: 0,
             workers: vec![WorkerSummary { id: "w1".into(), model: "m".into(), state: "ready".into(), pid: 7, jobs_served: 3 }],
@@ -173,9 +182,15 @@ mod tests {
         assert_eq!(gpu.memory_available(), 60 << 30);
         let full_gpu = HiveInfo { vram_free: 1 << 20, ..gpu.clone() };
         assert_eq!(full_gpu.memory_available(), 1 << 20);
-        assert_eq!(memory_available(0, None, 0, 0), u64::MAX, "nothing known, no limit: no bound");
-        assert_eq!(memory_available(0, None, 4 << 30, 1 << 30), 3 << 30);
-        assert_eq!(memory_available(8 << 30, Some(2 << 30), 4 << 30, 3 << 30), 1 << 30);
+        assert_eq!(memory_available(0, None, 0, 0, 0), u64::MAX, "nothing known, no limit: no bound");
+        assert_eq!(memory_available(0, None, 4 << 30, 1 << 30, 0), 3 << 30);
+        assert_eq!(memory_available(8 << 30, Some(2 << 30), 4 << 30, 3 << 30, 0), 1 << 30);
+        // A load in progress: the free reading does not show it yet.
+        let loading = HiveInfo { memory_limit: 0, memory_pending: 3 << 30, ..info.clone() };
+        assert_eq!(loading.memory_available(), 1 << 30);
+        assert_eq!(memory_available(1 << 30, None, 0, 2 << 30, 2 << 30), 0, "all of the RAM pending: none left, not unknown");
+        assert_eq!(memory_available(0, None, 4 << 30, 3 << 30, 1 << 30), 1 << 30, "RAM unknown: the limit alone");
+        assert_eq!(memory_available(8 << 30, Some(2 << 30), 0, 3 << 30, 1 << 30), 1 << 30, "GPU memory less what is loading");
         for enc in [Encoding::Json, Encoding::Msgpack] {
             assert_eq!(enc.decode::<HiveInfo>(&enc.encode(&info)).unwrap(), info);
         }

@@ -70,16 +70,20 @@ async fn workers_of(client: &rbee::Client, hive: &str) -> Vec<WorkerInfo> {
     client.workers().await.unwrap().into_iter().filter(|w| w.hive == hive).collect()
 }
 
-/// Waits (at most 10 s: two heartbeats) until the hive's heartbeat satisfies `f`.
+/// Waits (at most 12 s: two heartbeats) until the hive's heartbeat satisfies `f`.
 async fn until_heartbeat(client: &rbee::Client, id: &str, what: &str, f: impl Fn(&HiveInfo) -> bool) -> HiveInfo {
-    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    until_heartbeat_within(client, id, Duration::from_secs(12), what, f).await
+}
+
+async fn until_heartbeat_within(client: &rbee::Client, id: &str, within: Duration, what: &str, f: impl Fn(&HiveInfo) -> bool) -> HiveInfo {
+    let deadline = std::time::Instant::now() + within;
     loop {
         let h = hive_info(client, id).await;
         if f(&h) {
             return h;
         }
         assert!(std::time::Instant::now() < deadline, "hive {id}: {what}; last heartbeat: {h:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -759,6 +763,39 @@ async fn draining_shown(broker: &Broker, model: &'static str) -> tokio::task::Jo
         }
         false
     })
+}
+
+/// While a worker loads, the machine's free memory does not show what it
+/// will take yet: the heartbeat carries it as `memory_pending`, and goes
+/// out as the worker starts, as it is ready and as it is gone, not at the
+/// next 5 s tick. Other hives subtract it (`HiveInfo::memory_available`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hives_heartbeat_counts_a_loading_worker_at_once() {
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    // A worker that takes 3 s to start loading.
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow-worker");
+    std::fs::write(&slow, format!("#!/bin/sh\nsleep 3\nexec '{}' \"$@\"\n", bin("rbee-worker").display())).unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let hive = noop_hive(&broker.url(), 1, "0ms", &["--worker-bin", slow.to_str().unwrap(), "--keep-alive", "1s"]).await;
+    let idle = hive_info(&client, &hive.id).await;
+    assert_eq!((idle.memory_used, idle.memory_pending), (0, 0));
+
+    let job = {
+        let client = client.clone();
+        tokio::spawn(async move { infer(&client, "noop", short(2)).await })
+    };
+    let at_once = Duration::from_millis(1500);
+    let loading = until_heartbeat_within(&client, &hive.id, at_once, "counts the loading worker", |h| h.memory_pending > 0).await;
+    assert_eq!(loading.memory_pending, loading.memory_used, "all it uses is still loading: {loading:?}");
+    assert!(!job.is_finished(), "the worker was still loading");
+    assert!(done(&job.await.unwrap()));
+    let ready = until_heartbeat_within(&client, &hive.id, at_once, "the worker is ready", |h| h.memory_pending == 0 && h.memory_used > 0).await;
+    assert_eq!(ready.memory_used, loading.memory_used);
+    // Keep-alive 1 s: the worker goes, and the heartbeat says so.
+    until_heartbeat_within(&client, &hive.id, Duration::from_secs(3), "the worker is gone", |h| h.memory_used == 0).await;
+    assert!(hive.worker_pids().is_empty());
 }
 
 /// With `--min-turn` longer than the job can wait, the busy worker is not
