@@ -112,11 +112,16 @@ pub struct ModelSummary {
 }
 
 impl ModelSummary {
-    /// Whether this is `model` (named by `key`, its canonical spelling) and
-    /// its file is there: the catalog key, or the source it was registered
-    /// from ([`ModelRef::matches_source`]).
+    /// Whether `model` (`key`, its canonical spelling) names this one: the
+    /// catalog key, or the source it was registered from
+    /// ([`ModelRef::matches_source`]), as the hive's own catalog finds it.
+    pub fn is_named_by(&self, model: &crate::model::ModelRef, key: &str) -> bool {
+        self.key == key || model.matches_source(&self.source)
+    }
+
+    /// [`Self::is_named_by`], and its file is there.
     pub fn is_present(&self, model: &crate::model::ModelRef, key: &str) -> bool {
-        self.present && (self.key == key || model.matches_source(&self.source))
+        self.present && self.is_named_by(model, key)
     }
 }
 

@@ -189,7 +189,11 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     let refused = cli(&broker.url(), &["models", "delete", "tiny", "--hive", &hive.id]).await;
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("MODEL_IN_USE"), "{refused:?}");
-    let deleted = ok_json(&cli(&broker.url(), &["models", "delete", "tiny", "--force", "--json"]).await);
+    // The repo alone names it too, in the CLI as in jobs (it was downloaded under an alias).
+    let got = ok_json(&cli(&broker.url(), &["models", "get", "hf:rbee-test/SmolLM2-GGUF", "--json"]).await);
+    assert_eq!(got[0]["model"]["key"], "tiny", "{got}");
+    let deleted = ok_json(&cli(&broker.url(), &["models", "delete", "hf:rbee-test/SmolLM2-GGUF", "--force", "--json"]).await);
+    assert_eq!(deleted["result"]["model"], "tiny");
     assert_eq!(deleted["result"]["file_removed"], true);
     eventually(Duration::from_secs(10), "the worker stopped", || hive.worker_pids().is_empty()).await;
     assert!(files_under(&models.path().join("hf")).iter().all(|(_, len)| *len < 1_000_000), "no model file left");

@@ -291,14 +291,15 @@ pub async fn models(client: &Client, cmd: ModelsCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         ModelsCommand::Get { model, json } => {
-            let wanted = ModelRef::parse(&model).map_err(|e| ClientError::Usage(e.to_string()))?.to_string();
+            let parsed = ModelRef::parse(&model).map_err(|e| ClientError::Usage(e.to_string()))?;
+            let wanted = parsed.to_string();
             let hives = client.hives().await?;
             let found: Vec<Value> = hives
                 .iter()
                 .flat_map(|h| {
                     h.models
                         .iter()
-                        .filter(|m| m.key == wanted || m.source == wanted)
+                        .filter(|m| m.is_named_by(&parsed, &wanted))
                         .map(move |m| json!({ "hive": h.hive_id, "model": m }))
                 })
                 .collect();
@@ -341,12 +342,13 @@ pub async fn models(client: &Client, cmd: ModelsCommand) -> anyhow::Result<ExitC
             let targets: Vec<String> = match hive {
                 Some(h) => vec![h],
                 None => {
-                    let wanted = ModelRef::parse(&model).map_err(|e| ClientError::Usage(e.to_string()))?.to_string();
+                    let parsed = ModelRef::parse(&model).map_err(|e| ClientError::Usage(e.to_string()))?;
+                    let wanted = parsed.to_string();
                     let hs: Vec<String> = client
                         .hives()
                         .await?
                         .into_iter()
-                        .filter(|h| h.models.iter().any(|m| m.key == wanted || m.source == wanted))
+                        .filter(|h| h.models.iter().any(|m| m.is_named_by(&parsed, &wanted)))
                         .map(|h| h.hive_id)
                         .collect();
                     if hs.is_empty() {
