@@ -33,12 +33,13 @@ const ID_TAKEOVER_WAIT: Duration = Duration::from_secs(2 * HEARTBEAT_INTERVAL_SE
 /// so a hive restarted under the same id waits up to [`ID_TAKEOVER_WAIT`]
 /// to see, then takes the id over. A heartbeat from this very host and pid
 /// is a previous run of this process slot (a restarted container): no wait.
-pub async fn ensure_id_free(store: &kv::Store, hive_id: &str, hostname: &str, pid: u32) -> anyhow::Result<()> {
+/// Returns the heartbeat of the killed hive whose id this one takes over.
+pub async fn ensure_id_free(store: &kv::Store, hive_id: &str, hostname: &str, pid: u32) -> anyhow::Result<Option<HiveInfo>> {
     use futures::StreamExt;
     let decode = |e: &kv::Entry| (e.operation == kv::Operation::Put).then(|| Encoding::Json.decode::<HiveInfo>(&e.value).ok()).flatten();
-    let Some(found) = store.entry(hive_id).await?.as_ref().and_then(decode) else { return Ok(()) };
+    let Some(found) = store.entry(hive_id).await?.as_ref().and_then(decode) else { return Ok(None) };
     if found.hostname == hostname && found.pid == pid {
-        return Ok(());
+        return Ok(None);
     }
     tracing::info!(
         host = %found.hostname, pid = found.pid,
@@ -63,13 +64,7 @@ pub async fn ensure_id_free(store: &kv::Store, hive_id: &str, hostname: &str, pi
             live.pid,
             live.version
         ),
-        _ => {
-            tracing::warn!(
-                host = %found.hostname, pid = found.pid,
-                "hive id {hive_id} was last used by a hive that stopped without signing off; taking it over"
-            );
-            Ok(())
-        }
+        _ => Ok(Some(found)),
     }
 }
 

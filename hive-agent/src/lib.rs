@@ -264,7 +264,6 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     let catalog = Arc::new(catalog);
 
     let client = connect(&args.nats_url, &format!("rbee-hive {hive_id}")).await?;
-    logs::start(client.clone(), &hive_id);
     let js = jetstream::new(client.clone());
     let limits = rbee_broker::Limits {
         jobs_max_msgs: args.queue_max_jobs,
@@ -274,9 +273,18 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
     };
     let broker = rbee_broker::ensure(&js, &limits).await?;
     let host = hostname();
-    tokio::select! {
+    let taken_over = tokio::select! {
         free = heartbeat::ensure_id_free(&broker.hives, &hive_id, &host, std::process::id()) => free?,
         _ = shutdown.cancelled() => return Ok(()),
+    };
+    // Only once the id is this hive's: a hive refused for a live one's id
+    // must not write into that one's `rbee logs`.
+    logs::start(client.clone(), &hive_id);
+    if let Some(old) = taken_over {
+        tracing::warn!(
+            host = %old.hostname, pid = old.pid,
+            "hive id {hive_id} was last used by a hive that stopped without signing off; taking it over"
+        );
     }
     let mut infer = broker.infer.clone();
     let ack_wait = infer.info().await.map(|i| i.config.ack_wait).unwrap_or(Duration::from_secs(30));

@@ -860,6 +860,10 @@ async fn a_second_hive_under_a_live_hives_id_is_refused_and_a_killed_ones_is_tak
     let log = second.log();
     assert!(log.contains("is in use by a live hive on host") && log.contains(&format!("pid {}", first.pid())), "{log}");
     assert_eq!(hive_info(&client, &first.id).await.pid, first.pid(), "the first hive carries on");
+    // The refused hive wrote nothing into the live one's `rbee logs`.
+    let logs = cli(&broker.url(), &["logs", "--hive", &id]).await;
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("hive ready") && !text.contains("waiting up to") && !text.contains("is in use"), "{text}");
     assert!(done(&infer(&client, "noop", short(2)).await));
     assert_queue_drains(&broker.client().await).await; // acked before the kill
 
@@ -868,6 +872,8 @@ async fn a_second_hive_under_a_live_hives_id_is_refused_and_a_killed_ones_is_tak
     // Waits for the new hive's own heartbeat (up to 30 s).
     let third = Hive::start(&broker.url(), same_id()).await;
     assert!(third.log().contains("stopped without signing off; taking it over"), "{}", third.log());
+    let logs = cli(&broker.url(), &["logs", "--hive", &id]).await;
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("taking it over"), "{logs:?}");
     assert!(done(&infer(&client, "noop", short(2)).await));
     assert_queue_drains(&broker.client().await).await;
 }
