@@ -241,6 +241,7 @@ async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut E
     }
 
     let transfer = Transfer::default();
+    ctx.downloader.check_room(&transfer)?;
     let fetch = ctx.downloader.fetch(&hf, &transfer);
     tokio::pin!(fetch);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
@@ -250,6 +251,8 @@ async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut E
         tokio::select! {
             r = &mut fetch => break r?,
             _ = tick.tick() => {
+                // Dropping the download (returning) stops it.
+                ctx.downloader.check_room(&transfer)?;
                 let (done, total) = (transfer.done.load(Ordering::Relaxed), transfer.total.load(Ordering::Relaxed));
                 if total > 0 && done != last.1 {
                     let rate = (done.saturating_sub(last.1)) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);

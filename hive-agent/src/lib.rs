@@ -118,6 +118,10 @@ pub struct HiveArgs {
     /// Memory budget for this hive's workers (e.g. 8GiB, 512MB); 0 = only the machine's free memory.
     #[arg(long, env = "RBEE_MEMORY_LIMIT", default_value = "0", value_parser = parse_bytes)]
     pub memory_limit: u64,
+    /// Free disk space a model download must leave where the models go (e.g. 10GiB); one that
+    /// would leave less fails INSUFFICIENT_DISK as soon as the hub says the file's size.
+    #[arg(long, env = "RBEE_DISK_RESERVE", default_value = "1GiB", value_parser = parse_bytes)]
+    pub disk_reserve: u64,
     /// How long an idle worker stays loaded (jobs may say otherwise with keep_alive_ms); "-1" = for ever,
     /// and never stopped to make room for another model.
     #[arg(long, env = "RBEE_KEEP_ALIVE", default_value = "5m", value_parser = parse_keep_alive, allow_hyphen_values = true)]
@@ -335,6 +339,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
             cache_dir: models_dir.join("hf"),
             token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
             attempts: 4,
+            disk_reserve: args.disk_reserve,
         },
         ack_wait,
         max_attempts: args.max_attempts,

@@ -26,6 +26,7 @@ use rbee_schemas::error::{ErrorCode, JobError};
 use rbee_schemas::model::{HfRef, ModelRef};
 
 use crate::catalog::{now_ms, sha256_file, Catalog, ModelEntry, KNOWN_MODELS};
+use crate::system::human;
 
 /// Where and how this hive downloads.
 #[derive(Debug, Clone)]
@@ -38,6 +39,8 @@ pub struct Downloader {
     pub token: Option<String>,
     /// Tries per download; each resumes the previous one.
     pub attempts: u32,
+    /// Free space a download must leave where the models go (`--disk-reserve`), bytes.
+    pub disk_reserve: u64,
 }
 
 /// Bytes done and in all, shared between hf-hub's progress callbacks and the job.
@@ -86,7 +89,43 @@ pub fn download_target(model: &ModelRef) -> Result<(HfRef, Option<&'static crate
     }
 }
 
+/// `Some(bytes still to download)` when a download of `total` bytes (0:
+/// not known yet), `done` of them written, does not fit in `free` and keep
+/// `reserve` free. A resumed download needs only the rest: hf-hub reports
+/// the bytes it resumed from as done (its temporary file is sparse).
+fn short_of_disk(free: u64, total: u64, done: u64, reserve: u64) -> Option<u64> {
+    let left = total.saturating_sub(done);
+    (free < left.saturating_add(reserve)).then_some(left)
+}
+
+/// Space available to this user on the filesystem that holds `path` (or
+/// its nearest existing parent), bytes; `None` where it cannot be read.
+fn disk_free(path: &Path) -> Option<u64> {
+    let st = path.ancestors().find_map(|p| rustix::fs::statvfs(p).ok())?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 impl Downloader {
+    /// Fails `INSUFFICIENT_DISK` when what is left of `transfer` would leave
+    /// less than `disk_reserve` free where the models go. Called before the
+    /// download starts (the size unknown: the reserve alone), then every
+    /// progress tick: the first one after the hub said the file's size, and
+    /// on while it downloads, as other writers share the disk.
+    pub fn check_room(&self, transfer: &Transfer) -> Result<(), JobError> {
+        let Some(free) = disk_free(&self.cache_dir) else { return Ok(()) };
+        let (total, done) = (transfer.total.load(Ordering::Relaxed), transfer.done.load(Ordering::Relaxed));
+        let Some(left) = short_of_disk(free, total, done, self.disk_reserve) else { return Ok(()) };
+        let (dir, free, keep) = (self.cache_dir.display(), human(free), human(self.disk_reserve));
+        let what = match left {
+            0 => format!("{dir} has {free} free, and this hive keeps {keep} free (--disk-reserve)"),
+            left => format!("the download needs {} more and {dir} has {free} free, of which this hive keeps {keep} (--disk-reserve)", human(left)),
+        };
+        Err(JobError::new(
+            ErrorCode::InsufficientDisk,
+            format!("{what}; delete models (rbee models delete), free space, or lower --disk-reserve"),
+        ))
+    }
+
     fn api(&self) -> Result<Api, JobError> {
         ApiBuilder::new()
             .with_endpoint(self.endpoint.clone())
@@ -116,6 +155,10 @@ impl Downloader {
             ApiError::LockAcquisition(p) => JobError::new(
                 ErrorCode::Internal,
                 format!("another download of {} is running (lock {}); wait for it", file, p.display()),
+            ),
+            ApiError::IoError(io) if io.kind() == std::io::ErrorKind::StorageFull => JobError::new(
+                ErrorCode::InsufficientDisk,
+                format!("the disk under {} is full: {io}; delete models (rbee models delete) or free space", self.cache_dir.display()),
             ),
             ApiError::IoError(io) => JobError::internal(format!("writing the download under {}: {io}", self.cache_dir.display())),
             other => JobError::new(ErrorCode::ModelSourceUnreachable, format!("download from {} failed: {other}", self.endpoint)),
@@ -190,7 +233,8 @@ impl Downloader {
                 Err(e) => {
                     let progressed = transfer.done.load(Ordering::Relaxed) > before;
                     let transient = matches!(&e, ApiError::RequestError(r) if r.status().is_none())
-                        || matches!(&e, ApiError::TooManyRetries(_) | ApiError::IoError(_));
+                        || matches!(&e, ApiError::TooManyRetries(_))
+                        || matches!(&e, ApiError::IoError(io) if io.kind() != std::io::ErrorKind::StorageFull);
                     if attempt >= self.attempts || !(progressed && transient) {
                         return Err(self.map_error(e, hf, &file));
                     }
@@ -343,6 +387,30 @@ mod tests {
         let mut f = std::fs::File::create(path).unwrap();
         let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
         gguf_file::write(&mut f, &meta, &[]).unwrap();
+    }
+
+    #[test]
+    fn a_download_must_leave_the_reserve_free() {
+        let gib = 1 << 30;
+        // Size not known yet: only the reserve.
+        assert_eq!(short_of_disk(2 * gib, 0, 0, gib), None);
+        assert_eq!(short_of_disk(gib - 1, 0, 0, gib), Some(0));
+        // 5 GiB to fetch, 6 GiB free: 1 GiB left, the reserve exactly.
+        assert_eq!(short_of_disk(6 * gib, 5 * gib, 0, gib), None);
+        assert_eq!(short_of_disk(6 * gib - 1, 5 * gib, 0, gib), Some(5 * gib));
+        // Resumed at 4 GiB of 5: only the last one is needed.
+        assert_eq!(short_of_disk(2 * gib, 5 * gib, 4 * gib, gib), None);
+        // No reserve: the file alone.
+        assert_eq!(short_of_disk(gib, gib, 0, 0), None);
+        assert_eq!(short_of_disk(u64::MAX - 1, u64::MAX, 0, 1), Some(u64::MAX), "no overflow");
+    }
+
+    #[test]
+    fn the_free_space_of_a_directory_not_made_yet_is_its_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = disk_free(dir.path()).expect("statvfs");
+        assert!(free > 0);
+        assert!(disk_free(&dir.path().join("hf/not/yet")).is_some());
     }
 
     #[test]

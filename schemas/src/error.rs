@@ -31,6 +31,8 @@ pub enum ErrorCode {
     ModelLoadTimeout,
     /// The model does not fit in the memory of any hive.
     InsufficientMemory,
+    /// The hive's disk has no room for the model's file (less its `--disk-reserve`).
+    InsufficientDisk,
     /// The worker crashed on every attempt the job was allowed.
     WorkerCrashed,
     /// The job's deadline passed before it finished.
@@ -61,6 +63,7 @@ impl ErrorCode {
             ErrorCode::UnknownWorker => "UNKNOWN_WORKER",
             ErrorCode::ModelLoadTimeout => "MODEL_LOAD_TIMEOUT",
             ErrorCode::InsufficientMemory => "INSUFFICIENT_MEMORY",
+            ErrorCode::InsufficientDisk => "INSUFFICIENT_DISK",
             ErrorCode::WorkerCrashed => "WORKER_CRASHED",
             ErrorCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
             ErrorCode::Cancelled => "CANCELLED",

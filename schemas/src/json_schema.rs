@@ -107,6 +107,7 @@ fn event_schema_covers_every_event_and_error_code() {
         ErrorCode::UnknownWorker,
         ErrorCode::ModelLoadTimeout,
         ErrorCode::InsufficientMemory,
+        ErrorCode::InsufficientDisk,
         ErrorCode::WorkerCrashed,
         ErrorCode::DeadlineExceeded,
         ErrorCode::Cancelled,

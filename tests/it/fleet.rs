@@ -120,9 +120,14 @@ fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
 /// A broker and one hive that downloads from `hub` into a temporary models
 /// directory, and a client.
 async fn hive_on_hub(hub: &Hub) -> (Broker, tempfile::TempDir, Hive, rbee::Client) {
+    hive_on_hub_with(hub, &[]).await
+}
+
+async fn hive_on_hub_with(hub: &Hub, extra: &[&str]) -> (Broker, tempfile::TempDir, Hive, rbee::Client) {
     let broker = Broker::start();
     let models = tempfile::tempdir().unwrap();
-    let args = vec!["--hf-endpoint".into(), hub.url.clone()];
+    let mut args = vec!["--hf-endpoint".into(), hub.url.clone()];
+    args.extend(extra.iter().map(|a| a.to_string()));
     let hive = Hive::start(&broker.url(), HiveOpts { args, models_dir: Some(models.path().to_path_buf()), ..HiveOpts::default() }).await;
     let client = rbee::Client::connect(&broker.url()).await.unwrap();
     (broker, models, hive, client)
@@ -197,6 +202,24 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     assert_eq!(deleted["result"]["file_removed"], true);
     eventually(Duration::from_secs(10), "the worker stopped", || hive.worker_pids().is_empty()).await;
     assert!(files_under(&models.path().join("hf")).iter().all(|(_, len)| *len < 1_000_000), "no model file left");
+}
+
+/// A download that would leave less than the hive's `--disk-reserve` free
+/// fails `INSUFFICIENT_DISK`, saying what to do, before it fetches anything.
+/// (How much is left once the hub has said the size: a unit test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_that_would_leave_too_little_disk_fails_insufficient_disk() {
+    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
+    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    let (broker, models, hive, client) = hive_on_hub_with(&hub, &["--disk-reserve", "1000TiB"]).await;
+    let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/SmolLM2-GGUF".into(), alias: Some("tiny".into()) };
+    let (code, message) = error(&ctl(&client, None, req).await);
+    assert_eq!(code, ErrorCode::InsufficientDisk);
+    assert!(message.contains("(--disk-reserve)") && message.contains("rbee models delete"), "{message}");
+    assert_eq!(hub.body_bytes(), 0, "nothing fetched");
+    assert!(files_under(models.path()).is_empty(), "nothing written");
+    assert!(hive_info(&client, &hive.id).await.models.is_empty());
+    assert_queue_drains(&broker.client().await).await;
 }
 
 /// `rbee infer` with an `hf:` model that no hive has downloads it first
