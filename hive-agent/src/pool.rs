@@ -968,6 +968,16 @@ mod tests {
         assert_eq!(pool.committed().total, 600, "the promise became b's reservation");
         drop(b);
         assert_eq!(pool.committed(), Committed::default());
+        // A promise whose job went away (cancelled, expired, run elsewhere)
+        // lapses: once it is past, it holds nothing and is cleared.
+        pool.drain_for("b", 600, 600);
+        for r in lock(&pool.reserved).values_mut() {
+            r.promised_until = Some(Instant::now() - Duration::from_millis(1));
+        }
+        assert_eq!(pool.committed(), Committed::default());
+        let c = pool.admit("c", 600, free).expect("the lapsed promise holds nothing");
+        assert_eq!(lock(&pool.reserved).len(), 1, "the lapsed promise is gone, c's reservation stays");
+        drop(c);
     }
 
     #[test]

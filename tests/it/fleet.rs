@@ -887,6 +887,11 @@ async fn a_second_hive_under_a_live_hives_id_is_refused_and_a_killed_ones_is_tak
     let logs = cli(&broker.url(), &["logs", "--hive", &id]).await;
     let text = String::from_utf8_lossy(&logs.stdout);
     assert!(text.contains("hive ready") && !text.contains("waiting up to") && !text.contains("is in use"), "{text}");
+    // Ctrl-C while it waits to see whether the id's hive is alive: it stops at once, cleanly.
+    let mut interrupted = Hive::spawn(&broker.url(), same_id());
+    eventually(Duration::from_secs(10), "the hive waits for the id", || interrupted.log().contains("waiting up to")).await;
+    interrupted.signal(Signal::INT);
+    assert_eq!(interrupted.wait(Duration::from_secs(3)), Some(0), "{}", interrupted.log());
     assert!(done(&infer(&client, "noop", short(2)).await));
     assert_queue_drains(&broker.client().await).await; // acked before the kill
 
