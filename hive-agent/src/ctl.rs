@@ -38,9 +38,12 @@ use crate::job::run::Run;
 use crate::job::{envelope, JobCtx};
 use crate::models::{self, Transfer};
 use crate::pool::StartOptions;
+use crate::system::human;
 
 /// How often a running download reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// The longest a download left for a hive with more free disk stays out of the queue.
+const LEAVE_FOR_DISK: Duration = Duration::from_secs(1);
 
 enum Outcome {
     Done(Value),
@@ -104,6 +107,17 @@ async fn handle_in_span(
                 Decision::Fail(e) => req = Err(e),
             },
             Err(e) => req = Err(JobError::invalid(e.to_string())),
+        }
+    }
+    // A download sent to `any` that this hive's disk has no room for goes
+    // to a hive with more free disk, untouched, as a spawn does.
+    if let (Ok(CtlRequest::ModelDownload { .. }), true) = (&req, to_any) {
+        if let Some(free) = ctx.downloader.short_of_reserve() {
+            if let Some(h) = ctx.fleet.others().into_iter().filter(|h| h.disk_free > free).max_by_key(|h| h.disk_free) {
+                let why = format!("the disk here has {}; hive {} has {}", human(free), h.hive_id, human(h.disk_free));
+                crate::job::place::leave(&ctx, &msg, LEAVE_FOR_DISK, &why, "download").await;
+                return;
+            }
         }
     }
     let registration = ctx.running.register(&env.job_id);

@@ -100,12 +100,18 @@ fn short_of_disk(free: u64, total: u64, done: u64, reserve: u64) -> Option<u64> 
 
 /// Space available to this user on the filesystem that holds `path` (or
 /// its nearest existing parent), bytes; `None` where it cannot be read.
-fn disk_free(path: &Path) -> Option<u64> {
+pub fn disk_free(path: &Path) -> Option<u64> {
     let st = path.ancestors().find_map(|p| rustix::fs::statvfs(p).ok())?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 impl Downloader {
+    /// The free space where the models go when it is less than
+    /// `disk_reserve`: no download can start here now.
+    pub fn short_of_reserve(&self) -> Option<u64> {
+        disk_free(&self.cache_dir).filter(|free| short_of_disk(*free, 0, 0, self.disk_reserve).is_some())
+    }
+
     /// Fails `INSUFFICIENT_DISK` when what is left of `transfer` would leave
     /// less than `disk_reserve` free where the models go. Called before the
     /// download starts (the size unknown: the reserve alone), then every

@@ -62,6 +62,10 @@ pub struct HiveInfo {
     pub vram_total: u64,
     #[serde(default)]
     pub vram_free: u64,
+    /// Space available on the filesystem of its models directory, bytes;
+    /// 0 where it cannot be read.
+    #[serde(default)]
+    pub disk_free: u64,
     #[serde(default)]
     pub workers: Vec<WorkerSummary>,
     /// The models in the hive's catalog.
@@ -169,6 +173,7 @@ mod tests {
             memory_pending: 0,
             vram_total: 0,
             vram_free: 0,
+            disk_free: 100 << 30,
             workers: vec![WorkerSummary { id: "w1".into(), model: "m".into(), state: "ready".into(), pid: 7, jobs_served: 3 }],
             models: vec![ModelSummary {
                 key: "m".into(),

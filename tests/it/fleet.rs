@@ -205,20 +205,32 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
 }
 
 /// A download that would leave less than the hive's `--disk-reserve` free
-/// fails `INSUFFICIENT_DISK`, saying what to do, before it fetches anything.
-/// (How much is left once the hub has said the size: a unit test.)
+/// fails `INSUFFICIENT_DISK`, saying what to do, before it fetches anything
+/// (how much is left once the hub has said the size: a unit test). One sent
+/// to `any` goes to a hive with more free disk instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_download_that_would_leave_too_little_disk_fails_insufficient_disk() {
+async fn a_download_that_would_leave_too_little_disk_fails_or_goes_where_there_is_room() {
     let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
     let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
-    let (broker, models, hive, client) = hive_on_hub_with(&hub, &["--disk-reserve", "1000TiB"]).await;
+    let (broker, models, full, client) = hive_on_hub_with(&hub, &["--disk-reserve", "1000TiB"]).await;
     let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/SmolLM2-GGUF".into(), alias: Some("tiny".into()) };
-    let (code, message) = error(&ctl(&client, None, req).await);
+    let (code, message) = error(&ctl(&client, Some(&full.id), req.clone()).await);
     assert_eq!(code, ErrorCode::InsufficientDisk);
     assert!(message.contains("(--disk-reserve)") && message.contains("rbee models delete"), "{message}");
     assert_eq!(hub.body_bytes(), 0, "nothing fetched");
     assert!(files_under(models.path()).is_empty(), "nothing written");
-    assert!(hive_info(&client, &hive.id).await.models.is_empty());
+    assert!(hive_info(&client, &full.id).await.disk_free > 0, "the heartbeat carries the disk's free space");
+
+    // Sent to `any`: the hive with room takes it, whichever hive is offered it first.
+    let roomy_models = tempfile::tempdir().unwrap();
+    let args = vec!["--hf-endpoint".into(), hub.url.clone()];
+    let roomy = Hive::start(&broker.url(), HiveOpts { args, models_dir: Some(roomy_models.path().to_path_buf()), ..HiveOpts::default() }).await;
+    until_heartbeat(&client, &roomy.id, "reports its free disk", |h| h.disk_free > 0).await;
+    let done = result(&ctl(&client, None, req).await);
+    assert_eq!(done["hive"], roomy.id.as_str());
+    assert!(files_under(models.path()).is_empty(), "nothing written on the full hive");
+    let listed = cli(&broker.url(), &["hives", "list"]).await;
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("DISK"), "{listed:?}");
     assert_queue_drains(&broker.client().await).await;
 }
 

@@ -477,6 +477,7 @@ pub fn hive_rows(hives: &[HiveInfo]) -> Vec<Vec<String>> {
                 format!("{}/{}", h.busy, h.slots),
                 format!("{} free of {}", gib(h.ram_free), gib(h.ram_total)),
                 if h.vram_total > 0 { format!("{} free of {}", gib(h.vram_free), gib(h.vram_total)) } else { "-".to_owned() },
+                if h.disk_free > 0 { format!("{} free", gib(h.disk_free)) } else { "-".to_owned() },
                 if h.memory_limit > 0 { format!("{} of {}", gib(h.memory_used), gib(h.memory_limit)) } else { gib(h.memory_used) },
                 h.workers.iter().map(|w| format!("{}({})", w.model, w.state)).collect::<Vec<_>>().join(" "),
                 age(h.started_at_ms),
@@ -485,7 +486,7 @@ pub fn hive_rows(hives: &[HiveInfo]) -> Vec<Vec<String>> {
         .collect()
 }
 
-pub const HIVE_HEADER: [&str; 9] = ["HIVE", "VERSION", "DEVICES", "BUSY", "RAM", "VRAM", "WORKER MEM", "WORKERS", "UP"];
+pub const HIVE_HEADER: [&str; 10] = ["HIVE", "VERSION", "DEVICES", "BUSY", "RAM", "VRAM", "DISK", "WORKER MEM", "WORKERS", "UP"];
 
 pub async fn hives(client: &Client, cmd: HivesCommand) -> anyhow::Result<ExitCode> {
     let HivesCommand::List { json } = cmd;
