@@ -46,7 +46,16 @@ pub struct Fleet {
     held: Mutex<HashMap<String, std::time::Instant>>,
     /// Woken when the buckets were recreated: the watch starts again on them.
     replaced: tokio::sync::Notify,
+    /// This process (host, pid) and when it started: a heartbeat under this
+    /// hive's id from another process, newer than that, is a second hive
+    /// using the id ([`Fleet::check_own_id`]).
+    me: (String, u32, u64),
+    /// When that was last reported.
+    collision_reported: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a hive repeats that another one uses its id.
+const COLLISION_REPORT_EVERY: Duration = Duration::from_secs(30);
 
 /// A lease held this long with no worker for its model is given up.
 const UNUSED_LEASE: Duration = Duration::from_secs(15);
@@ -68,7 +77,34 @@ impl Fleet {
             hives: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             replaced: tokio::sync::Notify::new(),
+            me: (crate::hostname(), std::process::id(), now_ms()),
+            collision_reported: Mutex::new(None),
         }
+    }
+
+    /// A heartbeat under this hive's own id: one from another process,
+    /// written after this one started, means a second hive uses the id (its
+    /// check at start missed this one, e.g. the broker was out of reach).
+    /// Both then share a heartbeat key, a lifecycle consumer, worker ids and
+    /// leases; said loudly, every 30 s, as neither can tell which should go.
+    /// A killed predecessor's last beat is older than this process: ignored.
+    fn check_own_id(&self, value: &[u8]) {
+        let Ok(h) = serde_json::from_slice::<HiveInfo>(value) else { return };
+        let (host, pid, started) = &self.me;
+        if (&h.hostname == host && h.pid == *pid) || h.updated_at_ms < *started {
+            return;
+        }
+        let mut reported = lock(&self.collision_reported);
+        if reported.is_some_and(|t| t.elapsed() < COLLISION_REPORT_EVERY) {
+            return;
+        }
+        *reported = Some(std::time::Instant::now());
+        tracing::error!(
+            host = %h.hostname, pid = h.pid,
+            "another hive is running under this hive's id {}: jobs, downloads and workers meant for one may go to the other; \
+             stop one of them, or restart it with another --hive-id (RBEE_HIVE_ID)",
+            self.hive_id
+        );
     }
 
     /// After a broker restart the memory-backed buckets are new.
@@ -123,6 +159,9 @@ impl Fleet {
                 Ok(Some(Err(e))) => return e.to_string(),
                 Ok(Some(Ok(entry))) => {
                     let value = (entry.operation == kv::Operation::Put).then_some(&entry.value[..]);
+                    if let (true, Some(v)) = (entry.key == self.hive_id, value) {
+                        self.check_own_id(v);
+                    }
                     apply(&mut lock(&self.hives), entry.key, value, now_ms());
                     // `delta`: how many of the values there at the start are still to come.
                     if entry.delta == 0 {

@@ -213,7 +213,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     rustix::system::uname().nodename().to_string_lossy().into_owned()
 }
 

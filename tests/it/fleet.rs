@@ -914,8 +914,29 @@ async fn a_second_hive_under_a_live_hives_id_is_refused_and_a_killed_ones_is_tak
     assert!(third.log().contains("stopped without signing off; taking it over"), "{}", third.log());
     let logs = cli(&broker.url(), &["logs", "--hive", &id]).await;
     assert!(String::from_utf8_lossy(&logs.stdout).contains("taking it over"), "{logs:?}");
+    assert!(!third.log().contains("another hive is running under"), "the killed hive's last beat is no live hive: {}", third.log());
     assert!(done(&infer(&client, "noop", short(2)).await));
     assert_queue_drains(&broker.client().await).await;
+}
+
+/// A second hive under a hive's id that its start-up check missed (the
+/// broker was out of reach, say) is reported by the running hive as soon as
+/// a heartbeat of the other appears under its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hive_reports_another_hive_beating_under_its_id() {
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let hive = noop_hive(&broker.url(), 1, "0ms", &[]).await;
+    let mut other = hive_info(&client, &hive.id).await;
+    other.hostname = "elsewhere".into();
+    other.pid = 4242;
+    other.updated_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let js = async_nats::jetstream::new(broker.client().await);
+    let (hives, _, _) = rbee_broker::ensure_memory_buckets(&js).await.unwrap();
+    hives.put(&hive.id, serde_json::to_vec(&other).unwrap().into()).await.unwrap();
+    eventually(Duration::from_secs(5), "the hive reports the other", || hive.log().contains("another hive is running under this hive's id")).await;
+    assert!(hive.log().contains("host=elsewhere pid=4242"), "{}", hive.log());
+    assert!(done(&infer(&client, "noop", short(2)).await), "it carries on");
 }
 
 /// A CUDA hive places models by its GPU's free memory, not the machine's
