@@ -118,8 +118,9 @@ pub struct HiveArgs {
     /// Memory budget for this hive's workers (e.g. 8GiB, 512MB); 0 = only the machine's free memory.
     #[arg(long, env = "RBEE_MEMORY_LIMIT", default_value = "0", value_parser = parse_bytes)]
     pub memory_limit: u64,
-    /// Free disk space a model download must leave where the models go (e.g. 10GiB); one that
-    /// would leave less fails INSUFFICIENT_DISK as soon as the hub says the file's size.
+    /// Free disk space a model download must leave where the models go (e.g. 10GiB): checked before
+    /// it starts and while it runs; one that would leave less fails INSUFFICIENT_DISK (one sent to
+    /// any hive is left for a hive with more free disk).
     #[arg(long, env = "RBEE_DISK_RESERVE", default_value = "1GiB", value_parser = parse_bytes)]
     pub disk_reserve: u64,
     /// How long an idle worker stays loaded (jobs may say otherwise with keep_alive_ms); "-1" = for ever,
