@@ -235,24 +235,31 @@ impl Fleet {
         }
     }
 
-    /// Keeps the leases of the models this hive serves alive, and gives up
-    /// those it took but has had no worker for since [`UNUSED_LEASE`] (a
-    /// worker that failed to load, or exited).
-    pub async fn refresh_leases(&self, model_keys: &[String]) {
+    /// Keeps the leases of the models this hive serves alive (`ready`
+    /// workers), and of those it took the lease for and is still starting a
+    /// worker for (a load may outlast the lease's 15 s TTL); gives up those it
+    /// took but has had no worker for since [`UNUSED_LEASE`] (a worker that
+    /// failed to load, or exited). A worker starting without the lease (a
+    /// scale-out, an explicit spawn) does not take it: until it is ready the
+    /// model's jobs go to the hive that serves it, and if it fails to start
+    /// this hive must not have taken them over.
+    pub async fn refresh_leases(&self, ready: &[String], starting: &[String]) {
         let store = lock(&self.leases).clone();
-        let stale: Vec<String> = {
+        let (model_keys, stale): (Vec<String>, Vec<String>) = {
             let mut held = lock(&self.held);
             let now = std::time::Instant::now();
-            for m in model_keys {
+            let model_keys: Vec<String> =
+                ready.iter().chain(starting.iter().filter(|m| held.contains_key(m.as_str()))).cloned().collect();
+            for m in &model_keys {
                 held.insert(m.clone(), now);
             }
             let stale: Vec<String> = held.iter().filter(|(m, t)| !model_keys.contains(m) && t.elapsed() > UNUSED_LEASE).map(|(m, _)| m.clone()).collect();
             for m in &stale {
                 held.remove(m);
             }
-            stale
+            (model_keys, stale)
         };
-        for m in model_keys {
+        for m in &model_keys {
             let _ = store.put(subjects::cold_start_lease_key(m), self.hive_id.clone().into()).await;
         }
         for m in stale {

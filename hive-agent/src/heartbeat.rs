@@ -125,7 +125,8 @@ impl Heartbeat {
         let info = self.snapshot();
         self.store.put(&info.hive_id, Encoding::Json.encode(&info).into()).await?;
         self.pool.republish();
-        self.fleet.refresh_leases(&self.pool.models()).await;
+        let (ready, starting) = self.pool.models();
+        self.fleet.refresh_leases(&ready, &starting).await;
         Ok(())
     }
 

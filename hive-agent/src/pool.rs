@@ -649,8 +649,17 @@ impl Pool {
     }
 
     /// Model keys with a worker here (ready or starting).
-    pub fn models(&self) -> Vec<String> {
-        lock(&self.slots).keys().cloned().collect()
+    /// The models with a worker here: ready ones, and ones still starting.
+    pub fn models(&self) -> (Vec<String>, Vec<String>) {
+        let slots = lock(&self.slots);
+        let (mut ready, mut starting) = (Vec::new(), Vec::new());
+        for (model, slot) in slots.iter() {
+            match slot {
+                Slot::Ready(_) => ready.push(model.clone()),
+                Slot::Starting { .. } => starting.push(model.clone()),
+            }
+        }
+        (ready, starting)
     }
 
     /// Memory a worker of this hive for `model` is estimated to need (with
