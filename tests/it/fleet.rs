@@ -596,6 +596,32 @@ async fn a_scale_out_worker_that_cannot_start_leaves_the_backlog_to_the_serving_
     assert_queue_drains(&broker.client().await).await;
 }
 
+/// A scale-out worker still starting does not take the model's cold-start
+/// lease from the hive that serves it, though its hive beats as it starts:
+/// had it, and had the worker then failed, that hive would cold-start the
+/// model's next jobs itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_scale_out_worker_leaves_the_lease_with_the_serving_hive() {
+    let broker = Broker::start();
+    let (serving, client) = busy_noop_hive(&broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = slow_worker_bin(dir.path());
+    let other = noop_hive(&broker.url(), 1, "50ms", &["--scale-out-after", "300ms", "--worker-bin", &slow]).await;
+    let (_, _, leases) = rbee_broker::ensure_memory_buckets(&async_nats::jetstream::new(broker.client().await)).await.unwrap();
+
+    let mut jobs = noop_backlog(&client).await;
+    until_heartbeat(&client, &other.id, "beats as its scale-out worker starts", |h| h.memory_pending > 0).await;
+    // The lease would be written right after that heartbeat.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let holder = leases.get(subjects::cold_start_lease_key("noop")).await.unwrap().expect("the lease");
+    assert_eq!(String::from_utf8_lossy(&holder), serving.id, "the serving hive keeps the lease");
+    for j in &mut jobs {
+        let events = collect(j).await;
+        assert!(matches!(events.last().unwrap().body, EventBody::Done(_)), "{events:?}");
+    }
+    assert_queue_drains(&broker.client().await).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_workers_exit_after_their_keep_alive() {
     let broker = Broker::start();
@@ -804,6 +830,14 @@ async fn draining_shown(broker: &Broker, model: &'static str) -> tokio::task::Jo
     })
 }
 
+/// A worker binary in `dir` that waits 3 s before it starts the real one.
+fn slow_worker_bin(dir: &std::path::Path) -> String {
+    let slow = dir.join("slow-worker");
+    std::fs::write(&slow, format!("#!/bin/sh\nsleep 3\nexec '{}' \"$@\"\n", bin("rbee-worker").display())).unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    slow.to_str().unwrap().to_owned()
+}
+
 /// While a worker loads, the machine's free memory does not show what it
 /// will take yet: the heartbeat carries it as `memory_pending`, and goes
 /// out as the worker starts, as it is ready and as it is gone, not at the
@@ -812,12 +846,9 @@ async fn draining_shown(broker: &Broker, model: &'static str) -> tokio::task::Jo
 async fn a_hives_heartbeat_counts_a_loading_worker_at_once() {
     let broker = Broker::start();
     let client = rbee::Client::connect(&broker.url()).await.unwrap();
-    // A worker that takes 3 s to start loading.
     let dir = tempfile::tempdir().unwrap();
-    let slow = dir.path().join("slow-worker");
-    std::fs::write(&slow, format!("#!/bin/sh\nsleep 3\nexec '{}' \"$@\"\n", bin("rbee-worker").display())).unwrap();
-    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let hive = noop_hive(&broker.url(), 1, "0ms", &["--worker-bin", slow.to_str().unwrap(), "--keep-alive", "1s"]).await;
+    let slow = slow_worker_bin(dir.path());
+    let hive = noop_hive(&broker.url(), 1, "0ms", &["--worker-bin", &slow, "--keep-alive", "1s"]).await;
     let idle = hive_info(&client, &hive.id).await;
     assert_eq!((idle.memory_used, idle.memory_pending), (0, 0));
 
