@@ -648,7 +648,6 @@ impl Pool {
             .collect()
     }
 
-    /// Model keys with a worker here (ready or starting).
     /// The models with a worker here: ready ones, and ones still starting.
     pub fn models(&self) -> (Vec<String>, Vec<String>) {
         let slots = lock(&self.slots);
