@@ -111,8 +111,20 @@ async fn handle_in_span(
     }
     // A download sent to `any` that this hive's disk has no room for goes
     // to a hive with more free disk, untouched, as a spawn does.
-    if let (Ok(CtlRequest::ModelDownload { .. }), true) = (&req, to_any) {
-        if let Some(free) = ctx.downloader.short_of_reserve() {
+    if let (Ok(CtlRequest::ModelDownload { model, alias, .. }), true) = (&req, to_any) {
+        // A model already here needs no disk (the job answers
+        // `already_present`), and a bad request fails here as anywhere.
+        let short = match ctx.downloader.short_of_reserve() {
+            Some(free) => {
+                let here = match Target::of(model, alias.clone()) {
+                    Ok(t) => already_here(&ctx, &t).await,
+                    Err(e) => Err(e),
+                };
+                matches!(here, Ok(None)).then_some(free)
+            }
+            None => None,
+        };
+        if let Some(free) = short {
             if let Some(h) = ctx.fleet.others().into_iter().filter(|h| h.disk_free > free).max_by_key(|h| h.disk_free) {
                 let why = format!("the disk here has {}; hive {} has {}", human(free), h.hive_id, human(h.disk_free));
                 crate::job::place::leave(&ctx, &msg, LEAVE_FOR_DISK, &why, "download").await;
@@ -236,23 +248,13 @@ async fn execute(ctx: &JobCtx, req: CtlRequest, spawn_entry: Option<ModelEntry>,
 }
 
 async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut EventSink) -> Result<Value, JobError> {
-    let reference = ModelRef::parse(model).map_err(|e| JobError::invalid(e.to_string()))?;
-    let (hf, known) = models::download_target(&reference)?;
-    let key = alias.or_else(|| known.map(|k| k.alias.to_owned())).unwrap_or_else(|| reference.to_string());
-    // Already here (a known model found on disk is registered by resolve)?
-    let (catalog, k, m) = (ctx.catalog.clone(), key.clone(), reference.clone());
-    let hive = ctx.hive_id.clone();
-    let existing = blocking(move || match catalog.find(&k)? {
-        Some(e) if e.path.is_file() => Ok(Some(e)),
-        _ if matches!(m, ModelRef::Alias(_)) || known_file_on_disk(&catalog, &m) => catalog.resolve(&m, &hive).map(Some).or(Ok(None)),
-        _ => Ok(None),
-    })
-    .await?;
-    if let Some(e) = existing {
+    let target = Target::of(model, alias)?;
+    if let Some(e) = already_here(ctx, &target).await? {
         let mut v = summary(&ctx.hive_id, &e);
         v["already_present"] = json!(true);
         return Ok(v);
     }
+    let Target { hf, known, key, .. } = target;
 
     let transfer = Transfer::default();
     ctx.downloader.check_room(&transfer)?;
@@ -294,6 +296,36 @@ async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut E
     let mut v = summary(&ctx.hive_id, &entry);
     v["already_present"] = json!(false);
     Ok(v)
+}
+
+/// What a download job fetches, and the catalog key it is saved under.
+struct Target {
+    reference: ModelRef,
+    hf: HfRef,
+    known: Option<&'static crate::catalog::KnownModel>,
+    key: String,
+}
+
+impl Target {
+    fn of(model: &str, alias: Option<String>) -> Result<Self, JobError> {
+        let reference = ModelRef::parse(model).map_err(|e| JobError::invalid(e.to_string()))?;
+        let (hf, known) = models::download_target(&reference)?;
+        let key = alias.or_else(|| known.map(|k| k.alias.to_owned())).unwrap_or_else(|| reference.to_string());
+        Ok(Self { reference, hf, known, key })
+    }
+}
+
+/// The catalog entry a download of `target` would find already here, with
+/// its file on disk. A known model whose file is on disk but not yet in the
+/// catalog is registered by the lookup.
+async fn already_here(ctx: &JobCtx, target: &Target) -> Result<Option<crate::catalog::ModelEntry>, JobError> {
+    let (catalog, hive, key, m) = (ctx.catalog.clone(), ctx.hive_id.clone(), target.key.clone(), target.reference.clone());
+    blocking(move || match catalog.find(&key)? {
+        Some(e) if e.path.is_file() => Ok(Some(e)),
+        _ if matches!(m, ModelRef::Alias(_)) || known_file_on_disk(&catalog, &m) => catalog.resolve(&m, &hive).map(Some).or(Ok(None)),
+        _ => Ok(None),
+    })
+    .await
 }
 
 fn known_file_on_disk(catalog: &crate::catalog::Catalog, m: &ModelRef) -> bool {

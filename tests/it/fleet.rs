@@ -231,6 +231,28 @@ async fn a_download_that_would_leave_too_little_disk_fails_or_goes_where_there_i
     assert!(files_under(models.path()).is_empty(), "nothing written on the full hive");
     let listed = cli(&broker.url(), &["hives", "list"]).await;
     assert!(String::from_utf8_lossy(&listed.stdout).contains("DISK"), "{listed:?}");
+
+    // A model the full hive already has needs no disk: it answers the
+    // download itself, though a hive with more free disk is beating.
+    drop(roomy);
+    let path = demo_model_path().display().to_string();
+    ok_json(&cli(&broker.url(), &["models", "import", &path, "--alias", "tiny", "--hive", &full.id, "--json"]).await);
+    let mut ghost = hive_info(&client, &full.id).await;
+    ghost.hive_id = "roomier".into();
+    ghost.disk_free = ghost.disk_free.max(1).saturating_mul(1000);
+    ghost.updated_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let js = async_nats::jetstream::new(broker.client().await);
+    let (hives, _, _) = rbee_broker::ensure_memory_buckets(&js).await.unwrap();
+    hives.put("roomier", serde_json::to_vec(&ghost).unwrap().into()).await.unwrap();
+    while !client.hives().await.unwrap().iter().any(|h| h.hive_id == "roomier") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(5), ctl(&client, None, CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/SmolLM2-GGUF".into(), alias: Some("tiny".into()) }))
+        .await
+        .expect("the full hive answers a download it needs no disk for, instead of leaving it");
+    let present = result(&answered);
+    assert_eq!((present["hive"].as_str(), present["already_present"].as_bool()), (Some(full.id.as_str()), Some(true)), "{present}");
+    hives.delete("roomier").await.unwrap();
     assert_queue_drains(&broker.client().await).await;
 }
 
