@@ -122,7 +122,15 @@ impl Heartbeat {
     }
 
     pub async fn beat(&self) -> Result<(), kv::PutError> {
-        let info = self.snapshot();
+        // The snapshot reads the catalog (redb), /proc, the disk's statvfs
+        // and NVML: blocking calls, kept off the runtime that carries jobs.
+        let hb = self.clone();
+        let info = match tokio::task::spawn_blocking(move || hb.snapshot()).await {
+            Ok(info) => info,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down: no beat to send.
+            Err(_) => return Ok(()),
+        };
         self.store.put(&info.hive_id, Encoding::Json.encode(&info).into()).await?;
         self.pool.republish();
         let (ready, starting) = self.pool.models();
