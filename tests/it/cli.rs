@@ -77,11 +77,14 @@ async fn rbee_up_keeps_a_stack_for_later_commands_and_rbee_down_stops_it() {
     let home = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let h = home.path().to_path_buf();
-    let (up, again, job) = tokio::task::spawn_blocking(move || {
+    let (up, again, job, bare, bare_json) = tokio::task::spawn_blocking(move || {
         let up = rbee(&h, &["up", "--port", &port.to_string()]);
         let again = rbee(&h, &["up", "--port", &port.to_string()]);
         let job = rbee(&h, &["infer", "--verbose", "--max-tokens", "3", "hi"]);
-        (up, again, job)
+        // A group command alone lists, as its `list` does.
+        let bare = ["workers", "hives", "models", "jobs"].map(|c| rbee(&h, &[c]));
+        let bare_json = rbee(&h, &["workers", "--json"]);
+        (up, again, job, bare, bare_json)
     })
     .await
     .unwrap();
@@ -93,6 +96,12 @@ async fn rbee_up_keeps_a_stack_for_later_commands_and_rbee_down_stops_it() {
     assert!(text(&again.stdout).contains("already up"));
     assert_eq!(job.status.code(), Some(0), "{}", text(&job.stderr));
     assert!(!text(&job.stderr).contains("embedded"), "used the running stack: {}", text(&job.stderr));
+    for (out, shows) in bare.iter().zip(["smollm2-135m", "VERSION", "smollm2-135m", "done"]) {
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains(shows), "{shows:?} in {}", text(&out.stdout));
+    }
+    let workers: serde_json::Value = serde_json::from_slice(&bare_json.stdout).expect("rbee workers --json prints JSON");
+    assert_eq!(workers[0]["model"], "smollm2-135m", "{workers}");
     assert!(running.len() >= 3, "nats-server, hive and worker were running: {running:?}");
     assert_eq!(down.status.code(), Some(0));
     assert!(text(&down.stdout).contains("rbee is down"));

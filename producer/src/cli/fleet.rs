@@ -523,3 +523,22 @@ pub async fn logs(client: &Client, hive: &str, follow: bool, json: bool) -> anyh
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// What the bare command lists (`rbee models`, `rbee workers`, `rbee hives`).
+impl ModelsCommand {
+    pub fn list(json: bool) -> Self {
+        ModelsCommand::List { hive: None, json }
+    }
+}
+
+impl WorkersCommand {
+    pub fn list(json: bool) -> Self {
+        WorkersCommand::List { hive: None, json }
+    }
+}
+
+impl HivesCommand {
+    pub fn list(json: bool) -> Self {
+        HivesCommand::List { json }
+    }
+}

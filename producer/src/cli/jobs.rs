@@ -22,7 +22,7 @@ pub enum JobsCommand {
         #[arg(long)]
         model: Option<String>,
         /// At most this many rows (newest first).
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = LIST_LIMIT)]
         limit: usize,
         #[arg(long)]
         json: bool,
@@ -53,6 +53,16 @@ pub enum JobsCommand {
         #[arg(long)]
         follow: bool,
     },
+}
+
+/// Rows `rbee jobs list` shows unless told otherwise.
+const LIST_LIMIT: usize = 50;
+
+/// What the bare `rbee jobs` lists.
+impl JobsCommand {
+    pub fn list(json: bool) -> Self {
+        JobsCommand::List { state: None, model: None, limit: LIST_LIMIT, json }
+    }
 }
 
 pub async fn run(client: &Client, cmd: JobsCommand) -> anyhow::Result<ExitCode> {

@@ -40,18 +40,42 @@ pub struct Cli {
 pub enum Command {
     /// Run one inference job and stream its tokens to stdout.
     Infer(InferArgs),
-    /// Look at, follow, cancel and retry jobs.
-    #[command(subcommand)]
-    Jobs(JobsCommand),
-    /// List, inspect, download, import and delete models on the hives.
-    #[command(subcommand)]
-    Models(ModelsCommand),
-    /// List, start (pre-warm) and stop workers.
-    #[command(subcommand)]
-    Workers(WorkersCommand),
-    /// The hives attached to the broker.
-    #[command(subcommand)]
-    Hives(HivesCommand),
+    /// Look at, follow, cancel and retry jobs (alone: `jobs list`).
+    #[command(args_conflicts_with_subcommands = true)]
+    Jobs {
+        #[command(subcommand)]
+        cmd: Option<JobsCommand>,
+        /// Alone: the list, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, inspect, download, import and delete models on the hives (alone: `models list`).
+    #[command(args_conflicts_with_subcommands = true)]
+    Models {
+        #[command(subcommand)]
+        cmd: Option<ModelsCommand>,
+        /// Alone: the list, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, start (pre-warm) and stop workers (alone: `workers list`).
+    #[command(args_conflicts_with_subcommands = true)]
+    Workers {
+        #[command(subcommand)]
+        cmd: Option<WorkersCommand>,
+        /// Alone: the list, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The hives attached to the broker (alone: `hives list`).
+    #[command(args_conflicts_with_subcommands = true)]
+    Hives {
+        #[command(subcommand)]
+        cmd: Option<HivesCommand>,
+        /// Alone: the list, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stream a hive's log lines (its own and its workers').
     Logs {
         #[arg(long)]
@@ -94,20 +118,20 @@ pub async fn main(cli: Cli) -> ExitCode {
     let home = cli.home.clone().unwrap_or_else(rbee_broker::rbee_home);
     let result = match cli.command {
         Command::Infer(args) => infer::run(cli.nats_url, &home, args).await,
-        Command::Jobs(cmd) => match connect_existing(cli.nats_url, &home).await {
-            Ok(client) => jobs::run(&client, cmd).await,
+        Command::Jobs { cmd, json } => match connect_existing(cli.nats_url, &home).await {
+            Ok(client) => jobs::run(&client, cmd.unwrap_or_else(|| JobsCommand::list(json))).await,
             Err(e) => Err(e),
         },
-        Command::Models(cmd) => match connect_existing(cli.nats_url, &home).await {
-            Ok(client) => fleet::models(&client, cmd).await,
+        Command::Models { cmd, json } => match connect_existing(cli.nats_url, &home).await {
+            Ok(client) => fleet::models(&client, cmd.unwrap_or_else(|| ModelsCommand::list(json))).await,
             Err(e) => Err(e),
         },
-        Command::Workers(cmd) => match connect_existing(cli.nats_url, &home).await {
-            Ok(client) => fleet::workers(&client, cmd).await,
+        Command::Workers { cmd, json } => match connect_existing(cli.nats_url, &home).await {
+            Ok(client) => fleet::workers(&client, cmd.unwrap_or_else(|| WorkersCommand::list(json))).await,
             Err(e) => Err(e),
         },
-        Command::Hives(cmd) => match connect_existing(cli.nats_url, &home).await {
-            Ok(client) => fleet::hives(&client, cmd).await,
+        Command::Hives { cmd, json } => match connect_existing(cli.nats_url, &home).await {
+            Ok(client) => fleet::hives(&client, cmd.unwrap_or_else(|| HivesCommand::list(json))).await,
             Err(e) => Err(e),
         },
         Command::Logs { hive, follow, json } => match connect_existing(cli.nats_url, &home).await {
