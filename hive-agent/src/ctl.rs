@@ -110,23 +110,28 @@ async fn handle_in_span(
         }
     }
     // A download sent to `any` that this hive's disk has no room for goes
-    // to a hive with more free disk, untouched, as a spawn does.
+    // to a hive with more room, untouched, as a spawn does: when this disk
+    // is below its reserve, or when an earlier try here found the file
+    // bigger than the room (see the end of this function).
     if let (Ok(CtlRequest::ModelDownload { model, alias, .. }), true) = (&req, to_any) {
+        let need = ctx.downloader.too_big(&env.job_id);
+        let room = ctx.downloader.room();
+        let short = ctx.downloader.short_of_reserve().is_some() || need.zip(room).is_some_and(|(need, room)| room < need);
         // A model already here needs no disk (the job answers
         // `already_present`), and a bad request fails here as anywhere.
-        let short = match ctx.downloader.short_of_reserve() {
-            Some(free) => {
-                let here = match Target::of(model, alias.clone()) {
-                    Ok(t) => already_here(&ctx, &t).await,
-                    Err(e) => Err(e),
-                };
-                matches!(here, Ok(None)).then_some(free)
-            }
-            None => None,
+        let short = short && {
+            let here = match Target::of(model, alias.clone()) {
+                Ok(t) => already_here(&ctx, &t).await,
+                Err(e) => Err(e),
+            };
+            matches!(here, Ok(None))
         };
-        if let Some(free) = short {
-            if let Some(h) = ctx.fleet.others().into_iter().filter(|h| h.disk_free > free).max_by_key(|h| h.disk_free) {
-                let why = format!("the disk here has {}; hive {} has {}", human(free), h.hive_id, human(h.disk_free));
+        if let (true, Some(room)) = (short, room) {
+            if let Some(h) = roomier_hive(&ctx, room, need.unwrap_or(0)) {
+                let why = match need {
+                    Some(n) => format!("the file is {}, the disk here has room for {}; hive {} has {}", human(n), human(room), h.hive_id, human(h.disk_room())),
+                    None => format!("the disk here has room for {}; hive {} has {}", human(room), h.hive_id, human(h.disk_room())),
+                };
                 crate::job::place::leave(&ctx, &msg, LEAVE_FOR_DISK, &why, "download").await;
                 return;
             }
@@ -146,7 +151,7 @@ async fn handle_in_span(
         Err(e) => Outcome::Failed(e),
         Ok(req) => {
             tracing::info!(op = req.op(), "lifecycle job");
-            let op = execute(&ctx, req, spawn_entry, &mut sink);
+            let op = execute(&ctx, req, spawn_entry, &env.job_id, &mut sink);
             tokio::pin!(op);
             let mut progress = crate::job::progress_acks(ctx.ack_wait);
             loop {
@@ -164,6 +169,18 @@ async fn handle_in_span(
         Outcome::Done(result) => {
             let done = Done { timings, ..Done::completed(result) };
             run.end(&mut sink, record, JobState::Done, EventBody::Done(done), AckKind::Ack).await;
+        }
+        // Too big for this disk once its size was known: a download sent to
+        // `any` goes back to the queue for a hive with room, which takes it
+        // over as its next attempt; this hive now leaves it (above).
+        Outcome::Failed(e)
+            if to_any
+                && e.code == ErrorCode::InsufficientDisk
+                && ctx.downloader.too_big(&env.job_id).is_some_and(|need| roomier_hive(&ctx, ctx.downloader.room().unwrap_or(0), need).is_some()) =>
+        {
+            tracing::info!(message = %e.message, "handing the download back for a hive with more room");
+            sink.flush().await;
+            crate::job::place::leave(&ctx, &msg, LEAVE_FOR_DISK, &e.message, "download").await;
         }
         Outcome::Failed(e) => {
             tracing::info!(code = %e.code, message = %e.message, "lifecycle job failed");
@@ -220,10 +237,10 @@ async fn progress(sink: &mut EventSink, stage: &str, done: u64, total: u64, rate
     let _ = sink.emit(EventBody::Progress(Progress { stage: stage.to_owned(), done, total, rate, message })).await;
 }
 
-async fn execute(ctx: &JobCtx, req: CtlRequest, spawn_entry: Option<ModelEntry>, sink: &mut EventSink) -> Outcome {
+async fn execute(ctx: &JobCtx, req: CtlRequest, spawn_entry: Option<ModelEntry>, job_id: &str, sink: &mut EventSink) -> Outcome {
     let changes_catalog = matches!(req, CtlRequest::ModelDownload { .. } | CtlRequest::ModelImport { .. } | CtlRequest::ModelDelete { .. });
     let r = match req {
-        CtlRequest::ModelDownload { model, alias, .. } => download(ctx, &model, alias, sink).await,
+        CtlRequest::ModelDownload { model, alias, .. } => download(ctx, &model, alias, job_id, sink).await,
         CtlRequest::ModelImport { path, alias, .. } => import(ctx, path, alias).await,
         CtlRequest::ModelDelete { model, force, .. } => delete(ctx, &model, force).await,
         CtlRequest::WorkerSpawn { backend, device, keep_alive_ms, .. } => match spawn_entry {
@@ -247,7 +264,7 @@ async fn execute(ctx: &JobCtx, req: CtlRequest, spawn_entry: Option<ModelEntry>,
     }
 }
 
-async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut EventSink) -> Result<Value, JobError> {
+async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, job_id: &str, sink: &mut EventSink) -> Result<Value, JobError> {
     let target = Target::of(model, alias)?;
     if let Some(e) = already_here(ctx, &target).await? {
         let mut v = summary(&ctx.hive_id, &e);
@@ -268,7 +285,13 @@ async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut E
             r = &mut fetch => break r?,
             _ = tick.tick() => {
                 // Dropping the download (returning) stops it.
-                ctx.downloader.check_room(&transfer)?;
+                if let Err(e) = ctx.downloader.check_room(&transfer) {
+                    let size = transfer.total.load(Ordering::Relaxed);
+                    if size > 0 {
+                        ctx.downloader.note_too_big(job_id, size);
+                    }
+                    return Err(e);
+                }
                 let (done, total) = (transfer.done.load(Ordering::Relaxed), transfer.total.load(Ordering::Relaxed));
                 if total > 0 && done != last.1 {
                     let rate = (done.saturating_sub(last.1)) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
@@ -296,6 +319,12 @@ async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, sink: &mut E
     let mut v = summary(&ctx.hive_id, &entry);
     v["already_present"] = json!(false);
     Ok(v)
+}
+
+/// The live hive with the most room for downloads, if it has more than
+/// `room` (this hive's) and at least `need` bytes.
+fn roomier_hive(ctx: &JobCtx, room: u64, need: u64) -> Option<rbee_schemas::hive::HiveInfo> {
+    ctx.fleet.others().into_iter().filter(|h| h.disk_room() > room && h.disk_room() >= need).max_by_key(|h| h.disk_room())
 }
 
 /// What a download job fetches, and the catalog key it is saved under.

@@ -81,7 +81,7 @@ pub struct Heartbeat {
     /// A beat out of turn (see `JobCtx::beat_now`).
     pub beat_now: Arc<tokio::sync::Notify>,
     /// Where its models go: the heartbeat carries that filesystem's free space.
-    pub models_dir: std::path::PathBuf,
+    pub downloader: crate::models::Downloader,
 }
 
 impl Heartbeat {
@@ -112,7 +112,7 @@ impl Heartbeat {
             ram_free,
             vram_total: vram.map_or(0, |m| m.total),
             vram_free: vram.map_or(0, |m| m.free),
-            disk_free: crate::models::disk_free(&self.models_dir).unwrap_or(0),
+            disk_free: self.downloader.free().unwrap_or(0),
             memory_used: committed.total,
             memory_pending: committed.pending,
             workers: self.pool.summaries(),

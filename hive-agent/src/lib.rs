@@ -120,7 +120,7 @@ pub struct HiveArgs {
     pub memory_limit: u64,
     /// Free disk space a model download must leave where the models go (e.g. 10GiB): checked before
     /// it starts and while it runs; one that would leave less fails INSUFFICIENT_DISK (one sent to
-    /// any hive is left for a hive with more free disk).
+    /// any hive goes to a hive with room for it, if there is one).
     #[arg(long, env = "RBEE_DISK_RESERVE", default_value = "1GiB", value_parser = parse_bytes)]
     pub disk_reserve: u64,
     /// How long an idle worker stays loaded (jobs may say otherwise with keep_alive_ms); "-1" = for ever,
@@ -146,6 +146,10 @@ pub struct HiveArgs {
     /// instead of NVML's, to test placement by GPU memory without a GPU.
     #[arg(long, hide = true, value_parser = gpu::parse_test_gpu)]
     pub test_gpu: Option<(String, gpu::Memory)>,
+    /// Test mode: this many bytes free where the models go, instead of what
+    /// the disk says (downloads and heartbeats), to test placement by disk.
+    #[arg(long, hide = true, value_parser = parse_bytes)]
+    pub test_disk_free: Option<u64>,
     /// Time per token of the no-op test model.
     #[arg(long, hide = true, default_value = "0ms", value_parser = humantime::parse_duration)]
     pub noop_token_delay: Duration,
@@ -341,6 +345,8 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
             token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
             attempts: 4,
             disk_reserve: args.disk_reserve,
+            fixed_free: args.test_disk_free,
+            too_big: Default::default(),
         },
         ack_wait,
         max_attempts: args.max_attempts,
@@ -379,10 +385,11 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
             vram_total: 0,
             vram_free: 0,
             disk_free: 0,
+            disk_reserve: args.disk_reserve,
             workers: vec![],
             models: vec![],
         },
-        models_dir: models_dir.clone(),
+        downloader: ctx.downloader.clone(),
         pool: pool.clone(),
         slots: slots.permits.clone(),
         catalog: ctx.catalog.clone(),

@@ -15,10 +15,11 @@
 //! Each try of a download runs on a thread with a runtime of its own, so a
 //! cancelled or failed try stops all of hf-hub's chunk tasks with it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hf_hub::api::tokio::{Api, ApiBuilder, ApiError, Progress as HubProgress};
 use hf_hub::{Repo, RepoType};
@@ -41,7 +42,15 @@ pub struct Downloader {
     pub attempts: u32,
     /// Free space a download must leave where the models go (`--disk-reserve`), bytes.
     pub disk_reserve: u64,
+    /// `--test-disk-free`: this many bytes free, whatever the disk says.
+    pub fixed_free: Option<u64>,
+    /// Downloads sent to any hive that turned out too big for this disk:
+    /// job id → the file's size, and when that was learnt.
+    pub too_big: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
 }
+
+/// How long a hive remembers a download too big for its disk.
+const TOO_BIG_FOR: Duration = Duration::from_secs(3600);
 
 /// Bytes done and in all, shared between hf-hub's progress callbacks and the job.
 #[derive(Debug, Clone, Default)]
@@ -109,7 +118,31 @@ impl Downloader {
     /// The free space where the models go when it is less than
     /// `disk_reserve`: no download can start here now.
     pub fn short_of_reserve(&self) -> Option<u64> {
-        disk_free(&self.cache_dir).filter(|free| short_of_disk(*free, 0, 0, self.disk_reserve).is_some())
+        self.free().filter(|free| short_of_disk(*free, 0, 0, self.disk_reserve).is_some())
+    }
+
+    /// Free space where the models go, bytes; `None` where it cannot be read.
+    pub fn free(&self) -> Option<u64> {
+        self.fixed_free.or_else(|| disk_free(&self.cache_dir))
+    }
+
+    /// What a download could still write here: free space above the reserve.
+    pub fn room(&self) -> Option<u64> {
+        self.free().map(|free| free.saturating_sub(self.disk_reserve))
+    }
+
+    /// Notes that the download job `job` needs `size` bytes, more than this
+    /// disk has room for: a later delivery of it is left for another hive.
+    pub fn note_too_big(&self, job: &str, size: u64) {
+        let mut m = self.too_big.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, (_, at)| at.elapsed() < TOO_BIG_FOR);
+        m.insert(job.to_owned(), (size, Instant::now()));
+    }
+
+    /// The size the download job `job` was found to need here, if it was too big.
+    pub fn too_big(&self, job: &str) -> Option<u64> {
+        let m = self.too_big.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(job).filter(|(_, at)| at.elapsed() < TOO_BIG_FOR).map(|(size, _)| *size)
     }
 
     /// Fails `INSUFFICIENT_DISK` when what is left of `transfer` would leave
@@ -118,7 +151,7 @@ impl Downloader {
     /// progress tick: the first one after the hub said the file's size, and
     /// on while it downloads, as other writers share the disk.
     pub fn check_room(&self, transfer: &Transfer) -> Result<(), JobError> {
-        let Some(free) = disk_free(&self.cache_dir) else { return Ok(()) };
+        let Some(free) = self.free() else { return Ok(()) };
         let (total, done) = (transfer.total.load(Ordering::Relaxed), transfer.done.load(Ordering::Relaxed));
         let Some(left) = short_of_disk(free, total, done, self.disk_reserve) else { return Ok(()) };
         let (dir, free, keep) = (self.cache_dir.display(), human(free), human(self.disk_reserve));

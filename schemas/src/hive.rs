@@ -66,6 +66,10 @@ pub struct HiveInfo {
     /// 0 where it cannot be read.
     #[serde(default)]
     pub disk_free: u64,
+    /// Free space its downloads must leave there (`--disk-reserve`), bytes;
+    /// 0 from hives older than this field.
+    #[serde(default)]
+    pub disk_reserve: u64,
     #[serde(default)]
     pub workers: Vec<WorkerSummary>,
     /// The models in the hive's catalog.
@@ -74,6 +78,11 @@ pub struct HiveInfo {
 }
 
 impl HiveInfo {
+    /// Bytes a download could still write here: free disk above the reserve.
+    pub fn disk_room(&self) -> u64 {
+        self.disk_free.saturating_sub(self.disk_reserve)
+    }
+
     /// Memory this hive could still give a new worker, bytes.
     pub fn memory_available(&self) -> u64 {
         let vram = (self.vram_total > 0).then_some(self.vram_free);
@@ -174,6 +183,7 @@ mod tests {
             vram_total: 0,
             vram_free: 0,
             disk_free: 100 << 30,
+            disk_reserve: 1 << 30,
             workers: vec![WorkerSummary { id: "w1".into(), model: "m".into(), state: "ready".into(), pid: 7, jobs_served: 3 }],
             models: vec![ModelSummary {
                 key: "m".into(),
@@ -186,6 +196,8 @@ mod tests {
             }],
         };
         assert_eq!(info.memory_available(), 1 << 30);
+        assert_eq!(info.disk_room(), 99 << 30, "free disk above the reserve");
+        assert_eq!(HiveInfo { disk_free: 1 << 20, ..info.clone() }.disk_room(), 0, "below the reserve: no room, not negative");
         // A GPU hive: its VRAM decides, not its RAM.
         let gpu = HiveInfo { gpu_name: "NVIDIA H200".into(), vram_total: 80 << 30, vram_free: 60 << 30, memory_limit: 0, ..info.clone() };
         assert_eq!(Encoding::Json.decode::<HiveInfo>(&Encoding::Json.encode(&gpu)).unwrap(), gpu);

@@ -240,6 +240,7 @@ async fn a_download_that_would_leave_too_little_disk_fails_or_goes_where_there_i
     let mut ghost = hive_info(&client, &full.id).await;
     ghost.hive_id = "roomier".into();
     ghost.disk_free = ghost.disk_free.max(1).saturating_mul(1000);
+    ghost.disk_reserve = 0;
     ghost.updated_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let js = async_nats::jetstream::new(broker.client().await);
     let (hives, _, _) = rbee_broker::ensure_memory_buckets(&js).await.unwrap();
@@ -253,6 +254,60 @@ async fn a_download_that_would_leave_too_little_disk_fails_or_goes_where_there_i
     let present = result(&answered);
     assert_eq!((present["hive"].as_str(), present["already_present"].as_bool()), (Some(full.id.as_str()), Some(true)), "{present}");
     hives.delete("roomier").await.unwrap();
+    assert_queue_drains(&broker.client().await).await;
+}
+
+/// A download whose file turns out bigger than its hive's room (free disk
+/// above `--disk-reserve`, known only once the hub gave the size) fails
+/// `INSUFFICIENT_DISK` when sent to that hive; sent to `any`, it goes back to
+/// the queue for a hive with room, which takes it over, and the first hive
+/// leaves it from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_any_download_too_big_for_its_hive_goes_back_to_a_hive_with_room() {
+    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
+    let size = demo.len() as u64;
+    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    // Slow enough that the hive's first room check (250 ms) comes before the bytes.
+    hub.slow(Duration::from_millis(500));
+    let broker = Broker::start();
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let small_models = tempfile::tempdir().unwrap();
+    let free = (size / 2).to_string();
+    let args = ["--hf-endpoint", hub.url.as_str(), "--disk-reserve", "0", "--test-disk-free", free.as_str()].map(String::from).to_vec();
+    let small = Hive::start(&broker.url(), HiveOpts { args, models_dir: Some(small_models.path().to_path_buf()), ..HiveOpts::default() }).await;
+    let info = until_heartbeat(&client, &small.id, "reports its disk and reserve", |h| h.disk_free == size / 2).await;
+    assert_eq!((info.disk_reserve, info.disk_room()), (0, size / 2));
+    let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/SmolLM2-GGUF".into(), alias: Some("tiny".into()) };
+    // Sent to it by name: it fails once the hub has said the size.
+    let (code, message) = error(&ctl(&client, Some(&small.id), req.clone()).await);
+    assert_eq!(code, ErrorCode::InsufficientDisk);
+    assert!(message.contains("the download needs 93.8 MiB more") && message.contains("46.9 MiB free"), "{message}");
+
+    // A hive with room that takes no jobs yet, so the small hive runs the
+    // download first, finds the file too big and hands it back.
+    let mut ghost = info.clone();
+    ghost.hive_id = "roomy-soon".into();
+    (ghost.disk_free, ghost.disk_reserve) = (1 << 40, 0);
+    ghost.updated_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let js = async_nats::jetstream::new(broker.client().await);
+    let (hives, _, _) = rbee_broker::ensure_memory_buckets(&js).await.unwrap();
+    hives.put("roomy-soon", serde_json::to_vec(&ghost).unwrap().into()).await.unwrap();
+    while !client.hives().await.unwrap().iter().any(|h| h.hive_id == "roomy-soon") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut job = client.submit_ctl(None, &req, None).await.expect("submit the download");
+    eventually(Duration::from_secs(20), "the small hive hands the download back", || small.log().contains("handing the download back")).await;
+    eventually(Duration::from_secs(10), "the small hive leaves it when it comes back", || small.log().contains("the file is")).await;
+
+    // A real hive with room: it takes the job over and downloads the file.
+    let roomy_models = tempfile::tempdir().unwrap();
+    let args = vec!["--hf-endpoint".into(), hub.url.clone()];
+    let roomy = Hive::start(&broker.url(), HiveOpts { args, models_dir: Some(roomy_models.path().to_path_buf()), ..HiveOpts::default() }).await;
+    let events = collect(&mut job).await;
+    assert_well_formed(&events);
+    let done = result(&events);
+    assert_eq!((done["hive"].as_str(), done["size"].as_u64()), (Some(roomy.id.as_str()), Some(size)), "{done}");
+    assert!(hive_info(&client, &small.id).await.models.is_empty(), "nothing registered on the small hive");
     assert_queue_drains(&broker.client().await).await;
 }
 
