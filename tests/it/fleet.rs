@@ -135,9 +135,7 @@ async fn hive_on_hub_with(hub: &Hub, extra: &[&str]) -> (Broker, tempfile::TempD
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_resumes_after_an_interruption_is_verified_registered_and_runs() {
-    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
-    let size = demo.len() as u64;
-    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    let (hub, size) = demo_hub().await;
     // Hang up in the 4th 10 MB chunk: the first three are kept.
     hub.interrupt_at(35_000_000);
     let (broker, models, hive, client) = hive_on_hub(&hub).await;
@@ -204,14 +202,39 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     assert!(files_under(&models.path().join("hf")).iter().all(|(_, len)| *len < 1_000_000), "no model file left");
 }
 
+/// A hub that serves the demo model as `hf:rbee-test/SmolLM2-GGUF`
+/// (`smollm2.Q4_1.gguf`), and its size.
+async fn demo_hub() -> (Hub, u64) {
+    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
+    let size = demo.len() as u64;
+    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    (hub, size)
+}
+
+/// One heartbeat, as if from hive `id` (otherwise `like`), with `disk_free`
+/// bytes free and no reserve: a hive the others see and that takes no jobs,
+/// for 15 s. Returns the hives bucket, once the CLI's view lists it.
+async fn beat_as_hive_with_disk(broker: &Broker, client: &rbee::Client, like: &HiveInfo, id: &str, disk_free: u64) -> async_nats::jetstream::kv::Store {
+    let mut ghost = like.clone();
+    ghost.hive_id = id.into();
+    (ghost.disk_free, ghost.disk_reserve) = (disk_free, 0);
+    ghost.updated_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let js = async_nats::jetstream::new(broker.client().await);
+    let (hives, _, _) = rbee_broker::ensure_memory_buckets(&js).await.unwrap();
+    hives.put(id, serde_json::to_vec(&ghost).unwrap().into()).await.unwrap();
+    while !client.hives().await.unwrap().iter().any(|h| h.hive_id == id) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hives
+}
+
 /// A download that would leave less than the hive's `--disk-reserve` free
 /// fails `INSUFFICIENT_DISK`, saying what to do, before it fetches anything
 /// (how much is left once the hub has said the size: a unit test). One sent
 /// to `any` goes to a hive with more free disk instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_that_would_leave_too_little_disk_fails_or_goes_where_there_is_room() {
-    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
-    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    let (hub, _) = demo_hub().await;
     let (broker, models, full, client) = hive_on_hub_with(&hub, &["--disk-reserve", "1000TiB"]).await;
     let req = CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/SmolLM2-GGUF".into(), alias: Some("tiny".into()) };
     let (code, message) = error(&ctl(&client, Some(&full.id), req.clone()).await);
@@ -237,17 +260,8 @@ async fn a_download_that_would_leave_too_little_disk_fails_or_goes_where_there_i
     drop(roomy);
     let path = demo_model_path().display().to_string();
     ok_json(&cli(&broker.url(), &["models", "import", &path, "--alias", "tiny", "--hive", &full.id, "--json"]).await);
-    let mut ghost = hive_info(&client, &full.id).await;
-    ghost.hive_id = "roomier".into();
-    ghost.disk_free = ghost.disk_free.max(1).saturating_mul(1000);
-    ghost.disk_reserve = 0;
-    ghost.updated_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let js = async_nats::jetstream::new(broker.client().await);
-    let (hives, _, _) = rbee_broker::ensure_memory_buckets(&js).await.unwrap();
-    hives.put("roomier", serde_json::to_vec(&ghost).unwrap().into()).await.unwrap();
-    while !client.hives().await.unwrap().iter().any(|h| h.hive_id == "roomier") {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let like = hive_info(&client, &full.id).await;
+    let hives = beat_as_hive_with_disk(&broker, &client, &like, "roomier", like.disk_free.max(1).saturating_mul(1000)).await;
     let answered = tokio::time::timeout(Duration::from_secs(5), ctl(&client, None, CtlRequest::ModelDownload { v: 1, model: "hf:rbee-test/SmolLM2-GGUF".into(), alias: Some("tiny".into()) }))
         .await
         .expect("the full hive answers a download it needs no disk for, instead of leaving it");
@@ -264,9 +278,7 @@ async fn a_download_that_would_leave_too_little_disk_fails_or_goes_where_there_i
 /// leaves it from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_any_download_too_big_for_its_hive_goes_back_to_a_hive_with_room() {
-    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
-    let size = demo.len() as u64;
-    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    let (hub, size) = demo_hub().await;
     // Slow enough that the hive's first room check (250 ms) comes before the bytes.
     hub.slow(Duration::from_millis(500));
     let broker = Broker::start();
@@ -285,16 +297,7 @@ async fn an_any_download_too_big_for_its_hive_goes_back_to_a_hive_with_room() {
 
     // A hive with room that takes no jobs yet, so the small hive runs the
     // download first, finds the file too big and hands it back.
-    let mut ghost = info.clone();
-    ghost.hive_id = "roomy-soon".into();
-    (ghost.disk_free, ghost.disk_reserve) = (1 << 40, 0);
-    ghost.updated_at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let js = async_nats::jetstream::new(broker.client().await);
-    let (hives, _, _) = rbee_broker::ensure_memory_buckets(&js).await.unwrap();
-    hives.put("roomy-soon", serde_json::to_vec(&ghost).unwrap().into()).await.unwrap();
-    while !client.hives().await.unwrap().iter().any(|h| h.hive_id == "roomy-soon") {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    beat_as_hive_with_disk(&broker, &client, &info, "roomy-soon", 1 << 40).await;
     let mut job = client.submit_ctl(None, &req, None).await.expect("submit the download");
     eventually(Duration::from_secs(20), "the small hive hands the download back", || small.log().contains("handing the download back")).await;
     eventually(Duration::from_secs(10), "the small hive leaves it when it comes back", || small.log().contains("the file is")).await;
@@ -317,9 +320,7 @@ async fn an_any_download_too_big_for_its_hive_goes_back_to_a_hive_with_room() {
 /// hive does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbee_infer_downloads_an_hf_model_no_hive_has_then_runs_it() {
-    let demo = Arc::new(std::fs::read(demo_model_path()).expect("the demo model (scripts/fetch-demo-model.sh)"));
-    let size = demo.len() as u64;
-    let hub = Hub::start(vec![HubFile { repo: "rbee-test/SmolLM2-GGUF".into(), name: "smollm2.Q4_1.gguf".into(), bytes: demo, corrupt: false }]).await;
+    let (hub, size) = demo_hub().await;
     let (broker, _models, hive, _client) = hive_on_hub(&hub).await;
     let infer = |model: &'static str, pull: bool| {
         let url = broker.url();
