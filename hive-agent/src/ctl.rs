@@ -280,18 +280,21 @@ async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, job_id: &str
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     let started = Instant::now();
     let mut last = (Instant::now(), 0u64);
+    // No room once the size is known (the check, or a full disk): noted, so
+    // a download sent to `any` can go to a hive with room (`handle_in_span`).
+    let too_big = |e: JobError| {
+        let size = transfer.total.load(Ordering::Relaxed);
+        if e.code == ErrorCode::InsufficientDisk && size > 0 {
+            ctx.downloader.note_too_big(job_id, size);
+        }
+        e
+    };
     let (path, size, sha, file) = loop {
         tokio::select! {
-            r = &mut fetch => break r?,
+            r = &mut fetch => break r.map_err(too_big)?,
             _ = tick.tick() => {
                 // Dropping the download (returning) stops it.
-                if let Err(e) = ctx.downloader.check_room(&transfer) {
-                    let size = transfer.total.load(Ordering::Relaxed);
-                    if size > 0 {
-                        ctx.downloader.note_too_big(job_id, size);
-                    }
-                    return Err(e);
-                }
+                ctx.downloader.check_room(&transfer).map_err(too_big)?;
                 let (done, total) = (transfer.done.load(Ordering::Relaxed), transfer.total.load(Ordering::Relaxed));
                 if total > 0 && done != last.1 {
                     let rate = (done.saturating_sub(last.1)) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
