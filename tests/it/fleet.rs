@@ -253,7 +253,8 @@ async fn a_download_that_would_leave_too_little_disk_fails_or_goes_where_there_i
     assert_eq!(done["hive"], roomy.id.as_str());
     assert!(files_under(models.path()).is_empty(), "nothing written on the full hive");
     let listed = cli(&broker.url(), &["hives", "list"]).await;
-    assert!(String::from_utf8_lossy(&listed.stdout).contains("DISK"), "{listed:?}");
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(table.contains("DISK") && table.contains(" kept"), "free disk and the reserve: {table}");
 
     // A model the full hive already has needs no disk: it answers the
     // download itself, though a hive with more free disk is beating.

@@ -477,7 +477,11 @@ pub fn hive_rows(hives: &[HiveInfo]) -> Vec<Vec<String>> {
                 format!("{}/{}", h.busy, h.slots),
                 format!("{} free of {}", gib(h.ram_free), gib(h.ram_total)),
                 if h.vram_total > 0 { format!("{} free of {}", gib(h.vram_free), gib(h.vram_total)) } else { "-".to_owned() },
-                if h.disk_free > 0 { format!("{} free", gib(h.disk_free)) } else { "-".to_owned() },
+                match (h.disk_free, h.disk_reserve) {
+                    (0, _) => "-".to_owned(),
+                    (free, 0) => format!("{} free", gib(free)),
+                    (free, kept) => format!("{} free, {} kept", gib(free), gib(kept)),
+                },
                 if h.memory_limit > 0 { format!("{} of {}", gib(h.memory_used), gib(h.memory_limit)) } else { gib(h.memory_used) },
                 h.workers.iter().map(|w| format!("{}({})", w.model, w.state)).collect::<Vec<_>>().join(" "),
                 age(h.started_at_ms),
