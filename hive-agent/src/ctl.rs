@@ -115,23 +115,16 @@ async fn handle_in_span(
     // bigger than the room (see the end of this function).
     if let (Ok(CtlRequest::ModelDownload { model, alias, .. }), true) = (&req, to_any) {
         let need = ctx.downloader.too_big(&env.job_id);
-        let room = ctx.downloader.room();
-        let short = ctx.downloader.short_of_reserve().is_some() || need.zip(room).is_some_and(|(need, room)| room < need);
-        // A model already here needs no disk (the job answers
-        // `already_present`), and a bad request fails here as anywhere.
-        let short = short && {
+        if let Some(room) = ctx.downloader.short_of(need.unwrap_or(0)) {
+            // A model already here needs no disk (the job answers
+            // `already_present`), and a bad request fails here as anywhere.
             let here = match Target::of(model, alias.clone()) {
                 Ok(t) => already_here(&ctx, &t).await,
                 Err(e) => Err(e),
             };
-            matches!(here, Ok(None))
-        };
-        if let (true, Some(room)) = (short, room) {
-            if let Some(h) = roomier_hive(&ctx, room, need.unwrap_or(0)) {
-                let why = match need {
-                    Some(n) => format!("the file is {}, the disk here has room for {}; hive {} has {}", human(n), human(room), h.hive_id, human(h.disk_room())),
-                    None => format!("the disk here has room for {}; hive {} has {}", human(room), h.hive_id, human(h.disk_room())),
-                };
+            if let (Ok(None), Some(h)) = (here, roomier_hive(&ctx, room, need.unwrap_or(0))) {
+                let file = need.map(|n| format!("the file is {}, ", human(n))).unwrap_or_default();
+                let why = format!("{file}the disk here has room for {}; hive {} has {}", human(room), h.hive_id, human(h.disk_room()));
                 crate::job::place::leave(&ctx, &msg, LEAVE_FOR_DISK, &why, "download").await;
                 return;
             }

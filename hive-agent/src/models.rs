@@ -115,10 +115,13 @@ pub fn disk_free(path: &Path) -> Option<u64> {
 }
 
 impl Downloader {
-    /// The free space where the models go when it is less than
-    /// `disk_reserve`: no download can start here now.
-    pub fn short_of_reserve(&self) -> Option<u64> {
-        self.free().filter(|free| short_of_disk(*free, 0, 0, self.disk_reserve).is_some())
+    /// This disk's room (see [`Downloader::room`]) when a file of `need`
+    /// bytes does not fit in it, or, for `need` 0, when the disk is below
+    /// its reserve: no download can start here now. `None` when it fits or
+    /// the free space cannot be read.
+    pub fn short_of(&self, need: u64) -> Option<u64> {
+        let free = self.free()?;
+        short_of_disk(free, need, 0, self.disk_reserve).map(|_| free.saturating_sub(self.disk_reserve))
     }
 
     /// Free space where the models go, bytes; `None` where it cannot be read.
