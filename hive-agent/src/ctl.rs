@@ -44,6 +44,8 @@ use crate::system::human;
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// The longest a download left for a hive with more free disk stays out of the queue.
 const LEAVE_FOR_DISK: Duration = Duration::from_secs(1);
+/// How long a handed-back download's part file may stay locked by the try that just stopped.
+const PART_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 enum Outcome {
     Done(Value),
@@ -140,6 +142,10 @@ async fn handle_in_span(
     };
     run.wrote(revision);
     let mut sink = EventSink::new(ctx.client.clone(), &env.reply_to, &env.job_id, env.encoding, next_seq);
+    let download_of = match &req {
+        Ok(CtlRequest::ModelDownload { model, .. }) => Some(model.clone()),
+        _ => None,
+    };
     let outcome = match req {
         Err(e) => Outcome::Failed(e),
         Ok(req) => {
@@ -174,6 +180,13 @@ async fn handle_in_span(
             tracing::info!(message = %e.message, "handing the download back for a hive with more room");
             sink.flush().await;
             crate::job::place::leave(&ctx, &msg, LEAVE_FOR_DISK, &e.message, "download").await;
+            // What it wrote here would hold the disk this hive is short of.
+            if let (Some(Ok(target)), Some(size)) = (download_of.map(|m| Target::of(&m, None)), ctx.downloader.too_big(&env.job_id)) {
+                let (downloader, hf) = (ctx.downloader.clone(), target.hf);
+                if let Ok(Some(freed)) = blocking(move || Ok(downloader.drop_partial(&hf, size, PART_LOCK_WAIT))).await {
+                    tracing::info!(freed = %human(freed), "deleted the unfinished download's part file");
+                }
+            }
         }
         Outcome::Failed(e) => {
             tracing::info!(code = %e.code, message = %e.message, "lifecycle job failed");

@@ -168,6 +168,40 @@ impl Downloader {
         ))
     }
 
+    /// Deletes what an unfinished download of a file of `size` bytes from
+    /// `hf`'s repo left here: hf-hub's `blobs/<etag>.sync.part` (`size` + 8
+    /// bytes: the file, then how far it got) and its lock file. For a
+    /// download handed to a hive with more room: its part here would keep
+    /// disk that this hive is short of, for a resume that will not come.
+    /// A part whose lock a download holds is left; the try that just
+    /// stopped lets go of it within moments, so this waits up to `wait`.
+    /// Returns the bytes it freed on disk (a part file is sparse), `None`
+    /// when it deleted nothing.
+    pub fn drop_partial(&self, hf: &HfRef, size: u64, wait: Duration) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let blobs = self.cache_dir.join(Repo::new(hf.repo.clone(), RepoType::Model).folder_name()).join("blobs");
+        let dir = std::fs::read_dir(&blobs).ok()?;
+        let mut freed = None;
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(etag) = name.strip_suffix(".sync.part") else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.len() != size.saturating_add(8) {
+                continue;
+            }
+            let lock = blobs.join(format!("{etag}.lock"));
+            let Some(_held) = lock_when_free(&lock, wait) else {
+                tracing::warn!(file = %entry.path().display(), "a download still holds this part file; left");
+                continue;
+            };
+            if std::fs::remove_file(entry.path()).is_ok() {
+                *freed.get_or_insert(0) += meta.blocks() * 512;
+            }
+            let _ = std::fs::remove_file(&lock);
+        }
+        freed
+    }
+
     fn api(&self) -> Result<Api, JobError> {
         ApiBuilder::new()
             .with_endpoint(self.endpoint.clone())
@@ -315,6 +349,22 @@ impl Downloader {
     }
 }
 
+/// The exclusive `flock` hf-hub takes on a blob's lock file while it
+/// downloads it, taken here once free (tried every 50 ms for `wait`);
+/// held while the returned file lives.
+fn lock_when_free(path: &Path, wait: Duration) -> Option<std::fs::File> {
+    use rustix::fs::{flock, FlockOperation};
+    let file = std::fs::File::options().create(true).truncate(false).write(true).open(path).ok()?;
+    let until = Instant::now() + wait;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Some(file),
+            Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => return None,
+        }
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -445,6 +495,49 @@ mod tests {
         // No reserve: the file alone.
         assert_eq!(short_of_disk(gib, gib, 0, 0), None);
         assert_eq!(short_of_disk(u64::MAX - 1, u64::MAX, 0, 1), Some(u64::MAX), "no overflow");
+    }
+
+    #[test]
+    fn an_unfinished_download_part_is_deleted_unless_a_download_holds_it() {
+        use rustix::fs::{flock, FlockOperation};
+        let dir = tempfile::tempdir().unwrap();
+        let d = Downloader {
+            endpoint: "http://127.0.0.1:9".into(),
+            cache_dir: dir.path().to_path_buf(),
+            token: None,
+            attempts: 1,
+            disk_reserve: 0,
+            fixed_free: None,
+            too_big: Arc::default(),
+        };
+        let hf = HfRef { repo: "org/repo".into(), revision: None, file: Some("m.gguf".into()) };
+        let blobs = dir.path().join("models--org--repo/blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let size = 1_000_000u64;
+        let part = |etag: &str, len: u64, written: usize| {
+            let f = std::fs::File::create(blobs.join(format!("{etag}.sync.part"))).unwrap();
+            f.set_len(len).unwrap();
+            std::io::Write::write_all(&mut &f, &vec![7u8; written]).unwrap();
+        };
+        part("aaa", size + 8, 65_536); // this download's part, nobody on it
+        part("bbb", 5 + 8, 0); // another file's
+        part("ccc", size + 8, 0); // this size, but a download holds its lock
+        std::fs::write(blobs.join("ddd"), b"a finished blob").unwrap();
+        let held = std::fs::File::create(blobs.join("ccc.lock")).unwrap();
+        flock(&held, FlockOperation::NonBlockingLockExclusive).unwrap();
+
+        let freed = d.drop_partial(&hf, size, Duration::from_millis(120));
+        assert!(freed.is_some_and(|b| b >= 65_536), "{freed:?}");
+        let mut left: Vec<String> = std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["bbb.sync.part", "ccc.lock", "ccc.sync.part", "ddd"]);
+
+        // Once the download lets go, its part goes too; nothing there is no error.
+        drop(held);
+        assert_eq!(d.drop_partial(&hf, size, Duration::ZERO), Some(0), "nothing of it was written");
+        assert!(!blobs.join("ccc.sync.part").exists());
+        assert_eq!(d.drop_partial(&hf, size, Duration::ZERO), None);
+        assert_eq!(d.drop_partial(&HfRef { repo: "org/none".into(), revision: None, file: None }, size, Duration::ZERO), None);
     }
 
     #[test]

@@ -295,12 +295,18 @@ async fn an_any_download_too_big_for_its_hive_goes_back_to_a_hive_with_room() {
     let (code, message) = error(&ctl(&client, Some(&small.id), req.clone()).await);
     assert_eq!(code, ErrorCode::InsufficientDisk);
     assert!(message.contains("the download needs 93.8 MiB more") && message.contains("46.9 MiB free"), "{message}");
+    // That one keeps its part file, for a resume once there is room.
+    let parts = || files_under(small_models.path()).into_iter().filter(|(p, _)| p.to_string_lossy().ends_with(".sync.part")).count();
+    assert_eq!(parts(), 1);
 
     // A hive with room that takes no jobs yet, so the small hive runs the
     // download first, finds the file too big and hands it back.
     beat_as_hive_with_disk(&broker, &client, &info, "roomy-soon", 1 << 40).await;
     let mut job = client.submit_ctl(None, &req, None).await.expect("submit the download");
     eventually(Duration::from_secs(20), "the small hive hands the download back", || small.log().contains("handing the download back")).await;
+    // The part it wrote is no use to it now, and takes disk it is short of.
+    eventually(Duration::from_secs(10), "the small hive deletes its part file", || small.log().contains("deleted the unfinished download's part file")).await;
+    assert_eq!(parts(), 0);
     eventually(Duration::from_secs(10), "the small hive leaves it when it comes back", || small.log().contains("the file is")).await;
 
     // A real hive with room: it takes the job over and downloads the file.
