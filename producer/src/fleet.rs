@@ -97,44 +97,53 @@ impl Client {
     }
 
     /// The kept log lines of `hive` (the last hour), then, with `follow`, new
-    /// ones as they come. Without `follow` the stream ends after the lines
+    /// ones as they come. Without `follow` the stream ends at the last line
     /// kept when it was called: a hive that logs faster than this reads
-    /// cannot keep it going (reading "until nothing is pending" could).
+    /// cannot keep it going (reading "until nothing is pending" could), nor
+    /// can a stream that drops old lines as fast as they are read (counting
+    /// the lines kept then could: a current server delivers the survivors of
+    /// such churn more slowly than they come).
     pub async fn logs(&self, hive: &str, follow: bool) -> Result<impl futures::Stream<Item = LogLine>, ClientError> {
         let stream = self.jetstream().get_stream_no_info(subjects::LOGS_STREAM).await.map_err(broker_err)?;
+        let subject = subjects::logs_subject(hive);
+        // Without `follow`: the stream sequence of the last line to read.
+        let last = if follow {
+            u64::MAX
+        } else {
+            match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => m.sequence,
+                Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => 0,
+                Err(e) => return Err(broker_err(e)),
+            }
+        };
         let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subjects::logs_subject(hive),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
+            .create_consumer(consumer::pull::OrderedConfig { filter_subject: subject, deliver_policy: DeliverPolicy::All, ..Default::default() })
             .await
             .map_err(broker_err)?;
-        // Without `follow`: how many lines to read. Those are the ones kept now.
-        let backlog = if follow { u64::MAX } else { consumer.cached_info().num_pending };
         let messages = consumer.messages().await.map_err(broker_err)?;
-        Ok(futures::stream::unfold((messages, follow, backlog), |(mut messages, follow, mut left)| async move {
+        // `last` 0: the hive has no kept line, so nothing to list.
+        Ok(futures::stream::unfold((messages, !follow && last == 0), move |(mut messages, ended)| async move {
+            if ended {
+                return None;
+            }
             loop {
-                if left == 0 {
-                    return None;
-                }
                 let next = if follow {
                     messages.next().await
                 } else {
-                    // A kept line that does not come (the stream's limits
-                    // dropped it meanwhile) ends the listing after a moment.
-                    match tokio::time::timeout(std::time::Duration::from_millis(500), messages.next()).await {
-                        Ok(m) => m,
-                        Err(_) => return None,
-                    }
+                    // The last line dropped by the stream's limits meanwhile,
+                    // and nothing after it: nothing comes.
+                    tokio::time::timeout(std::time::Duration::from_secs(2), messages.next()).await.ok()?
                 };
-                let msg = match next {
-                    Some(Ok(m)) => m,
-                    _ => return None,
-                };
-                left = left.saturating_sub(1);
+                let Some(Ok(msg)) = next else { return None };
+                let seq = msg.info().map_or(0, |i| i.stream_sequence);
+                if seq > last {
+                    return None;
+                }
                 if let Ok(line) = serde_json::from_slice::<LogLine>(&msg.payload) {
-                    return Some((line, (messages, follow, left)));
+                    return Some((line, (messages, seq == last)));
+                }
+                if seq == last {
+                    return None;
                 }
             }
         }))

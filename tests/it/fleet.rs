@@ -1259,29 +1259,59 @@ async fn rbee_logs_without_follow_ends_while_the_hive_keeps_logging() {
     let lines: Vec<_> = client.logs(&hive.id, false).await.unwrap().collect().await;
     assert_eq!(test_lines(&lines), (0..2000).collect::<Vec<_>>());
 
-    // A hive logging faster than the listing reads: it still ends (reading
-    // "until nothing is pending" never did).
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = tokio::spawn({
-        let (nats, subject, stop) = (nats.clone(), subject.clone(), stop.clone());
-        async move {
-            let mut n = 2000;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for _ in 0..500 {
-                    let _ = nats.publish(subject.clone(), line(n)).await;
-                    n += 1;
+    // A hive logging while the listing reads: it ends, with every line
+    // kept when it was called and none sent after. Each line is sent with
+    // the stream's ack, so a line counted before the call is kept.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let flood = |acked: bool| {
+        let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(2000)));
+        let task = tokio::spawn({
+            let (nats, js, subject, line, stop, sent) = (nats.clone(), js.clone(), subject.clone(), line.clone(), stop.clone(), sent.clone());
+            async move {
+                while !stop.load(Relaxed) {
+                    for _ in 0..500 {
+                        let l = line(sent.load(Relaxed));
+                        if acked {
+                            js.publish(subject.clone(), l).await.unwrap().await.unwrap();
+                        } else {
+                            let _ = nats.publish(subject.clone(), l).await;
+                        }
+                        sent.fetch_add(1, Relaxed);
+                    }
+                    tokio::task::yield_now().await;
                 }
-                tokio::task::yield_now().await;
             }
+        });
+        (stop, sent, task)
+    };
+    let listing = |sent: Arc<AtomicU64>| {
+        let (client, id) = (client.clone(), hive.id.clone());
+        async move {
+            let kept = sent.load(Relaxed);
+            let listing = client.logs(&id, false).await.unwrap();
+            let called = sent.load(Relaxed);
+            let lines = tokio::time::timeout(Duration::from_secs(20), listing.collect::<Vec<_>>()).await;
+            (kept, called, lines.expect("rbee logs (no --follow) ends while lines keep coming"))
         }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let read = tokio::time::timeout(Duration::from_secs(20), async { client.logs(&hive.id, false).await.unwrap().collect::<Vec<_>>().await }).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flood.await.unwrap();
-    let lines = read.expect("rbee logs (no --follow) ends while lines keep coming");
+    };
+    let (stop, sent, task) = flood(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (kept, called, lines) = listing(sent.clone()).await;
+    stop.store(true, Relaxed);
+    task.await.unwrap();
     let seen = test_lines(&lines);
-    assert!(!seen.is_empty() && seen.windows(2).all(|w| w[0] < w[1]), "in order, no repeats: {} lines", seen.len());
-    // No more than the stream kept of this hive when it was called (10,000 per hive).
-    assert!(seen.len() <= 10_000, "{} lines", seen.len());
+    // Fewer than the stream's 10,000 per hive were sent: none was dropped.
+    assert!(called < 10_000 && kept > 2000, "{kept}, {called}");
+    assert!(seen.len() as u64 >= kept && seen.len() as u64 <= called + 1, "{} lines, {kept} kept before the call, {called} sent by its end", seen.len());
+    assert_eq!(seen, (0..seen.len() as u64).collect::<Vec<_>>(), "every line once, in order");
+
+    // Lines sent as fast as they go: the stream drops its oldest faster
+    // than they can be read, and the listing still ends.
+    let (stop, sent, task) = flood(false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, called, lines) = listing(sent).await;
+    stop.store(true, Relaxed);
+    task.await.unwrap();
+    let seen = test_lines(&lines);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]) && seen.iter().all(|&n| n <= called), "in order, none sent after the call");
 }
