@@ -390,8 +390,9 @@ pub struct GgufFacts {
 
 /// Reads a GGUF file's header (not its weights).
 pub fn inspect_gguf(path: &Path) -> Result<GgufFacts, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Buffered: the header is one small read per field and vocabulary string.
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::BufReader::with_capacity(1 << 20, f))
         .map_err(|e| format!("{} is not a GGUF file rbee can read: {e}", path.display()))?;
     let arch = content
         .metadata
