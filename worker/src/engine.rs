@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::Device;
 use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use rbee_schemas::error::{ErrorCode, JobError};
@@ -53,6 +53,16 @@ pub struct TextSide {
 /// Receives each sampled token (`Some(id)`) with the text it releases; text
 /// released without a new token (when resuming) comes with `None`.
 pub type OnToken<'a> = dyn FnMut(Option<u32>, &str) + 'a;
+
+/// The tokenizer and chat template from a GGUF's `tokenizer.*` metadata.
+fn text_of(ct: &Content) -> Result<(GgufTokenizer, Option<ChatTemplate>), String> {
+    let tokenizer = GgufTokenizer::build(ct)?;
+    let chat = match ct.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+        Some(src) => Some(ChatTemplate::new(src, &tokenizer.bos_text, &tokenizer.eos_text)?),
+        None => None,
+    };
+    Ok((tokenizer, chat))
+}
 
 fn load_failed(path: &Path, what: impl std::fmt::Display) -> JobError {
     JobError::new(ErrorCode::ModelLoadFailed, format!("cannot load {}: {what}", path.display()))
@@ -120,7 +130,7 @@ impl Engine {
         // are one string each), a syscall apiece on the bare file (~170 ms of
         // a ~280 ms load for the demo model). The weights are then read
         // straight from the file at their offsets.
-        let content = gguf_file::Content::read(&mut std::io::BufReader::with_capacity(1 << 20, &mut file))
+        let mut content = gguf_file::Content::read(&mut std::io::BufReader::with_capacity(1 << 20, &mut file))
             .map_err(|e| load_failed(path, format!("not a GGUF file ({e})")))?;
         let meta_str = |k: &str| content.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
         let architecture = meta_str("general.architecture").unwrap_or_default();
@@ -130,13 +140,6 @@ impl Engine {
                 format!("architecture {architecture:?} is not supported yet (supported: llama)"),
             ));
         }
-        let tokenizer = GgufTokenizer::build(&content).map_err(|e| load_failed(path, e))?;
-        let chat = match meta_str("tokenizer.chat_template") {
-            Some(src) => Some(
-                ChatTemplate::new(&src, &tokenizer.bos_text, &tokenizer.eos_text).map_err(|e| load_failed(path, e))?,
-            ),
-            None => None,
-        };
         let context_length = content
             .metadata
             .get("llama.context_length")
@@ -149,7 +152,19 @@ impl Engine {
             .map_or(0, |v| v.len() as u32);
         let quantization = dominant_weight_type(&content);
         let name = meta_str("general.name").unwrap_or_default();
-        let (backend, fallback) = Backend::load(content, &mut file, &device, choice).map_err(|e| load_failed(path, e))?;
+        // The tokenizer (~40 ms for the demo model's 49k tokens and merges)
+        // is built on a thread of its own while the weights load: the
+        // weights need none of its metadata, so it is moved out to it.
+        let text_keys: Vec<String> = content.metadata.keys().filter(|k| k.starts_with("tokenizer.")).cloned().collect();
+        let text_meta = text_keys.iter().filter_map(|k| content.metadata.remove_entry(k)).collect();
+        let text_side = Content { metadata: text_meta, tensor_infos: Default::default(), ..content };
+        let (text, loaded) = std::thread::scope(|s| {
+            let text = s.spawn(|| text_of(&text_side));
+            let loaded = Backend::load(content, &mut file, &device, choice);
+            (text.join(), loaded)
+        });
+        let (tokenizer, chat) = text.map_err(|_| load_failed(path, "building the tokenizer panicked"))?.map_err(|e| load_failed(path, e))?;
+        let (backend, fallback) = loaded.map_err(|e| load_failed(path, e))?;
         // Both engines get candle's limit, so a job fits the same on either.
         let context = (context_length as usize).min(MAX_SEQ_LEN);
         let info = ModelInfo {

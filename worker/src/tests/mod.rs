@@ -44,3 +44,44 @@ fn prompts() -> &'static [GenerateParams] {
         ]
     })
 }
+
+/// A file the worker cannot run fails its load with the reason, whichever
+/// half of the load (tokenizer, weights) finds it; nothing panics.
+#[test]
+fn a_model_that_cannot_load_says_why() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    let dir = std::env::temp_dir().join(format!("rbee-worker-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gguf = |name: &str, meta: &[(&str, &Value)]| {
+        let path = dir.join(name);
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), meta, &[]).unwrap();
+        path
+    };
+    let fails = |path: &Path| match Engine::load_with(path, candle_core::Device::Cpu, EngineChoice::Auto) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => {
+            assert_eq!(e.code, rbee_schemas::error::ErrorCode::ModelLoadFailed);
+            e.message
+        }
+    };
+
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    assert!(fails(&junk).contains("not a GGUF file"));
+
+    let llama = Value::String("llama".into());
+    let path = gguf("other-arch.gguf", &[("general.architecture", &Value::String("mamba".into()))]);
+    assert!(fails(&path).contains("architecture \"mamba\" is not supported yet"));
+
+    // A tokenizer rbee does not build (and no weights either): the tokenizer's reason.
+    let path = gguf("spm.gguf", &[("general.architecture", &llama), ("tokenizer.ggml.model", &llama)]);
+    assert!(fails(&path).contains("tokenizer model \"llama\" is not supported yet"));
+
+    // The demo model's metadata, tokenizer included, and no weights: the weights' reason.
+    let mut f = std::fs::File::open(DEMO_MODEL).expect("the demo model");
+    let demo = gguf_file::Content::read(&mut std::io::BufReader::new(&mut f)).unwrap();
+    let meta: Vec<(&str, &Value)> = demo.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let message = fails(&gguf("no-weights.gguf", &meta));
+    assert!(message.contains("cannot find tensor info for token_embd.weight"), "{message}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
