@@ -209,7 +209,11 @@ fn main() {
         let (ct, mut file) = open();
         ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).expect("candle cannot load this model")
     });
-    let llama_bench = Path::new("/root/.cache/rbee/llama.cpp/bin/llama-bench");
+    // Where scripts/build-llama-cpp.sh puts it.
+    let llama_bench = &std::env::var_os("RBEE_LLAMA_CPP_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/rbee/llama.cpp"))
+        .join("bin/llama-bench");
     let prompt = prompt_tokens(a.prompt, fast.config().vocab);
 
     // Warm-up: page in the weights, grow scratch buffers.

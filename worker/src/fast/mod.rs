@@ -33,4 +33,4 @@ pub use model::{FastConfig, FastModel, Sequence};
 pub use pool::PoolKind;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

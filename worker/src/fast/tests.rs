@@ -6,7 +6,6 @@
 //! (candle with f16 scales, the fast path with f32) and the fast path keeps its
 //! key/value cache in f16, so logits agree to a few hundredths, not bit for bit.
 
-use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -14,7 +13,15 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 
 use super::{FastConfig, FastModel, PoolKind, Sequence};
 
-pub const DEMO_MODEL: &str = "/root/.local/share/rbee/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The demo model, where `scripts/fetch-demo-model.sh` puts it (as the
+/// integration tests find it): `$RBEE_TEST_MODELS_DIR`, else the models
+/// directory of the rbee home (`$RBEE_HOME`, else `~/.local/share/rbee`).
+pub fn demo_model() -> std::path::PathBuf {
+    std::env::var_os("RBEE_TEST_MODELS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| rbee_broker::rbee_home().join("models"))
+        .join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
 
 /// `<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n`
 const PROMPT: [u32; 15] = [1, 4093, 198, 19161, 253, 421, 30614, 563, 9356, 2, 198, 1, 520, 9531, 198];
@@ -34,9 +41,9 @@ const KL_TOL: f64 = 0.15;
 const TIE: f32 = 0.5;
 
 fn open_demo() -> (gguf_file::Content, std::fs::File) {
-    let path = Path::new(DEMO_MODEL);
-    let mut file = std::fs::File::open(path).unwrap_or_else(|e| {
-        panic!("these tests need the demo model at {DEMO_MODEL} ({e}); download SmolLM2-135M-Instruct Q4_1 there")
+    let path = demo_model();
+    let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
+        panic!("these tests need the demo model at {} ({e}): run scripts/fetch-demo-model.sh", path.display())
     });
     let ct = gguf_file::Content::read(&mut file).expect("demo model is a GGUF file");
     (ct, file)

@@ -12,12 +12,11 @@ use crate::{Engine, EngineChoice};
 mod batch;
 mod engines;
 
-const DEMO_MODEL: &str = "/root/.local/share/rbee/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn load(choice: EngineChoice) -> Engine {
-    let path = Path::new(DEMO_MODEL);
-    assert!(path.exists(), "these tests need the demo model at {DEMO_MODEL}: download SmolLM2-135M-Instruct Q4_1 there");
-    Engine::load_with(path, candle_core::Device::Cpu, choice).expect("the demo model loads")
+    let path = crate::fast::tests::demo_model();
+    assert!(path.exists(), "these tests need the demo model at {}: run scripts/fetch-demo-model.sh", path.display());
+    Engine::load_with(&path, candle_core::Device::Cpu, choice).expect("the demo model loads")
 }
 
 fn chat(content: &str, max_tokens: i64) -> GenerateParams {
@@ -78,7 +77,7 @@ fn a_model_that_cannot_load_says_why() {
     assert!(fails(&path).contains("tokenizer model \"llama\" is not supported yet"));
 
     // The demo model's metadata, tokenizer included, and no weights: the weights' reason.
-    let mut f = std::fs::File::open(DEMO_MODEL).expect("the demo model");
+    let mut f = std::fs::File::open(crate::fast::tests::demo_model()).expect("the demo model");
     let demo = gguf_file::Content::read(&mut std::io::BufReader::new(&mut f)).unwrap();
     let meta: Vec<(&str, &Value)> = demo.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let message = fails(&gguf("no-weights.gguf", &meta));
