@@ -498,19 +498,36 @@ mod tests {
         assert_eq!(short_of_disk(u64::MAX - 1, u64::MAX, 0, 1), Some(u64::MAX), "no overflow");
     }
 
-    #[test]
-    fn an_unfinished_download_part_is_deleted_unless_a_download_holds_it() {
-        use rustix::fs::{flock, FlockOperation};
-        let dir = tempfile::tempdir().unwrap();
-        let d = Downloader {
+    fn downloader(cache_dir: &Path) -> Downloader {
+        Downloader {
             endpoint: "http://127.0.0.1:9".into(),
-            cache_dir: dir.path().to_path_buf(),
+            cache_dir: cache_dir.to_path_buf(),
             token: None,
             attempts: 1,
             disk_reserve: 0,
             fixed_free: None,
             too_big: Arc::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_full_disk_mid_download_is_insufficient_disk() {
+        let d = downloader(Path::new("/models/hf"));
+        let hf = HfRef { repo: "org/repo".into(), revision: None, file: Some("m.gguf".into()) };
+        let full = ApiError::IoError(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        let e = d.map_error(full, &hf, "m.gguf");
+        assert_eq!(e.code, ErrorCode::InsufficientDisk);
+        assert!(e.message.contains("the disk under /models/hf is full") && e.message.contains("rbee models delete"), "{}", e.message);
+        // Any other write failure is not the disk's size.
+        let denied = ApiError::IoError(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(d.map_error(denied, &hf, "m.gguf").code, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn an_unfinished_download_part_is_deleted_unless_a_download_holds_it() {
+        use rustix::fs::{flock, FlockOperation};
+        let dir = tempfile::tempdir().unwrap();
+        let d = downloader(dir.path());
         let hf = HfRef { repo: "org/repo".into(), revision: None, file: Some("m.gguf".into()) };
         let blobs = dir.path().join("models--org--repo/blobs");
         std::fs::create_dir_all(&blobs).unwrap();
