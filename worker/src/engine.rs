@@ -159,11 +159,16 @@ impl Engine {
         let text_meta = text_keys.iter().filter_map(|k| content.metadata.remove_entry(k)).collect();
         let text_side = Content { metadata: text_meta, tensor_infos: Default::default(), ..content };
         let (text, loaded) = std::thread::scope(|s| {
-            let text = s.spawn(|| text_of(&text_side));
+            let text = std::thread::Builder::new().name("rbee-tokenizer".into()).spawn_scoped(s, || text_of(&text_side));
             let loaded = Backend::load(content, &mut file, &device, choice);
-            (text.join(), loaded)
+            let text = match text {
+                Ok(t) => t.join().unwrap_or_else(|_| Err("building the tokenizer panicked".to_owned())),
+                // No thread to be had: build it here, after the weights.
+                Err(_) => text_of(&text_side),
+            };
+            (text, loaded)
         });
-        let (tokenizer, chat) = text.map_err(|_| load_failed(path, "building the tokenizer panicked"))?.map_err(|e| load_failed(path, e))?;
+        let (tokenizer, chat) = text.map_err(|e| load_failed(path, e))?;
         let (backend, fallback) = loaded.map_err(|e| load_failed(path, e))?;
         // Both engines get candle's limit, so a job fits the same on either.
         let context = (context_length as usize).min(MAX_SEQ_LEN);
