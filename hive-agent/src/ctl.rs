@@ -116,7 +116,7 @@ async fn handle_in_span(
     // is below its reserve, or when an earlier try here found the file
     // bigger than the room (see the end of this function).
     if let (Ok(CtlRequest::ModelDownload { model, alias, .. }), true) = (&req, to_any) {
-        let need = ctx.downloader.too_big(&env.job_id);
+        let need = ctx.downloader.too_big(&env.job_id).map(|t| t.size);
         if let Some(room) = ctx.downloader.short_of(need.unwrap_or(0)) {
             // A model already here needs no disk (the job answers
             // `already_present`), and a bad request fails here as anywhere.
@@ -142,10 +142,6 @@ async fn handle_in_span(
     };
     run.wrote(revision);
     let mut sink = EventSink::new(ctx.client.clone(), &env.reply_to, &env.job_id, env.encoding, next_seq);
-    let download_of = match &req {
-        Ok(CtlRequest::ModelDownload { model, .. }) => Some(model.clone()),
-        _ => None,
-    };
     let outcome = match req {
         Err(e) => Outcome::Failed(e),
         Ok(req) => {
@@ -175,15 +171,15 @@ async fn handle_in_span(
         Outcome::Failed(e)
             if to_any
                 && e.code == ErrorCode::InsufficientDisk
-                && ctx.downloader.too_big(&env.job_id).is_some_and(|need| roomier_hive(&ctx, ctx.downloader.room().unwrap_or(0), need).is_some()) =>
+                && ctx.downloader.too_big(&env.job_id).is_some_and(|t| roomier_hive(&ctx, ctx.downloader.room().unwrap_or(0), t.size).is_some()) =>
         {
             tracing::info!(message = %e.message, "handing the download back for a hive with more room");
             sink.flush().await;
             crate::job::place::leave(&ctx, &msg, LEAVE_FOR_DISK, &e.message, "download").await;
             // What it wrote here would hold the disk this hive is short of.
-            if let (Some(Ok(target)), Some(size)) = (download_of.map(|m| Target::of(&m, None)), ctx.downloader.too_big(&env.job_id)) {
-                let (downloader, hf) = (ctx.downloader.clone(), target.hf);
-                if let Ok(Some(freed)) = blocking(move || Ok(downloader.drop_partial(&hf, size, PART_LOCK_WAIT))).await {
+            if let Some(t) = ctx.downloader.too_big(&env.job_id) {
+                let downloader = ctx.downloader.clone();
+                if let Ok(Some(freed)) = blocking(move || Ok(downloader.drop_partial(&t.hf, t.size, PART_LOCK_WAIT))).await {
                     tracing::info!(freed = %human(freed), "deleted the unfinished download's part file");
                 }
             }
@@ -291,7 +287,7 @@ async fn download(ctx: &JobCtx, model: &str, alias: Option<String>, job_id: &str
     let too_big = |e: JobError| {
         let size = transfer.total.load(Ordering::Relaxed);
         if e.code == ErrorCode::InsufficientDisk && size > 0 {
-            ctx.downloader.note_too_big(job_id, size);
+            ctx.downloader.note_too_big(job_id, &hf, size);
         }
         e
     };

@@ -45,8 +45,15 @@ pub struct Downloader {
     /// `--test-disk-free`: this many bytes free, whatever the disk says.
     pub fixed_free: Option<u64>,
     /// Downloads sent to any hive that turned out too big for this disk:
-    /// job id → the file's size, and when that was learnt.
-    pub too_big: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
+    /// job id → what it fetches, and when that was learnt.
+    pub too_big: Arc<Mutex<HashMap<String, (TooBig, Instant)>>>,
+}
+
+/// A download found too big for this disk: the file's size and its repo.
+#[derive(Debug, Clone)]
+pub struct TooBig {
+    pub size: u64,
+    pub hf: HfRef,
 }
 
 /// How long a hive remembers a download too big for its disk.
@@ -134,18 +141,19 @@ impl Downloader {
         self.free().map(|free| free.saturating_sub(self.disk_reserve))
     }
 
-    /// Notes that the download job `job` needs `size` bytes, more than this
-    /// disk has room for: a later delivery of it is left for another hive.
-    pub fn note_too_big(&self, job: &str, size: u64) {
+    /// Notes that the download job `job` needs `size` bytes of `hf`'s repo,
+    /// more than this disk has room for: a later delivery of it is left for
+    /// another hive.
+    pub fn note_too_big(&self, job: &str, hf: &HfRef, size: u64) {
         let mut m = self.too_big.lock().unwrap_or_else(|e| e.into_inner());
         m.retain(|_, (_, at)| at.elapsed() < TOO_BIG_FOR);
-        m.insert(job.to_owned(), (size, Instant::now()));
+        m.insert(job.to_owned(), (TooBig { size, hf: hf.clone() }, Instant::now()));
     }
 
-    /// The size the download job `job` was found to need here, if it was too big.
-    pub fn too_big(&self, job: &str) -> Option<u64> {
+    /// What the download job `job` was found to need here, if it was too big.
+    pub fn too_big(&self, job: &str) -> Option<TooBig> {
         let m = self.too_big.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(job).filter(|(_, at)| at.elapsed() < TOO_BIG_FOR).map(|(size, _)| *size)
+        m.get(job).filter(|(_, at)| at.elapsed() < TOO_BIG_FOR).map(|(t, _)| t.clone())
     }
 
     /// Fails `INSUFFICIENT_DISK` when what is left of `transfer` would leave
