@@ -1315,3 +1315,36 @@ async fn rbee_logs_without_follow_ends_while_the_hive_keeps_logging() {
     let seen = test_lines(&lines);
     assert!(seen.windows(2).all(|w| w[0] < w[1]) && seen.iter().all(|&n| n <= called), "in order, none sent after the call");
 }
+
+/// A model that imports (its header is a llama's) but cannot load (it has
+/// no weights): the job gets one `MODEL_LOAD_FAILED` error saying why, the
+/// queue keeps nothing and no worker process is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_cannot_load_fails_its_job_once_and_leaves_nothing() {
+    use candle_core::quantized::gguf_file;
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("no-weights.gguf");
+    let mut demo = std::fs::File::open(demo_model_path()).unwrap();
+    let header = gguf_file::Content::read(&mut std::io::BufReader::new(&mut demo)).unwrap();
+    let meta: Vec<(&str, &gguf_file::Value)> = header.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&broken).unwrap(), &meta, &[]).unwrap();
+
+    let broker = Broker::start();
+    let hive = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let path = broken.display().to_string();
+    ok_json(&cli(&broker.url(), &["models", "import", &path, "--alias", "broken", "--hive", &hive.id, "--json"]).await);
+    let client = rbee::Client::connect(&broker.url()).await.unwrap();
+    let mut job = client.submit("broken", short(2), Default::default()).await.unwrap();
+    let events = collect(&mut job).await;
+    assert_well_formed(&events);
+    match &events.last().unwrap().body {
+        EventBody::Error(e) => {
+            assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{}", e.message);
+            assert!(e.message.contains("token_embd.weight"), "says why: {}", e.message);
+        }
+        other => panic!("expected MODEL_LOAD_FAILED, got {other:?}"),
+    }
+    assert_queue_drains(&broker.client().await).await;
+    eventually(Duration::from_secs(5), "no worker process is left", || processes_with_arg(&path).is_empty()).await;
+    assert!(!hive.log().contains("panicked"));
+}
