@@ -126,11 +126,8 @@ impl Engine {
     pub fn load_with(path: &Path, device: Device, choice: EngineChoice) -> Result<Self, JobError> {
         let started = Instant::now();
         let mut file = std::fs::File::open(path).map_err(|e| load_failed(path, e))?;
-        // Buffered: the header is ~100k small reads (the vocabulary and merges
-        // are one string each), a syscall apiece on the bare file (~170 ms of
-        // a ~280 ms load for the demo model). The weights are then read
-        // straight from the file at their offsets.
-        let mut content = gguf_file::Content::read(&mut std::io::BufReader::with_capacity(1 << 20, &mut file))
+        // The weights are then read straight from the file at their offsets.
+        let mut content = crate::gguf::read_header(&mut file)
             .map_err(|e| load_failed(path, format!("not a GGUF file ({e})")))?;
         let meta_str = |k: &str| content.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
         let architecture = meta_str("general.architecture").unwrap_or_default();

@@ -23,6 +23,7 @@ pub mod chat;
 pub mod engine;
 pub mod fast;
 pub mod generation;
+pub mod gguf;
 pub mod noop;
 pub mod process;
 pub mod stream;
