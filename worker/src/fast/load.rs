@@ -6,10 +6,14 @@
 //! Anything the fast path cannot run exactly like candle's `quantized_llama`
 //! (another architecture, mixture of experts, an unsupported weight type, odd
 //! shapes) is an `Err` naming the reason, so the caller can fall back to candle.
-//! Runs once, on the caller's thread.
+//! Runs once, on the caller's thread and as many loader threads as the model
+//! will compute on: most of a load is the kernel zeroing the arena's fresh
+//! pages as they are first written, then the copy and the repacking, and each
+//! matrix's share of that runs on whichever thread is free.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::sync::Arc;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 
@@ -154,15 +158,14 @@ fn locate(ct: &Content, name: &str, dims: &[usize]) -> Result<(Src, u64, usize),
     Ok((t, ct.tensor_data_offset + info.offset, elems / t.block_elems() * t.block_bytes()))
 }
 
-fn read_at<R: Read + Seek>(r: &mut R, name: &str, at: u64, out: &mut [u8]) -> Result<(), String> {
-    r.seek(SeekFrom::Start(at)).map_err(|e| format!("seeking to {name}: {e}"))?;
-    r.read_exact(out).map_err(|e| format!("reading {name}: {e}"))
+fn read_at(file: &File, name: &str, at: u64, out: &mut [u8]) -> Result<(), String> {
+    file.read_exact_at(out, at).map_err(|e| format!("reading {name}: {e}"))
 }
 
-fn vector<R: Read + Seek>(ct: &Content, r: &mut R, name: &str, len: usize) -> Result<Vec<f32>, String> {
+fn vector(ct: &Content, file: &File, name: &str, len: usize) -> Result<Vec<f32>, String> {
     let (t, at, size) = locate(ct, name, &[len])?;
     let mut bytes = vec![0u8; size];
-    read_at(r, name, at, &mut bytes)?;
+    read_at(file, name, at, &mut bytes)?;
     let mut out = vec![0f32; len];
     dequantize_gguf_row(t, &bytes, &mut out);
     Ok(out)
@@ -181,8 +184,9 @@ struct Slot {
 }
 
 /// Reads every weight the llama forward pass uses: the matrices, repacked,
-/// into one arena in the order a forward step reads them; the norms as f32.
-pub fn load<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Weights, String> {
+/// into one arena in the order a forward step reads them, on `threads`
+/// threads in all (the caller's included); the norms as f32.
+pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String> {
     let cfg = config(ct)?;
     let (d, f, kv, qd) = (cfg.dim, cfg.ffn, cfg.kv_dim(), cfg.q_dim());
     if d % QK != 0 || f % QK != 0 {
@@ -214,12 +218,7 @@ pub fn load<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Weights, String> 
         size = (size + len).next_multiple_of(64);
     }
     let mut arena = Arena::new(size);
-    let mut gguf = Vec::new();
-    for s in &slots {
-        gguf.resize(s.file_len, 0);
-        read_at(r, &s.name, s.file_at, &mut gguf)?;
-        pack_into(s.src, &gguf, s.rows, s.cols, &mut arena.bytes_mut()[s.arena_at..s.arena_at + s.len]);
-    }
+    fill(&slots, &mut arena, file, threads)?;
     let arena = Arc::new(arena);
     let mut mats = slots.iter().map(|s| {
         Matrix::packed(s.src.packed(), s.rows, s.cols, Bytes::new(Arc::clone(&arena), s.arena_at, s.len))
@@ -232,12 +231,12 @@ pub fn load<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Weights, String> 
         let (wq, wk, wv, wo) = (next()?, next()?, next()?, next()?);
         let (up, gate, down) = (next()?, next()?, next()?);
         layers.push(Layer {
-            attn_norm: vector(ct, r, &format!("{p}.attn_norm.weight"), d)?,
+            attn_norm: vector(ct, file, &format!("{p}.attn_norm.weight"), d)?,
             wq,
             wk,
             wv,
             wo,
-            ffn_norm: vector(ct, r, &format!("{p}.ffn_norm.weight"), d)?,
+            ffn_norm: vector(ct, file, &format!("{p}.ffn_norm.weight"), d)?,
             gate,
             up,
             down,
@@ -245,6 +244,40 @@ pub fn load<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Weights, String> 
     }
     let output = if tied { None } else { Some(next()?) };
     let embd = next()?;
-    let norm = vector(ct, r, "output_norm.weight", d)?;
+    let norm = vector(ct, file, "output_norm.weight", d)?;
     Ok(Weights { cfg, embd, layers, norm, output })
+}
+
+/// Reads and repacks every slot's matrix into its part of `arena`, each part
+/// taken by the next free thread of `threads` (the caller's included; fewer
+/// if the OS gives none). The first error is the answer.
+fn fill(slots: &[Slot], arena: &mut Arena, file: &File, threads: usize) -> Result<(), String> {
+    let mut parts = Vec::with_capacity(slots.len());
+    let (mut rest, mut at) = (arena.bytes_mut(), 0);
+    for s in slots {
+        let (part, tail) = std::mem::take(&mut rest)[s.arena_at - at..].split_at_mut(s.len);
+        parts.push((s, part));
+        (rest, at) = (tail, s.arena_at + s.len);
+    }
+    let queue = Mutex::new(parts.into_iter());
+    let work = || -> Result<(), String> {
+        let mut gguf = Vec::new();
+        loop {
+            let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+            let Some((s, part)) = next else { return Ok(()) };
+            gguf.resize(s.file_len, 0);
+            read_at(file, &s.name, s.file_at, &mut gguf)?;
+            pack_into(s.src, &gguf, s.rows, s.cols, part);
+        }
+    };
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads.min(slots.len()))
+            .map_while(|i| std::thread::Builder::new().name(format!("rbee-load-{i}")).spawn_scoped(scope, work).ok())
+            .collect();
+        let mine = work();
+        helpers
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a weight loading thread panicked".to_owned())))
+            .fold(mine, Result::and)
+    })
 }

@@ -143,16 +143,17 @@ pub struct FastModel {
 impl FastModel {
     /// Reads a llama GGUF (`ct` parsed from `file`) for the fast path, with the
     /// default threads. `Err` says why this model cannot use it.
-    pub fn load(ct: &candle_core::quantized::gguf_file::Content, file: &mut std::fs::File) -> Result<Self, String> {
+    pub fn load(ct: &candle_core::quantized::gguf_file::Content, file: &std::fs::File) -> Result<Self, String> {
         Self::load_with(ct, file, FastConfig::default())
     }
 
+    /// The weights are read on as many threads as the model computes on.
     pub fn load_with(
         ct: &candle_core::quantized::gguf_file::Content,
-        file: &mut std::fs::File,
+        file: &std::fs::File,
         config: FastConfig,
     ) -> Result<Self, String> {
-        Self::from_weights(Arc::new(super::load::load(ct, file)?), config)
+        Self::from_weights(Arc::new(super::load::load(ct, file, config.threads)?), config)
     }
 
     fn from_weights(w: Arc<Weights>, config: FastConfig) -> Result<Self, String> {

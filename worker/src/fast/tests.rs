@@ -45,8 +45,29 @@ fn open_demo() -> (gguf_file::Content, std::fs::File) {
     let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
         panic!("these tests need the demo model at {} ({e}): run scripts/fetch-demo-model.sh", path.display())
     });
-    let ct = gguf_file::Content::read(&mut file).expect("demo model is a GGUF file");
+    let ct = crate::gguf::read_header(&mut file).expect("demo model is a GGUF file");
     (ct, file)
+}
+
+/// The weights read on several threads are those read on one, byte for byte.
+#[test]
+fn weights_read_on_several_threads_are_those_read_on_one() {
+    let (ct, file) = open_demo();
+    let (one, three) = (super::load::load(&ct, &file, 1).expect("weights"), super::load::load(&ct, &file, 3).expect("weights"));
+    fn matrices(w: &super::load::Weights) -> Vec<&super::matmul::Matrix> {
+        let mut all = vec![&w.embd, w.output()];
+        for l in &w.layers {
+            all.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]);
+        }
+        all
+    }
+    let (a, b) = (matrices(&one), matrices(&three));
+    assert_eq!(a.len(), 2 + 7 * one.cfg.n_layer);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!((x.t, x.rows, x.cols), (y.t, y.rows, y.cols), "matrix {i}");
+        assert!(*x.data == *y.data, "matrix {i} differs");
+    }
+    assert_eq!(one.norm, three.norm);
 }
 
 fn fast(threads: usize) -> FastModel {
@@ -284,8 +305,8 @@ fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
 
 #[test]
 fn fast_and_candle_are_equally_close_to_an_f32_reference() {
-    let (ct, mut file) = open_demo();
-    let weights = super::load::load(&ct, &mut file).expect("weights");
+    let (ct, file) = open_demo();
+    let weights = super::load::load(&ct, &file, 2).expect("weights");
     let mut reference = candle();
     let mut model = fast(2);
     // The prompt then 20 greedy tokens (candle's), all scored at once by the reference.
