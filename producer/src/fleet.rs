@@ -116,16 +116,17 @@ impl Client {
                 Err(e) => return Err(broker_err(e)),
             }
         };
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig { filter_subject: subject, deliver_policy: DeliverPolicy::All, ..Default::default() })
-            .await
-            .map_err(broker_err)?;
-        let messages = consumer.messages().await.map_err(broker_err)?;
-        // `last` 0: the hive has no kept line, so nothing to list.
-        Ok(futures::stream::unfold((messages, !follow && last == 0), move |(mut messages, ended)| async move {
-            if ended {
-                return None;
-            }
+        // No kept line and no `follow`: nothing to list, nothing to create.
+        let messages = if follow || last > 0 {
+            let config = consumer::pull::OrderedConfig { filter_subject: subject, deliver_policy: DeliverPolicy::All, ..Default::default() };
+            let consumer = stream.create_consumer(config).await.map_err(broker_err)?;
+            Some(consumer.messages().await.map_err(broker_err)?)
+        } else {
+            None
+        };
+        // The state: what is left to read, `None` once the listing has ended.
+        Ok(futures::stream::unfold(messages, move |messages| async move {
+            let mut messages = messages?;
             loop {
                 let next = if follow {
                     messages.next().await
@@ -140,7 +141,7 @@ impl Client {
                     return None;
                 }
                 if let Ok(line) = serde_json::from_slice::<LogLine>(&msg.payload) {
-                    return Some((line, (messages, seq == last)));
+                    return Some((line, (seq != last).then_some(messages)));
                 }
                 if seq == last {
                     return None;

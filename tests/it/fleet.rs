@@ -1245,10 +1245,17 @@ async fn rbee_logs_without_follow_ends_while_the_hive_keeps_logging() {
     let subject = subjects::logs_subject(&hive.id);
     let test_lines = |lines: &[rbee_schemas::log::LogLine]| lines.iter().filter(|l| l.target == "test").map(|l| l.ts_ms).collect::<Vec<u64>>();
 
+    // A hive with no kept line: nothing, and no consumer made for it.
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut logs = js.get_stream(subjects::LOGS_STREAM).await.unwrap();
+    let consumers = logs.info().await.unwrap().state.consumer_count;
+    let none: Vec<_> = client.logs("no-such-hive", false).await.unwrap().collect().await;
+    assert!(none.is_empty(), "{none:?}");
+    assert_eq!(logs.info().await.unwrap().state.consumer_count, consumers);
+
     // Every kept line, once, in order. Published with the stream's ack, so
     // all are kept before the listing starts (a flushed plain publish can
     // still be on its way into the stream).
-    let js = async_nats::jetstream::new(nats.clone());
     let mut acks = Vec::new();
     for n in 0..2000 {
         acks.push(js.publish(subject.clone(), line(n)).await.unwrap());
