@@ -10,6 +10,15 @@
 #   llama-bench, llama-tokenize, llama-completion (raw-prompt text generation,
 #   the old llama-cli; today's llama-cli is a chat UI built with the server),
 #   llama-simple
+#
+# RBEE_LLAMA_CPP_CMAKE_ARGS: more cmake options for a new build directory,
+# after the ones below (a later -D wins). On a VM whose CPU lists AMX but
+# faults on it (llama-bench's prompt runs then die with SIGSEGV in
+# ggml_backend_amx_mul_mat), build without -march=native's AMX, in a
+# directory of its own:
+#   RBEE_LLAMA_CPP_DIR=~/.cache/rbee/llama.cpp-noamx RBEE_LLAMA_CPP_CMAKE_ARGS="-DGGML_NATIVE=OFF \
+#     -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON \
+#     -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" scripts/build-llama-cpp.sh
 set -euo pipefail
 
 version=0.3.36 # llama-cpp-python; vendors llama.cpp
@@ -98,7 +107,8 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_BUILD_TOOLS=ON \
-    -DLLAMA_BUILD_EXAMPLES=ON
+    -DLLAMA_BUILD_EXAMPLES=ON \
+    ${RBEE_LLAMA_CPP_CMAKE_ARGS:-}
 fi
 start=$(date +%s)
 "$cmake" --build "$build" --config Release -j "$jobs" --target "${targets[@]}"

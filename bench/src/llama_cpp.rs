@@ -25,7 +25,8 @@ pub fn run_once(bin: &Path, model: &Path, threads: usize, prompt: usize, gen: us
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     if !out.status.success() {
-        bail!("{} failed: {}", bin.display(), String::from_utf8_lossy(&out.stderr).trim());
+        // `status` names the signal of a crash, which leaves stderr empty.
+        bail!("{} failed ({}): {}", bin.display(), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     let runs: serde_json::Value = serde_json::from_slice(&out.stdout).context("llama-bench printed no JSON")?;
     let (mut pp, mut tg) = (None, None);
