@@ -76,12 +76,28 @@ struct Cols<const C: usize> {
     s: [*const f32; C],
 }
 
-/// `Σ cvt(madd(maddubs(x, y))) * scale` for one block and one column: the
-/// i8×u8 products summed to 8 lanes and scaled by the block's `d_w * d_y`.
+/// The u8×i8 products of `x` and `y`, each 4 neighbours summed into one of
+/// 8 i32 lanes: one `vpdpbusd` where the CPU has AVX-VNNI, else `maddubs`
+/// then `madd`. The same sums either way: no pair of products reaches
+/// `maddubs`'s i16 saturation (at most 2 · 128 · 128 = 32,768 in magnitude,
+/// and only as −32,768).
+#[inline(always)]
+unsafe fn dot4(x_u8: __m256i, y_i8: __m256i) -> __m256i {
+    #[cfg(target_feature = "avxvnni")]
+    {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x_u8, y_i8)
+    }
+    #[cfg(not(target_feature = "avxvnni"))]
+    {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(x_u8, y_i8), _mm256_set1_epi16(1))
+    }
+}
+
+/// `Σ cvt(dot4(x, y)) * scale` for one block and one column: the i8×u8
+/// products summed to 8 lanes and scaled by the block's `d_w * d_y`.
 #[inline(always)]
 unsafe fn block_fma(x_u8: __m256i, y_i8: __m256i, scale: *const f32, acc: __m256) -> __m256 {
-    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(x_u8, y_i8), _mm256_set1_epi16(1));
-    _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&*scale), acc)
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(x_u8, y_i8)), _mm256_broadcast_ss(&*scale), acc)
 }
 
 /// Per group of 8 blocks from block `g`: folds the offset term (`m · s`,
@@ -194,7 +210,9 @@ unsafe fn tail_scales<const R: usize, const C: usize>(
 /// after one `madd`, and one convert and one FMA against the doubled scales
 /// `[s_b, s_b, s_b+1, s_b+1]` finish the pair. That is one multiply, one
 /// convert and one FMA fewer per block and column than widening each block
-/// on its own, which is what bounds a step of several jobs at once.
+/// on its own, which is what bounds a step of several jobs at once. With
+/// AVX-VNNI each block is one `vpdpbusd` to i32 and `hadd` pairs those
+/// instead: the same lanes, one `maddubs` per block and the `madd` fewer.
 #[inline(always)]
 unsafe fn pair_q4<const R: usize, const C: usize>(
     q: *const u8,
@@ -214,8 +232,13 @@ unsafe fn pair_q4<const R: usize, const C: usize>(
         for c in 0..C {
             let y0 = _mm256_loadu_si256(y.q[c].add(QK * b) as *const __m256i);
             let y1 = _mm256_loadu_si256(y.q[c].add(QK * b + QK) as *const __m256i);
-            let pairs = _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_maddubs_epi16(hi, y1));
-            let sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+            #[cfg(target_feature = "avxvnni")]
+            let sums = _mm256_hadd_epi32(dot4(lo, y0), dot4(hi, y1));
+            #[cfg(not(target_feature = "avxvnni"))]
+            let sums = {
+                let pairs = _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_maddubs_epi16(hi, y1));
+                _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+            };
             let sc = _mm256_broadcast_ps(&*(scale[r][c].as_ptr().add(2 * k) as *const __m128));
             acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), sc, acc[r][c]);
         }
@@ -243,7 +266,7 @@ unsafe fn block_q8<const R: usize, const C: usize, const HALVES: bool>(
             let yv = _mm256_loadu_si256(y.q[c].add(QK * b) as *const __m256i);
             if HALVES {
                 // Lanes 0-3 sum elements 0-15, lanes 4-7 elements 16-31.
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(yv, x)), _mm256_set1_epi16(1));
+                let p = dot4(ax, _mm256_sign_epi8(yv, x));
                 let s = &scale[r][c];
                 let sv = _mm256_insertf128_ps(
                     _mm256_castps128_ps256(_mm_broadcast_ss(&s[2 * k])),
