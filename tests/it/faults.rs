@@ -120,9 +120,9 @@ async fn jobs_survive_killed_workers_a_broker_restart_and_a_hive_restart() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let jitter = (n * 7919 % 200) as u64;
+                let jitter = n * 7919 % 200;
                 tokio::time::sleep(kill_every / 2 + Duration::from_millis(jitter * kill_every.as_millis() as u64 / 200)).await;
-                let hive = if n % 2 == 0 { &id_a } else { &id_b };
+                let hive = if n.is_multiple_of(2) { &id_a } else { &id_b };
                 if let Some(pid) = processes_with_arg(&format!("{hive}-w")).first() {
                     if kill_process(Pid::from_raw(*pid as i32).unwrap(), Signal::KILL).is_ok() {
                         kills.fetch_add(1, Ordering::Relaxed);

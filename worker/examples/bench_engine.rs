@@ -201,9 +201,9 @@ fn main() {
         let ct = gguf_file::Content::read(&mut file).expect("not a GGUF file");
         (ct, file)
     };
-    let (ct, mut file) = open();
+    let (ct, file) = open();
     let config = FastConfig { threads: a.threads, pool: PoolKind::Spin };
-    let mut fast = FastModel::load_with(&ct, &mut file, config).expect("the fast path cannot load this model");
+    let mut fast = FastModel::load_with(&ct, &file, config).expect("the fast path cannot load this model");
     let mut rayon = a.rayon.then(|| fast.share(FastConfig { pool: PoolKind::Rayon, ..config }).expect("rayon pool"));
     let mut candle = a.candle.then(|| {
         let (ct, mut file) = open();

@@ -22,7 +22,7 @@ fn main() {
     }
     let mut file = std::fs::File::open(&model).expect("open");
     let ct = gguf_file::Content::read(&mut file).expect("gguf");
-    let mut m = FastModel::load_with(&ct, &mut file, FastConfig { threads, pool }).expect("load");
+    let mut m = FastModel::load_with(&ct, &file, FastConfig { threads, pool }).expect("load");
     if mode == "idle" {
         // CPU the process burns while the model sits idle after a step
         // (workers should go to sleep within ~1 ms).

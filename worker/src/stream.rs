@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn stop_split_across_deltas_is_never_partly_released() {
-        let stops = vec!["END".to_string()];
+        let stops = vec!["END".to_owned()];
         let mut m = StopMatcher::new(&stops);
         assert_eq!(m.push("hello E"), Push::Continue("hello "));
         assert_eq!(m.push("N"), Push::Continue(""));

@@ -43,7 +43,7 @@ impl Matrix {
 
     /// Whether a `rows × cols` matrix of type `t` can be stored in `len` bytes.
     pub fn check(t: WType, rows: usize, cols: usize, len: usize) -> Result<(), String> {
-        if cols % t.block_elems() != 0 || cols % QK != 0 {
+        if !cols.is_multiple_of(t.block_elems()) || !cols.is_multiple_of(QK) {
             return Err(format!("a {rows}×{cols} {t:?} matrix: {cols} is not a multiple of {QK}"));
         }
         if len != rows * t.row_bytes(cols) {

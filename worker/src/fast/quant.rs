@@ -317,7 +317,7 @@ fn nibble(q: &[u8], nb: usize, b: usize, j: usize) -> u8 {
         }
     } else {
         let byte = q[32 * (b / 2) + j];
-        if b % 2 == 0 {
+        if b.is_multiple_of(2) {
             byte & 0x0F
         } else {
             byte >> 4

@@ -17,7 +17,7 @@ pub const SIMD: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2",
 
 /// Quantizes `x` (a multiple of 32 long) into the first `x.len() / 32` blocks of `out`.
 pub fn quantize_q8(x: &[f32], out: &mut Q8Buf) {
-    assert!(x.len() % QK == 0, "quantize_q8: length is not a multiple of {QK}");
+    assert!(x.len().is_multiple_of(QK), "quantize_q8: length is not a multiple of {QK}");
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     {
         out.reserve_blocks(x.len() / QK);

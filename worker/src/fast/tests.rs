@@ -71,8 +71,8 @@ fn weights_read_on_several_threads_are_those_read_on_one() {
 }
 
 fn fast(threads: usize) -> FastModel {
-    let (ct, mut file) = open_demo();
-    FastModel::load_with(&ct, &mut file, FastConfig { threads, pool: PoolKind::Spin }).expect("fast path loads the demo model")
+    let (ct, file) = open_demo();
+    FastModel::load_with(&ct, &file, FastConfig { threads, pool: PoolKind::Spin }).expect("fast path loads the demo model")
 }
 
 fn candle() -> ModelWeights {
@@ -404,8 +404,8 @@ fn k_quant_weights_match_candle() {
     };
     let (ct, mut f) = load();
     let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("candle");
-    let (ct, mut f) = load();
-    let mut model = FastModel::load_with(&ct, &mut f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
+    let (ct, f) = load();
+    let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
     std::fs::remove_file(&path).ok();
     let mut seq = model.new_sequence(64);
     let want = candle_logits(&mut reference, &PROMPT, 0);
