@@ -126,7 +126,7 @@ impl Engine {
     pub fn load_with(path: &Path, device: Device, choice: EngineChoice) -> Result<Self, JobError> {
         let started = Instant::now();
         let mut file = std::fs::File::open(path).map_err(|e| load_failed(path, e))?;
-        // The weights are then read straight from the file at their offsets.
+        // The header here; the weights later, straight from the file at their offsets.
         let mut content = crate::gguf::read_header(&mut file)
             .map_err(|e| load_failed(path, format!("not a GGUF file ({e})")))?;
         let meta_str = |k: &str| content.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
