@@ -82,5 +82,19 @@ fn a_model_that_cannot_load_says_why() {
     let meta: Vec<(&str, &Value)> = demo.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let message = fails(&gguf("no-weights.gguf", &meta));
     assert!(message.contains("cannot find tensor info for token_embd.weight"), "{message}");
+
+    // The demo model cut short halfway: its tensor table promises weights the
+    // file no longer holds. The fast path's loader threads say which one.
+    let bytes = std::fs::read(crate::fast::tests::demo_model()).unwrap();
+    let cut = dir.join("cut-short.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(!fails(&cut).is_empty());
+    match Engine::load_with(&cut, candle_core::Device::Cpu, EngineChoice::Fast) {
+        Ok(_) => panic!("a model cut short loaded"),
+        Err(e) => {
+            assert_eq!(e.code, rbee_schemas::error::ErrorCode::ModelLoadFailed);
+            assert!(e.message.contains("reading ") && e.message.contains(".weight"), "{}", e.message);
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
