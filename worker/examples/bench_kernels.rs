@@ -4,8 +4,8 @@
 //! `cargo run --release -p rbee-worker --example bench_kernels`
 use std::time::Instant;
 
-use rbee_worker::fast::quant::{pack, Q8Buf, Src, WType, QK};
-use rbee_worker::fast::simd::{gemm_q, quantize_q8};
+use rbee_worker::fast::quant::{interleave, pack, Layout, Q8Buf, Src, WType, QK};
+use rbee_worker::fast::simd::{self, gemm_q, quantize_q8};
 
 fn main() {
     // Big (streams from memory) and L2-sized (compute-bound) matrices.
@@ -29,7 +29,15 @@ fn main() {
             WType::Q4_0 => Src::Q4_0,
             _ => Src::Q8_0,
         };
-        let w = pack(src, &w, rows, k);
+        let rowwise = pack(src, &w, rows, k);
+        // The layouts the build can run: packed rows always, interleaved
+        // groups where the AVX-512 kernels are compiled in.
+        let mut layouts = vec![(Layout::Rows, rowwise.clone())];
+        if simd::layout(t, rows) == Layout::Interleaved {
+            let mut inter = rowwise;
+            interleave(t, rows, k, &mut inter);
+            layouts.push((Layout::Interleaved, inter));
+        }
         for ncols in [1, 2, 4, 8, 16] {
             if only_c.is_some_and(|o| o != ncols) {
                 continue;
@@ -38,22 +46,25 @@ fn main() {
             let mut xq = Q8Buf::default();
             quantize_q8(&x, &mut xq);
             let xq = xq.view(ncols * k / QK);
-            let mut out = vec![0f32; rows * ncols];
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let t0 = Instant::now();
-                for _ in 0..reps / 5 {
-                    gemm_q(t, &w, rb, rows, (xq, ncols), &mut |r, c, v| out[c * rows + r] = v);
+            for (layout, w) in &layouts {
+                let mut out = vec![0f32; rows * ncols];
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t0 = Instant::now();
+                    for _ in 0..reps / 5 {
+                        gemm_q(t, *layout, w, rb, rows, (xq, ncols), &mut |r, c, v| out[c * rows + r] = v);
+                    }
+                    best = best.min(t0.elapsed().as_secs_f64() / (reps / 5) as f64);
                 }
-                best = best.min(t0.elapsed().as_secs_f64() / (reps / 5) as f64);
+                println!(
+                    "{t:?} {:11} cols {ncols:2}: {:6.2} GB/s weights, {:6.2} GMAC/s ({:.3} ms, checksum {:.1})",
+                    format!("{layout:?}"),
+                    (rows * rb) as f64 / best / 1e9,
+                    (rows * k * ncols) as f64 / best / 1e9,
+                    best * 1e3,
+                    out.iter().sum::<f32>()
+                );
             }
-            println!(
-                "{t:?} cols {ncols:2}: {:6.2} GB/s weights, {:6.2} GMAC/s ({:.3} ms, checksum {:.1})",
-                (rows * rb) as f64 / best / 1e9,
-                (rows * k * ncols) as f64 / best / 1e9,
-                best * 1e3,
-                out.iter().sum::<f32>()
-            );
         }
     }
 }

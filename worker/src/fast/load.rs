@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::gguf_file::{Content, Value};
 
 use super::arena::{Arena, Bytes};
-use super::matmul::Matrix;
-use super::quant::{dequantize_gguf_row, pack_into, Src, QK};
+use super::matmul::{pack_matrix, Matrix};
+use super::quant::{dequantize_gguf_row, Src, QK};
 
 /// The model's shape and numerics, as candle's `quantized_llama` reads them.
 #[derive(Clone, Debug, PartialEq)]
@@ -267,7 +267,7 @@ fn fill(slots: &[Slot], arena: &mut Arena, file: &File, threads: usize) -> Resul
             let Some((s, part)) = next else { return Ok(()) };
             gguf.resize(s.file_len, 0);
             read_at(file, &s.name, s.file_at, &mut gguf)?;
-            pack_into(s.src, &gguf, s.rows, s.cols, part);
+            pack_matrix(s.src, &gguf, s.rows, s.cols, part);
         }
     };
     std::thread::scope(|scope| {

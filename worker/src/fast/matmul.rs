@@ -10,14 +10,17 @@
 
 use super::arena::Bytes;
 use super::pool::Pool;
-use super::quant::{pack, Q8View, Src, WType, QK};
+use super::quant::{self, pack_into, Layout, Q8View, Src, WType, QK, RG};
 use super::simd;
 
 /// One weight matrix: `rows` output features × `cols` input features, each row
-/// of type `t` in the packed layout (see [`super::quant`]).
+/// of type `t` in the packed layout (see [`super::quant`]), interleaved in
+/// groups of 16 rows where the build has kernels for that
+/// ([`simd::layout`]).
 #[derive(Debug)]
 pub struct Matrix {
     pub t: WType,
+    pub layout: Layout,
     pub rows: usize,
     pub cols: usize,
     pub row_bytes: usize,
@@ -31,14 +34,16 @@ impl Matrix {
         if data.len() != rows * src.row_bytes(cols) {
             return Err(format!("a {rows}×{cols} {src:?} tensor needs {} bytes", rows * src.row_bytes(cols)));
         }
-        let data = Bytes::copy_of(&pack(src, data, rows, cols));
-        Self::packed(t, rows, cols, data)
+        let mut packed = vec![0u8; rows * t.row_bytes(cols)];
+        pack_matrix(src, data, rows, cols, &mut packed);
+        Self::packed(t, rows, cols, Bytes::copy_of(&packed))
     }
 
-    /// A matrix whose packed rows are already in `data` (a range of the weight arena).
+    /// A matrix already in `data` (a range of the weight arena) as
+    /// [`pack_matrix`] leaves it.
     pub fn packed(t: WType, rows: usize, cols: usize, data: Bytes) -> Result<Self, String> {
         Self::check(t, rows, cols, data.len())?;
-        Ok(Self { t, rows, cols, row_bytes: t.row_bytes(cols), data })
+        Ok(Self { t, layout: simd::layout(t, rows), rows, cols, row_bytes: t.row_bytes(cols), data })
     }
 
     /// Whether a `rows × cols` matrix of type `t` can be stored in `len` bytes.
@@ -52,8 +57,25 @@ impl Matrix {
         Ok(())
     }
 
-    pub fn row(&self, r: usize) -> &[u8] {
-        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    /// Expands row `r` into f32 (`cols` elements).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let out = &mut out[..self.cols];
+        match self.layout {
+            Layout::Rows => quant::dequantize_row(self.t, &self.data[r * self.row_bytes..(r + 1) * self.row_bytes], out),
+            Layout::Interleaved => {
+                let g = r / RG * RG * self.row_bytes;
+                quant::dequantize_interleaved(self.t, &self.data[g..g + RG * self.row_bytes], r % RG, out)
+            }
+        }
+    }
+}
+
+/// Repacks `rows` GGUF rows of type `src` into `out` in the layout the
+/// kernels read: packed rows, then interleaved if [`simd::layout`] says so.
+pub fn pack_matrix(src: Src, gguf: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
+    match simd::layout(src.packed(), rows) {
+        Layout::Rows => pack_into(src, gguf, rows, cols, out),
+        Layout::Interleaved => quant::pack_interleaved_into(src, gguf, rows, cols, out),
     }
 }
 
@@ -89,11 +111,12 @@ impl Out {
 }
 
 /// Rows per task: enough tasks to balance `threads`, but not so small that the
-/// claim overhead shows. Multiples of 16 keep the tile loops whole.
+/// claim overhead shows. Multiples of 16 keep the tile loops and the
+/// interleaved groups whole.
 fn rows_per_task(total_rows: usize, threads: usize, n: usize) -> usize {
     let target_tasks = threads * if n == 1 { 4 } else { 8 };
-    let r = total_rows.div_ceil(target_tasks).next_multiple_of(16);
-    r.clamp(16, 512)
+    let r = total_rows.div_ceil(target_tasks).next_multiple_of(RG);
+    r.clamp(RG, 512)
 }
 
 /// The row-range tasks of one section over `mats`: `(matrix, first row, end row)`.
@@ -117,7 +140,7 @@ fn block<F: FnMut(usize, usize, f32)>(m: &Matrix, r0: usize, r1: usize, x: &Acts
     let mut shifted = |r: usize, c: usize, v: f32| store(r0 + r, c, v);
     match m.t {
         WType::F32 | WType::F16 => simd::gemm_f(m.t, w, m.row_bytes, r1 - r0, (x.f, x.n), &mut shifted),
-        _ => simd::gemm_q(m.t, w, m.row_bytes, r1 - r0, (x.q, x.n), &mut shifted),
+        _ => simd::gemm_q(m.t, m.layout, w, m.row_bytes, r1 - r0, (x.q, x.n), &mut shifted),
     }
 }
 
@@ -193,7 +216,7 @@ pub fn matmul_swiglu(
 mod tests {
     use super::super::pool::PoolKind;
     use super::super::quant::testing::*;
-    use super::super::quant::{dequantize_row, quantize_q8_scalar, Q8Buf};
+    use super::super::quant::{quantize_q8_scalar, Q8Buf};
     use super::*;
 
     #[test]
@@ -205,13 +228,14 @@ mod tests {
             let mut plan = Plan::default();
             for (src, t) in [(Src::Q4_1, WType::Q4_1), (Src::Q8_0, WType::Q8_0), (Src::F16, WType::F16)] {
                 let a = Matrix::from_gguf(src, 70, k, &random_weights(t, 70, k, &mut rng)).expect("a");
-                let b = Matrix::from_gguf(src, 33, k, &random_weights(t, 33, k, &mut rng)).expect("b");
+                // 48 rows: interleaved where the build has the kernels for it.
+                let b = Matrix::from_gguf(src, 48, k, &random_weights(t, 48, k, &mut rng)).expect("b");
                 for n in [1, 3, 9] {
                     let xf = rng.vec(n * k);
                     let mut xq = Q8Buf::default();
                     quantize_q8_scalar(&xf, &mut xq);
                     let x = Acts { f: &xf, q: xq.view(n * k / QK), n, k };
-                    let (mut oa, mut ob) = (vec![0f32; n * 70], vec![0f32; n * 33]);
+                    let (mut oa, mut ob) = (vec![0f32; n * 70], vec![0f32; n * 48]);
                     matmul(&pool, &mut plan, &[&a, &b], &mut [&mut oa, &mut ob], x);
                     // Exact reference: dequantized weights × the activations
                     // the kernel sees (quantized ones for quantized weights).
@@ -224,7 +248,7 @@ mod tests {
                     let mut wrow = vec![0f32; k];
                     for (m, o) in [(&a, &oa), (&b, &ob)] {
                         for r in 0..m.rows {
-                            dequantize_row(t, m.row(r), &mut wrow);
+                            m.dequantize_row(r, &mut wrow);
                             for c in 0..n {
                                 let want: f32 = wrow.iter().zip(&xs[c * k..(c + 1) * k]).map(|(p, q)| p * q).sum();
                                 let got = o[c * m.rows + r];

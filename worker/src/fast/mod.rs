@@ -10,7 +10,8 @@
 //!
 //! - [`load`]: GGUF → weights, repacked once into one [`arena`] (huge pages).
 //! - [`quant`]: block formats, the packed row layout, scalar kernels.
-//! - [`simd`]: the kernels' safe API; `avx2` (x86-64 only): their SIMD code.
+//! - [`simd`]: the kernels' safe API; `avx2` (x86-64 only): their SIMD code;
+//!   `avx512` (AVX-512 VNNI builds only): kernels for interleaved rows.
 //! - [`matmul`]: parallel matrix × columns; [`attention`]: causal GQA attention.
 //! - [`pool`]: the threads; [`model`]: the forward pass and the public API.
 //!
@@ -21,6 +22,15 @@ pub mod arena;
 pub mod attention;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 mod avx2;
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c",
+    target_feature = "avx512f",
+    target_feature = "avx512vnni"
+))]
+mod avx512;
 pub mod load;
 pub mod matmul;
 pub mod model;

@@ -21,7 +21,7 @@ use super::attention::{attend_partial, merge, partial_len, KvView};
 use super::load::{Config, Weights};
 use super::matmul::{matmul, matmul_swiglu, Acts, Plan};
 use super::pool::{default_threads, Pool, PoolKind};
-use super::quant::{dequantize_row, Q8Buf, QK};
+use super::quant::{Q8Buf, QK};
 use super::simd::quantize_q8;
 
 /// Rows (tokens) per step: longer prompts are processed in chunks this big,
@@ -286,7 +286,7 @@ impl FastModel {
         let plan = &mut s.plan;
 
         for (i, r) in rows.iter().enumerate() {
-            dequantize_row(w.embd.t, w.embd.row(r.token as usize), &mut x[i * dim..(i + 1) * dim]);
+            w.embd.dequantize_row(r.token as usize, &mut x[i * dim..(i + 1) * dim]);
             for (j, cs) in rope[i * hd / 2..(i + 1) * hd / 2].iter_mut().enumerate() {
                 let a = r.pos as f32 * self.inv_freq[j];
                 *cs = (a.cos(), a.sin());

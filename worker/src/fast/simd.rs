@@ -10,10 +10,31 @@
 
 use half::f16;
 
-use super::quant::{self, Q8Buf, Q8View, WType, QK};
+use super::quant::{self, Layout, Q8Buf, Q8View, WType, QK};
 
 /// Whether the SIMD kernels are compiled in (else the scalar fallback runs).
 pub const SIMD: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"));
+
+/// Whether the AVX-512 VNNI kernels for interleaved rows are compiled in.
+pub const AVX512: bool = cfg!(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c",
+    target_feature = "avx512f",
+    target_feature = "avx512vnni"
+));
+
+/// The layout a `rows`-row matrix of type `t` is kept in: interleaved where
+/// the kernels for it are compiled in and the matrix is
+/// [`quant::interleavable`], else packed rows.
+pub fn layout(t: WType, rows: usize) -> Layout {
+    if AVX512 && quant::interleavable(t, rows) {
+        Layout::Interleaved
+    } else {
+        Layout::Rows
+    }
+}
 
 /// Quantizes `x` (a multiple of 32 long) into the first `x.len() / 32` blocks of `out`.
 pub fn quantize_q8(x: &[f32], out: &mut Q8Buf) {
@@ -34,11 +55,14 @@ pub fn quantize_q8(x: &[f32], out: &mut Q8Buf) {
 }
 
 /// Multiplies `rows` packed rows of a quantized weight matrix (`w`,
-/// `row_bytes` each, see [`quant`]'s module doc) with `ncols` activation
-/// columns stored one after another in `y`, and hands each result to
+/// `row_bytes` each, see [`quant`]'s module doc; in groups of 16 if
+/// `layout` is [`Layout::Interleaved`]) with `ncols` activation columns
+/// stored one after another in `y`, and hands each result to
 /// `store(row, col, value)`.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_q<F: FnMut(usize, usize, f32)>(
     t: WType,
+    layout: Layout,
     w: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -50,6 +74,27 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
     assert_eq!(nb * t.block_bytes(), row_bytes, "gemm_q: ragged rows");
     assert!(w.len() >= rows * row_bytes, "gemm_q: weights shorter than {rows} rows");
     assert!(y.blocks() >= ncols * nb, "gemm_q: activations shorter than {ncols} columns");
+    if layout == Layout::Interleaved {
+        assert!(quant::interleavable(t, rows), "gemm_q: {rows} rows of {t:?} are not whole interleaved groups");
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c",
+            target_feature = "avx512f",
+            target_feature = "avx512vnni"
+        ))]
+        return super::avx512::gemm_interleaved(t, w, row_bytes, rows, nb, (y, ncols), store);
+        #[allow(unreachable_code)]
+        for (g, group) in w[..rows * row_bytes].chunks_exact(quant::RG * row_bytes).enumerate() {
+            for c in 0..ncols {
+                for i in 0..quant::RG {
+                    store(quant::RG * g + i, c, quant::dot_interleaved_scalar(t, group, i, y.range(c * nb, nb)));
+                }
+            }
+        }
+        return;
+    }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     super::avx2::gemm_q(t, w, row_bytes, rows, nb, (y, ncols), store);
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
@@ -223,10 +268,43 @@ mod tests {
                     quantize_q8(&rng.vec(ncols * k), &mut y);
                     let yv = y.view(ncols * nb);
                     let mut got = vec![f32::NAN; rows * ncols];
-                    gemm_q(t, &w, rb, rows, (yv, ncols), &mut |r, c, v| got[r * ncols + c] = v);
+                    gemm_q(t, Layout::Rows, &w, rb, rows, (yv, ncols), &mut |r, c, v| got[r * ncols + c] = v);
                     for r in 0..rows {
                         for c in 0..ncols {
                             let want = dot_row_scalar(t, &w[r * rb..(r + 1) * rb], yv.range(c * nb, nb));
+                            let g = got[r * ncols + c];
+                            assert!((want - g).abs() <= 1e-4 * (1.0 + want.abs()), "{t:?} nb{nb} r{r} c{c}: {want} vs {g}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The interleaved layout on whichever path the build has: each type,
+    /// column counts 1..=11, block counts with whole, partial and odd scale
+    /// groups, two groups of rows.
+    #[test]
+    fn interleaved_gemm_matches_scalar_reference() {
+        let mut rng = Rng(19);
+        let rows = 2 * quant::RG;
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0] {
+            let t = src.packed();
+            for nb in [1, 8, 9, 18, 48] {
+                let k = nb * QK;
+                let rb = t.row_bytes(k);
+                let mut w = pack(src, &random_weights(t, rows, k, &mut rng), rows, k);
+                quant::interleave(t, rows, k, &mut w);
+                for ncols in [1, 2, 3, 4, 5, 7, 8, 11] {
+                    let mut y = Q8Buf::default();
+                    quantize_q8(&rng.vec(ncols * k), &mut y);
+                    let yv = y.view(ncols * nb);
+                    let mut got = vec![f32::NAN; rows * ncols];
+                    gemm_q(t, Layout::Interleaved, &w, rb, rows, (yv, ncols), &mut |r, c, v| got[r * ncols + c] = v);
+                    for r in 0..rows {
+                        let group = &w[r / quant::RG * quant::RG * rb..][..quant::RG * rb];
+                        for c in 0..ncols {
+                            let want = quant::dot_interleaved_scalar(t, group, r % quant::RG, yv.range(c * nb, nb));
                             let g = got[r * ncols + c];
                             assert!((want - g).abs() <= 1e-4 * (1.0 + want.abs()), "{t:?} nb{nb} r{r} c{c}: {want} vs {g}");
                         }

@@ -222,14 +222,13 @@ fn thread_counts_and_pools_agree() {
 /// both quantized-activation paths approximate.
 fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
     use super::matmul::Matrix;
-    use super::quant::dequantize_row;
     let c = &w.cfg;
     let n = tokens.len();
     let mm = |m: &Matrix, xs: &[Vec<f32>]| -> Vec<Vec<f32>> {
         let mut out = vec![vec![0f32; m.rows]; xs.len()];
         let mut row = vec![0f32; m.cols];
         for r in 0..m.rows {
-            dequantize_row(m.t, m.row(r), &mut row);
+            m.dequantize_row(r, &mut row);
             for (o, x) in out.iter_mut().zip(xs) {
                 o[r] = row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
             }
@@ -261,7 +260,7 @@ fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
         .iter()
         .map(|&t| {
             let mut e = vec![0f32; c.dim];
-            dequantize_row(w.embd.t, w.embd.row(t as usize), &mut e);
+            w.embd.dequantize_row(t as usize, &mut e);
             e
         })
         .collect();
