@@ -242,6 +242,25 @@ mod tests {
         assert!(diff <= 2, "quantized values differ in {diff} places");
     }
 
+    /// `gemm_q` over `w` (`rows` rows of `nb` blocks) against `reference(row,
+    /// column)` for column counts 1..=11 (all tile shapes and remainders).
+    fn check_gemm(t: WType, layout: Layout, (w, rows, nb): (&[u8], usize, usize), reference: &dyn Fn(usize, Q8View<'_>) -> f32, rng: &mut Rng) {
+        for ncols in [1, 2, 3, 4, 5, 7, 8, 11] {
+            let mut y = Q8Buf::default();
+            quantize_q8(&rng.vec(ncols * nb * QK), &mut y);
+            let yv = y.view(ncols * nb);
+            let mut got = vec![f32::NAN; rows * ncols];
+            gemm_q(t, layout, w, t.row_bytes(nb * QK), rows, (yv, ncols), &mut |r, c, v| got[r * ncols + c] = v);
+            for r in 0..rows {
+                for c in 0..ncols {
+                    let want = reference(r, yv.range(c * nb, nb));
+                    let g = got[r * ncols + c];
+                    assert!((want - g).abs() <= 1e-4 * (1.0 + want.abs()), "{t:?} {layout:?} nb{nb} r{r} c{c}: {want} vs {g}");
+                }
+            }
+        }
+    }
+
     /// Every quantized type, column counts 1..=11 (all tile shapes and
     /// remainders), rows not a multiple of any tile height, and block counts
     /// with whole, partial and odd scale groups.
@@ -263,20 +282,8 @@ mod tests {
                 } else {
                     pack(src, &random_weights(t, rows, k, &mut rng), rows, k)
                 };
-                for ncols in [1, 2, 3, 4, 5, 7, 8, 11] {
-                    let mut y = Q8Buf::default();
-                    quantize_q8(&rng.vec(ncols * k), &mut y);
-                    let yv = y.view(ncols * nb);
-                    let mut got = vec![f32::NAN; rows * ncols];
-                    gemm_q(t, Layout::Rows, &w, rb, rows, (yv, ncols), &mut |r, c, v| got[r * ncols + c] = v);
-                    for r in 0..rows {
-                        for c in 0..ncols {
-                            let want = dot_row_scalar(t, &w[r * rb..(r + 1) * rb], yv.range(c * nb, nb));
-                            let g = got[r * ncols + c];
-                            assert!((want - g).abs() <= 1e-4 * (1.0 + want.abs()), "{t:?} nb{nb} r{r} c{c}: {want} vs {g}");
-                        }
-                    }
-                }
+                let reference = |r: usize, y: Q8View<'_>| dot_row_scalar(t, &w[r * rb..(r + 1) * rb], y);
+                check_gemm(t, Layout::Rows, (&w, rows, nb), &reference, &mut rng);
             }
         }
     }
@@ -295,21 +302,9 @@ mod tests {
                 let rb = t.row_bytes(k);
                 let mut w = pack(src, &random_weights(t, rows, k, &mut rng), rows, k);
                 quant::interleave(t, rows, k, &mut w);
-                for ncols in [1, 2, 3, 4, 5, 7, 8, 11] {
-                    let mut y = Q8Buf::default();
-                    quantize_q8(&rng.vec(ncols * k), &mut y);
-                    let yv = y.view(ncols * nb);
-                    let mut got = vec![f32::NAN; rows * ncols];
-                    gemm_q(t, Layout::Interleaved, &w, rb, rows, (yv, ncols), &mut |r, c, v| got[r * ncols + c] = v);
-                    for r in 0..rows {
-                        let group = &w[r / quant::RG * quant::RG * rb..][..quant::RG * rb];
-                        for c in 0..ncols {
-                            let want = quant::dot_interleaved_scalar(t, group, r % quant::RG, yv.range(c * nb, nb));
-                            let g = got[r * ncols + c];
-                            assert!((want - g).abs() <= 1e-4 * (1.0 + want.abs()), "{t:?} nb{nb} r{r} c{c}: {want} vs {g}");
-                        }
-                    }
-                }
+                let group = |r: usize| &w[r / quant::RG * quant::RG * rb..][..quant::RG * rb];
+                let reference = |r: usize, y: Q8View<'_>| quant::dot_interleaved_scalar(t, group(r), r % quant::RG, y);
+                check_gemm(t, Layout::Interleaved, (&w, rows, nb), &reference, &mut rng);
             }
         }
     }
