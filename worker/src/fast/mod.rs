@@ -22,14 +22,8 @@ pub mod arena;
 pub mod attention;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 mod avx2;
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c",
-    target_feature = "avx512f",
-    target_feature = "avx512vnni"
-))]
+// AVX-512F implies AVX2, FMA and F16C, so `avx2` is compiled in too.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"))]
 mod avx512;
 pub mod load;
 pub mod matmul;

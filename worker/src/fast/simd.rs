@@ -16,14 +16,7 @@ use super::quant::{self, Layout, Q8Buf, Q8View, WType, QK};
 pub const SIMD: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"));
 
 /// Whether the AVX-512 VNNI kernels for interleaved rows are compiled in.
-pub const AVX512: bool = cfg!(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c",
-    target_feature = "avx512f",
-    target_feature = "avx512vnni"
-));
+pub const AVX512: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"));
 
 /// The layout a `rows`-row matrix of type `t` is kept in: interleaved where
 /// the kernels for it are compiled in and the matrix is
@@ -76,14 +69,7 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
     assert!(y.blocks() >= ncols * nb, "gemm_q: activations shorter than {ncols} columns");
     if layout == Layout::Interleaved {
         assert!(quant::interleavable(t, rows), "gemm_q: {rows} rows of {t:?} are not whole interleaved groups");
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c",
-            target_feature = "avx512f",
-            target_feature = "avx512vnni"
-        ))]
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"))]
         return super::avx512::gemm_interleaved(t, w, row_bytes, rows, nb, (y, ncols), store);
         #[allow(unreachable_code)]
         for (g, group) in w[..rows * row_bytes].chunks_exact(quant::RG * row_bytes).enumerate() {
