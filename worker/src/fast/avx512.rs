@@ -147,6 +147,14 @@ pub fn gemm_interleaved<F: FnMut(usize, usize, f32)>(
     (y, ncols): (Q8View<'_>, usize),
     store: &mut F,
 ) {
+    // The groups the first one's prefetches skip: a task starts on rows no
+    // earlier prefetch reached.
+    let group_bytes = RG * row_bytes;
+    let first = (PREFETCH.div_ceil(group_bytes) * group_bytes).min(rows * row_bytes);
+    for l in (0..first).step_by(64) {
+        // SAFETY: `l` is inside `w` (a prefetch would not fault anyway).
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(l) as *const i8) };
+    }
     for (g, gw) in w[..rows * row_bytes].chunks_exact(RG * row_bytes).enumerate() {
         let mut c0 = 0;
         while c0 < ncols {
