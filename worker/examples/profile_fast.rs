@@ -1,5 +1,6 @@
 //! Runs the fast path in a loop for profiling (`perf record`):
-//! `profile_fast MODEL [decode|prefill|batch] [--threads N] [--seconds S]`.
+//! `profile_fast MODEL [decode|prefill|batch] [--threads N] [--seconds S] [--seqs N]`
+//! (`--seqs`: sequences stepped together in `batch`, default 4).
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
@@ -7,15 +8,17 @@ use rbee_worker::fast::{FastConfig, FastModel, PoolKind};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let model = args.next().expect("usage: profile_fast MODEL [decode|prefill|batch] [--threads N] [--seconds S]");
+    let model = args.next().expect("usage: profile_fast MODEL [decode|prefill|batch] [--threads N] [--seconds S] [--seqs N]");
     let mut mode = "decode".to_owned();
     let mut threads = rbee_worker::fast::pool::default_threads();
     let mut seconds = 10.0;
     let mut pool = PoolKind::Spin;
+    let mut nseq = 4usize;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--threads" => threads = args.next().and_then(|v| v.parse().ok()).expect("--threads N"),
             "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
+            "--seqs" => nseq = args.next().and_then(|v| v.parse().ok()).expect("--seqs N"),
             "--rayon" => pool = PoolKind::Rayon,
             m => mode = m.to_owned(),
         }
@@ -51,11 +54,12 @@ fn main() {
                 tokens += 128;
             }
             "batch" => {
-                let mut seqs: Vec<_> = (0..4).map(|_| m.new_sequence(64)).collect();
+                let mut seqs: Vec<_> = (0..nseq).map(|_| m.new_sequence(64)).collect();
                 for i in 0..64 {
                     let mut refs: Vec<_> = seqs.iter_mut().collect();
-                    m.forward_batch(&mut refs, &[1 + i, 2 + i, 3 + i, 4 + i]).expect("batch");
-                    tokens += 4;
+                    let next: Vec<u32> = (1..=nseq as u32).map(|j| j + i).collect();
+                    m.forward_batch(&mut refs, &next).expect("batch");
+                    tokens += nseq;
                 }
             }
             "decode-long" => {
