@@ -439,6 +439,147 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
     }
 }
 
+/// Kernels for interleaved 4-bit rows (see [`super::quant::interleave`]),
+/// for builds without the AVX-512 VNNI ones in `avx512` (which then take
+/// every interleaved matrix).
+#[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
+pub mod interleaved {
+    use super::super::quant::RG;
+    use super::*;
+
+    /// How far ahead (bytes, rounded up to whole groups) [`gemm_interleaved`]
+    /// prefetches into L2, as in `avx512`.
+    const PREFETCH: usize = 8192;
+
+    /// One interleaved group of 4-bit rows (see [`super::super::quant::interleave`])
+    /// against C columns, in two 256-bit halves (rows 0-7, 8-15). Without
+    /// AVX-VNNI, each half's products stay in i16 for the whole block: a
+    /// `maddubs` lane is at most 2 · 15 · 128 = 3,840 in magnitude, and eight of
+    /// them sum to 30,720, inside i16; one `madd` per block widens them.
+    /// SAFETY: `w` points at one whole group; each column at `nb` blocks.
+    #[inline(always)]
+    unsafe fn group_q4<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) -> [[__m256; 2]; C] {
+        let q = w.add(RG * t.quants_at(nb));
+        let mask = _mm256_set1_epi8(0x0F);
+        let bcast4 = |p: *const i8| _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32));
+        let mut acc = [[_mm256_setzero_ps(); 2]; C];
+        let (per_block, group_bytes) = (RG * t.block_bytes(), RG * t.row_bytes(nb * QK));
+        let ahead = w.wrapping_add(PREFETCH.div_ceil(group_bytes) * group_bytes);
+        for b in 0..nb {
+            let p = ahead.wrapping_add(per_block * b);
+            for l in (0..per_block).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(l) as *const i8);
+            }
+            let scales = |at: usize| [0, 16].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(w.add(at + h) as *const __m128i)));
+            let d = scales(32 * b);
+            let m = match t {
+                WType::Q4_1 => scales(32 * (nb + b)),
+                _ => d.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-8.0))),
+            };
+            let mut s = [[_mm256_setzero_si256(); 2]; C];
+            for j in 0..4 {
+                for h in 0..2 {
+                    let v = _mm256_loadu_si256(q.add(256 * b + 64 * j + 32 * h) as *const __m256i);
+                    let (lo, hi) = (_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+                    for c in 0..C {
+                        let (ylo, yhi) = (bcast4(y.q[c].add(QK * b + 4 * j)), bcast4(y.q[c].add(QK * b + 16 + 4 * j)));
+                        #[cfg(target_feature = "avxvnni")]
+                        {
+                            s[c][h] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(s[c][h], lo, ylo), hi, yhi);
+                        }
+                        #[cfg(not(target_feature = "avxvnni"))]
+                        {
+                            let pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ylo), _mm256_maddubs_epi16(hi, yhi));
+                            s[c][h] = _mm256_add_epi16(s[c][h], pair);
+                        }
+                    }
+                }
+            }
+            for c in 0..C {
+                let (dy, sy) = (_mm256_set1_ps(*y.d[c].add(b)), _mm256_set1_ps(*y.s[c].add(b)));
+                for h in 0..2 {
+                    #[cfg(target_feature = "avxvnni")]
+                    let sum = s[c][h];
+                    #[cfg(not(target_feature = "avxvnni"))]
+                    let sum = _mm256_madd_epi16(s[c][h], _mm256_set1_epi16(1));
+                    acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d[h], dy), acc[c][h]);
+                    acc[c][h] = _mm256_fmadd_ps(m[h], sy, acc[c][h]);
+                }
+            }
+        }
+        acc
+    }
+
+    /// [`super::gemm_q`] over interleaved Q4_0 / Q4_1 groups; lengths and whole
+    /// groups are checked in [`super::simd::gemm_q`].
+    pub fn gemm_interleaved<F: FnMut(usize, usize, f32)>(
+        t: WType,
+        w: &[u8],
+        row_bytes: usize,
+        rows: usize,
+        nb: usize,
+        (y, ncols): (Q8View<'_>, usize),
+        store: &mut F,
+    ) {
+        // A task's first groups, which no earlier prefetch reached.
+        let first = (PREFETCH.div_ceil(RG * row_bytes) * RG * row_bytes).min(rows * row_bytes);
+        for l in (0..first).step_by(64) {
+            // SAFETY: `l` is inside `w` (a prefetch would not fault anyway).
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(l) as *const i8) };
+        }
+        for (g, gw) in w[..rows * row_bytes].chunks_exact(RG * row_bytes).enumerate() {
+            let mut c0 = 0;
+            while c0 < ncols {
+                let n = (ncols - c0).min(4);
+                let at = (RG * g, c0);
+                match n {
+                    1 => group_cols::<1, F>(t, gw, nb, y, at, store),
+                    2 => group_cols::<2, F>(t, gw, nb, y, at, store),
+                    3 => group_cols::<3, F>(t, gw, nb, y, at, store),
+                    _ => group_cols::<4, F>(t, gw, nb, y, at, store),
+                }
+                c0 += n;
+            }
+        }
+    }
+
+    /// One group against columns `c0..c0 + C`, results to `store`.
+    #[inline(always)]
+    fn group_cols<const C: usize, F: FnMut(usize, usize, f32)>(
+        t: WType,
+        w: &[u8],
+        nb: usize,
+        y: Q8View<'_>,
+        (r0, c0): (usize, usize),
+        store: &mut F,
+    ) {
+        let cols = Cols::<C> {
+            q: std::array::from_fn(|c| y.qs[(c0 + c) * nb * QK..].as_ptr()),
+            d: std::array::from_fn(|c| y.d[(c0 + c) * nb..].as_ptr()),
+            s: std::array::from_fn(|c| y.s[(c0 + c) * nb..].as_ptr()),
+        };
+        // SAFETY: the caller checked `w` is one whole group of `nb` blocks and
+        // `y` holds `c0 + C` columns of `nb` blocks.
+        let acc = unsafe {
+            match t {
+                WType::Q4_1 => group_q4::<C>(WType::Q4_1, w.as_ptr(), nb, &cols),
+                _ => group_q4::<C>(WType::Q4_0, w.as_ptr(), nb, &cols),
+            }
+        };
+        for (c, halves) in acc.iter().enumerate() {
+            let mut out = [0f32; RG];
+            // SAFETY: `out` is 16 floats, two halves of 8.
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), halves[0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), halves[1]);
+            }
+            for (i, &v) in out.iter().enumerate() {
+                store(r0 + i, c0 + c, v);
+            }
+        }
+    }
+}
+
 /// SAFETY: `a` points at `n` floats, `b` at `n` little-endian f16 (any alignment).
 pub unsafe fn dot_f16(a: *const f32, b: *const u8, n: usize) -> f32 {
     let mut acc0 = _mm256_setzero_ps();

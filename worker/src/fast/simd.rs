@@ -22,7 +22,8 @@ pub const AVX512: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx5
 /// the kernels for it are compiled in and the matrix is
 /// [`quant::interleavable`], else packed rows.
 pub fn layout(t: WType, rows: usize) -> Layout {
-    if AVX512 && quant::interleavable(t, rows) {
+    let kernels = AVX512 || (SIMD && matches!(t, WType::Q4_0 | WType::Q4_1));
+    if kernels && quant::interleavable(t, rows) {
         Layout::Interleaved
     } else {
         Layout::Rows
@@ -71,6 +72,17 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
         assert!(quant::interleavable(t, rows), "gemm_q: {rows} rows of {t:?} are not whole interleaved groups");
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"))]
         return super::avx512::gemm_interleaved(t, w, row_bytes, rows, nb, (y, ncols), store);
+        // 256-bit kernels for the 4-bit types where the 512-bit ones are missing.
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c",
+            not(all(target_feature = "avx512f", target_feature = "avx512vnni"))
+        ))]
+        if matches!(t, WType::Q4_0 | WType::Q4_1) {
+            return super::avx2::interleaved::gemm_interleaved(t, w, row_bytes, rows, nb, (y, ncols), store);
+        }
         #[allow(unreachable_code)]
         for (g, group) in w[..rows * row_bytes].chunks_exact(quant::RG * row_bytes).enumerate() {
             for c in 0..ncols {
