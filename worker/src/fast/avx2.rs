@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::quant::{Q8View, WType, QK};
+use super::quant::{Q8View, WType, QK, RG};
 
 /// Blocks whose scales one vector holds.
 const G: usize = 8;
@@ -70,10 +70,21 @@ unsafe fn prefetch(p: *const u8, ahead: usize) {
 }
 
 /// The activation columns of one tile: quants, scales and sums per column.
-struct Cols<const C: usize> {
-    q: [*const i8; C],
-    d: [*const f32; C],
-    s: [*const f32; C],
+pub(super) struct Cols<const C: usize> {
+    pub q: [*const i8; C],
+    pub d: [*const f32; C],
+    pub s: [*const f32; C],
+}
+
+impl<const C: usize> Cols<C> {
+    /// Columns `c0..c0 + C` of `y`, `nb` blocks each.
+    fn at(y: Q8View<'_>, nb: usize, c0: usize) -> Self {
+        Self {
+            q: std::array::from_fn(|c| y.qs[(c0 + c) * nb * QK..].as_ptr()),
+            d: std::array::from_fn(|c| y.d[(c0 + c) * nb..].as_ptr()),
+            s: std::array::from_fn(|c| y.s[(c0 + c) * nb..].as_ptr()),
+        }
+    }
 }
 
 /// The u8×i8 products of `x` and `y`, each 4 neighbours summed into one of
@@ -369,11 +380,7 @@ fn rows_cols<const R: usize, const C: usize, F: FnMut(usize, usize, f32)>(
     c0: usize,
     store: &mut F,
 ) {
-    let cols = Cols::<C> {
-        q: std::array::from_fn(|c| y.qs[(c0 + c) * nb * QK..].as_ptr()),
-        d: std::array::from_fn(|c| y.d[(c0 + c) * nb..].as_ptr()),
-        s: std::array::from_fn(|c| y.s[(c0 + c) * nb..].as_ptr()),
-    };
+    let cols = Cols::<C>::at(y, nb, c0);
     let mut r = r0;
     while r < r1 {
         let whole = r + R <= r1;
@@ -439,37 +446,120 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
     }
 }
 
-/// Kernels for interleaved 4-bit rows (see [`super::quant::interleave`]),
-/// for builds without the AVX-512 VNNI ones in `avx512` (which then take
-/// every interleaved matrix).
-#[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
-pub mod interleaved {
-    use super::super::quant::RG;
-    use super::*;
+/// How far ahead (bytes, rounded up to whole groups) the interleaved
+/// kernels prefetch into L2: two groups of the demo model's 576-wide Q4_1
+/// rows, one of its Q8_0 or 1536-wide rows. Into L2 rather than L1: decode
+/// ran ~1.4× faster (the L1 hint stalled on full fill buffers); further
+/// ahead, or a second hint into L1 one group ahead, measured no better.
+const AHEAD: usize = 8192;
 
-    /// How far ahead (bytes, rounded up to whole groups) [`gemm_interleaved`]
-    /// prefetches into L2, as in `avx512`.
-    const PREFETCH: usize = 8192;
+/// Prefetches block `b`'s share of the group [`AHEAD`] bytes after the one
+/// at `w` (`nb` blocks of type `t`), so that a whole matrix streams in ahead
+/// of use. `wrapping_add`: the hint may point past the matrix (prefetches
+/// never fault).
+#[inline(always)]
+pub(super) unsafe fn prefetch_ahead(t: WType, w: *const u8, nb: usize, b: usize) {
+    let (per_block, group_bytes) = (RG * t.block_bytes(), RG * t.row_bytes(nb * QK));
+    let p = w.wrapping_add(AHEAD.div_ceil(group_bytes) * group_bytes + per_block * b);
+    for l in (0..per_block).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(l) as *const i8);
+    }
+}
 
-    /// One interleaved group of 4-bit rows (see [`super::super::quant::interleave`])
-    /// against C columns, in two 256-bit halves (rows 0-7, 8-15). Without
-    /// AVX-VNNI, each half's products stay in i16 for the whole block: a
-    /// `maddubs` lane is at most 2 · 15 · 128 = 3,840 in magnitude, and eight of
-    /// them sum to 30,720, inside i16; one `madd` per block widens them.
+/// A kernel for interleaved groups (see [`super::quant::interleave`]).
+pub(super) trait GroupKernel {
+    /// Whether it takes Q8_0 (all kernels take Q4_0 and Q4_1).
+    const Q8_0: bool;
+    /// One group of 16 rows, `nb` blocks of type `t`, against C columns: the
+    /// 16 results per column.
     /// SAFETY: `w` points at one whole group; each column at `nb` blocks.
+    unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) -> [[f32; RG]; C];
+}
+
+/// [`gemm_q`] over interleaved groups with kernel `K`; lengths, whole
+/// groups and the type are checked in [`super::simd::gemm_q`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_groups<K: GroupKernel, F: FnMut(usize, usize, f32)>(
+    t: WType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    nb: usize,
+    (y, ncols): (Q8View<'_>, usize),
+    store: &mut F,
+) {
+    // A task's first groups, which no earlier prefetch reached.
+    let first = (AHEAD.div_ceil(RG * row_bytes) * RG * row_bytes).min(rows * row_bytes);
+    for l in (0..first).step_by(64) {
+        // SAFETY: `l` is inside `w` (a prefetch would not fault anyway).
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(l) as *const i8) };
+    }
+    for (g, gw) in w[..rows * row_bytes].chunks_exact(RG * row_bytes).enumerate() {
+        let mut c0 = 0;
+        while c0 < ncols {
+            let n = (ncols - c0).min(4);
+            let at = (RG * g, c0);
+            match n {
+                1 => group_cols::<K, 1, F>(t, gw, nb, y, at, store),
+                2 => group_cols::<K, 2, F>(t, gw, nb, y, at, store),
+                3 => group_cols::<K, 3, F>(t, gw, nb, y, at, store),
+                _ => group_cols::<K, 4, F>(t, gw, nb, y, at, store),
+            }
+            c0 += n;
+        }
+    }
+}
+
+/// One group against columns `c0..c0 + C`, results to `store`.
+#[inline(always)]
+fn group_cols<K: GroupKernel, const C: usize, F: FnMut(usize, usize, f32)>(
+    t: WType,
+    w: &[u8],
+    nb: usize,
+    y: Q8View<'_>,
+    (r0, c0): (usize, usize),
+    store: &mut F,
+) {
+    let cols = Cols::<C>::at(y, nb, c0);
+    // SAFETY: the caller checked `w` is one whole group of `nb` blocks and
+    // `y` holds `c0 + C` columns of `nb` blocks.
+    let out = unsafe {
+        match t {
+            // Separate instances per type, so `t` is a constant inside.
+            WType::Q4_1 => K::group::<C>(WType::Q4_1, w.as_ptr(), nb, &cols),
+            WType::Q4_0 => K::group::<C>(WType::Q4_0, w.as_ptr(), nb, &cols),
+            WType::Q8_0 if K::Q8_0 => K::group::<C>(WType::Q8_0, w.as_ptr(), nb, &cols),
+            _ => unreachable!("no interleaved kernel for {t:?}"),
+        }
+    };
+    for (c, rows) in out.iter().enumerate() {
+        for (i, &v) in rows.iter().enumerate() {
+            store(r0 + i, c0 + c, v);
+        }
+    }
+}
+
+/// The 256-bit kernel for interleaved 4-bit groups, for builds without the
+/// AVX-512 VNNI one in `avx512` (which then takes every interleaved matrix).
+#[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
+pub(super) struct Avx2;
+
+#[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
+impl GroupKernel for Avx2 {
+    const Q8_0: bool = false;
+
+    /// The group in two 256-bit halves (rows 0-7, 8-15). Without AVX-VNNI,
+    /// each half's products stay in i16 for the whole block: a `maddubs`
+    /// lane is at most 2 · 15 · 128 = 3,840 in magnitude, and eight of them
+    /// sum to 30,720, inside i16; one `madd` per block widens them.
     #[inline(always)]
-    unsafe fn group_q4<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) -> [[__m256; 2]; C] {
+    unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) -> [[f32; RG]; C] {
         let q = w.add(RG * t.quants_at(nb));
         let mask = _mm256_set1_epi8(0x0F);
         let bcast4 = |p: *const i8| _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32));
         let mut acc = [[_mm256_setzero_ps(); 2]; C];
-        let (per_block, group_bytes) = (RG * t.block_bytes(), RG * t.row_bytes(nb * QK));
-        let ahead = w.wrapping_add(PREFETCH.div_ceil(group_bytes) * group_bytes);
         for b in 0..nb {
-            let p = ahead.wrapping_add(per_block * b);
-            for l in (0..per_block).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(l) as *const i8);
-            }
+            prefetch_ahead(t, w, nb, b);
             let scales = |at: usize| [0, 16].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(w.add(at + h) as *const __m128i)));
             let d = scales(32 * b);
             let m = match t {
@@ -507,76 +597,12 @@ pub mod interleaved {
                 }
             }
         }
-        acc
-    }
-
-    /// [`super::gemm_q`] over interleaved Q4_0 / Q4_1 groups; lengths and whole
-    /// groups are checked in [`super::simd::gemm_q`].
-    pub fn gemm_interleaved<F: FnMut(usize, usize, f32)>(
-        t: WType,
-        w: &[u8],
-        row_bytes: usize,
-        rows: usize,
-        nb: usize,
-        (y, ncols): (Q8View<'_>, usize),
-        store: &mut F,
-    ) {
-        // A task's first groups, which no earlier prefetch reached.
-        let first = (PREFETCH.div_ceil(RG * row_bytes) * RG * row_bytes).min(rows * row_bytes);
-        for l in (0..first).step_by(64) {
-            // SAFETY: `l` is inside `w` (a prefetch would not fault anyway).
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(l) as *const i8) };
+        let mut out = [[0f32; RG]; C];
+        for (o, halves) in out.iter_mut().zip(&acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), halves[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), halves[1]);
         }
-        for (g, gw) in w[..rows * row_bytes].chunks_exact(RG * row_bytes).enumerate() {
-            let mut c0 = 0;
-            while c0 < ncols {
-                let n = (ncols - c0).min(4);
-                let at = (RG * g, c0);
-                match n {
-                    1 => group_cols::<1, F>(t, gw, nb, y, at, store),
-                    2 => group_cols::<2, F>(t, gw, nb, y, at, store),
-                    3 => group_cols::<3, F>(t, gw, nb, y, at, store),
-                    _ => group_cols::<4, F>(t, gw, nb, y, at, store),
-                }
-                c0 += n;
-            }
-        }
-    }
-
-    /// One group against columns `c0..c0 + C`, results to `store`.
-    #[inline(always)]
-    fn group_cols<const C: usize, F: FnMut(usize, usize, f32)>(
-        t: WType,
-        w: &[u8],
-        nb: usize,
-        y: Q8View<'_>,
-        (r0, c0): (usize, usize),
-        store: &mut F,
-    ) {
-        let cols = Cols::<C> {
-            q: std::array::from_fn(|c| y.qs[(c0 + c) * nb * QK..].as_ptr()),
-            d: std::array::from_fn(|c| y.d[(c0 + c) * nb..].as_ptr()),
-            s: std::array::from_fn(|c| y.s[(c0 + c) * nb..].as_ptr()),
-        };
-        // SAFETY: the caller checked `w` is one whole group of `nb` blocks and
-        // `y` holds `c0 + C` columns of `nb` blocks.
-        let acc = unsafe {
-            match t {
-                WType::Q4_1 => group_q4::<C>(WType::Q4_1, w.as_ptr(), nb, &cols),
-                _ => group_q4::<C>(WType::Q4_0, w.as_ptr(), nb, &cols),
-            }
-        };
-        for (c, halves) in acc.iter().enumerate() {
-            let mut out = [0f32; RG];
-            // SAFETY: `out` is 16 floats, two halves of 8.
-            unsafe {
-                _mm256_storeu_ps(out.as_mut_ptr(), halves[0]);
-                _mm256_storeu_ps(out.as_mut_ptr().add(8), halves[1]);
-            }
-            for (i, &v) in out.iter().enumerate() {
-                store(r0 + i, c0 + c, v);
-            }
-        }
+        out
     }
 }
 

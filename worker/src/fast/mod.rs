@@ -10,8 +10,9 @@
 //!
 //! - [`load`]: GGUF → weights, repacked once into one [`arena`] (huge pages).
 //! - [`quant`]: block formats, the packed row layout, scalar kernels.
-//! - [`simd`]: the kernels' safe API; `avx2` (x86-64 only): their SIMD code;
-//!   `avx512` (AVX-512 VNNI builds only): kernels for interleaved rows.
+//! - [`simd`]: the kernels' safe API; `avx2` (x86-64 only): their SIMD code,
+//!   with 256-bit kernels for interleaved 4-bit rows; `avx512` (AVX-512 VNNI
+//!   builds only): 512-bit kernels for interleaved rows, which replace those.
 //! - [`matmul`]: parallel matrix × columns; [`attention`]: causal GQA attention.
 //! - [`pool`]: the threads; [`model`]: the forward pass and the public API.
 //!

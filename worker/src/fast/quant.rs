@@ -16,9 +16,10 @@
 //! GGUF's 16-byte nibble order.
 //!
 //! # Interleaved rows
-//! Where the build has the AVX-512 VNNI kernels, Q4_0, Q4_1 and Q8_0
-//! matrices are then [`interleave`]d, 16 packed rows at a time, so that one
-//! 512-bit vector holds the same elements of 16 rows ([`Layout`]).
+//! Where the build has AVX2, Q4_0 and Q4_1 matrices are then
+//! [`interleave`]d, 16 packed rows at a time, so that one 512-bit vector
+//! (two 256-bit ones) holds the same elements of 16 rows ([`Layout`]); with
+//! AVX-512 VNNI, Q8_0 matrices too.
 
 use half::f16;
 

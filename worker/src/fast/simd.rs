@@ -19,8 +19,9 @@ pub const SIMD: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2",
 pub const AVX512: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"));
 
 /// The layout a `rows`-row matrix of type `t` is kept in: interleaved where
-/// the kernels for it are compiled in and the matrix is
-/// [`quant::interleavable`], else packed rows.
+/// kernels for it are compiled in (AVX-512 VNNI: every interleavable type;
+/// AVX2: the 4-bit ones) and the matrix is [`quant::interleavable`], else
+/// packed rows.
 pub fn layout(t: WType, rows: usize) -> Layout {
     let kernels = AVX512 || (SIMD && matches!(t, WType::Q4_0 | WType::Q4_1));
     if kernels && quant::interleavable(t, rows) {
@@ -71,7 +72,7 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
     if layout == Layout::Interleaved {
         assert!(quant::interleavable(t, rows), "gemm_q: {rows} rows of {t:?} are not whole interleaved groups");
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"))]
-        return super::avx512::gemm_interleaved(t, w, row_bytes, rows, nb, (y, ncols), store);
+        return super::avx2::gemm_groups::<super::avx512::Avx512, F>(t, w, row_bytes, rows, nb, (y, ncols), store);
         // 256-bit kernels for the 4-bit types where the 512-bit ones are missing.
         #[cfg(all(
             target_arch = "x86_64",
@@ -81,7 +82,7 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
             not(all(target_feature = "avx512f", target_feature = "avx512vnni"))
         ))]
         if matches!(t, WType::Q4_0 | WType::Q4_1) {
-            return super::avx2::interleaved::gemm_interleaved(t, w, row_bytes, rows, nb, (y, ncols), store);
+            return super::avx2::gemm_groups::<super::avx2::Avx2, F>(t, w, row_bytes, rows, nb, (y, ncols), store);
         }
         #[allow(unreachable_code)]
         for (g, group) in w[..rows * row_bytes].chunks_exact(quant::RG * row_bytes).enumerate() {
