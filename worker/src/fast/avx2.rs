@@ -453,6 +453,11 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
 /// ahead, or a second hint into L1 one group ahead, measured no better.
 const AHEAD: usize = 8192;
 
+/// [`AHEAD`] rounded up to whole groups of `group_bytes`.
+fn ahead(group_bytes: usize) -> usize {
+    AHEAD.div_ceil(group_bytes) * group_bytes
+}
+
 /// Prefetches block `b`'s share of the group [`AHEAD`] bytes after the one
 /// at `w` (`nb` blocks of type `t`), so that a whole matrix streams in ahead
 /// of use. `wrapping_add`: the hint may point past the matrix (prefetches
@@ -460,7 +465,7 @@ const AHEAD: usize = 8192;
 #[inline(always)]
 pub(super) unsafe fn prefetch_ahead(t: WType, w: *const u8, nb: usize, b: usize) {
     let (per_block, group_bytes) = (RG * t.block_bytes(), RG * t.row_bytes(nb * QK));
-    let p = w.wrapping_add(AHEAD.div_ceil(group_bytes) * group_bytes + per_block * b);
+    let p = w.wrapping_add(ahead(group_bytes) + per_block * b);
     for l in (0..per_block).step_by(64) {
         _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(l) as *const i8);
     }
@@ -476,10 +481,21 @@ pub(super) trait GroupKernel {
     unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) -> [[f32; RG]; C];
 }
 
-/// [`gemm_q`] over interleaved groups with kernel `K`; lengths, whole
-/// groups and the type are checked in [`super::simd::gemm_q`].
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_groups<K: GroupKernel, F: FnMut(usize, usize, f32)>(
+/// The kernel for interleaved groups this build has: the 512-bit one where
+/// it targets AVX-512 VNNI, else the 256-bit one.
+#[cfg(all(target_feature = "avx512f", target_feature = "avx512vnni"))]
+pub(super) type Interleaved = super::avx512::Avx512;
+#[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
+pub(super) type Interleaved = Avx2;
+
+/// Whether [`Interleaved`] takes weights of type `t`.
+pub(super) fn takes_interleaved(t: WType) -> bool {
+    matches!(t, WType::Q4_0 | WType::Q4_1) || (t == WType::Q8_0 && <Interleaved as GroupKernel>::Q8_0)
+}
+
+/// [`gemm_q`] over interleaved groups with the [`Interleaved`] kernel;
+/// lengths, whole groups and the type are checked in [`super::simd::gemm_q`].
+pub(super) fn gemm_interleaved<F: FnMut(usize, usize, f32)>(
     t: WType,
     w: &[u8],
     row_bytes: usize,
@@ -489,7 +505,7 @@ pub(super) fn gemm_groups<K: GroupKernel, F: FnMut(usize, usize, f32)>(
     store: &mut F,
 ) {
     // A task's first groups, which no earlier prefetch reached.
-    let first = (AHEAD.div_ceil(RG * row_bytes) * RG * row_bytes).min(rows * row_bytes);
+    let first = ahead(RG * row_bytes).min(rows * row_bytes);
     for l in (0..first).step_by(64) {
         // SAFETY: `l` is inside `w` (a prefetch would not fault anyway).
         unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(l) as *const i8) };
@@ -500,10 +516,10 @@ pub(super) fn gemm_groups<K: GroupKernel, F: FnMut(usize, usize, f32)>(
             let n = (ncols - c0).min(4);
             let at = (RG * g, c0);
             match n {
-                1 => group_cols::<K, 1, F>(t, gw, nb, y, at, store),
-                2 => group_cols::<K, 2, F>(t, gw, nb, y, at, store),
-                3 => group_cols::<K, 3, F>(t, gw, nb, y, at, store),
-                _ => group_cols::<K, 4, F>(t, gw, nb, y, at, store),
+                1 => group_cols::<1, F>(t, gw, nb, y, at, store),
+                2 => group_cols::<2, F>(t, gw, nb, y, at, store),
+                3 => group_cols::<3, F>(t, gw, nb, y, at, store),
+                _ => group_cols::<4, F>(t, gw, nb, y, at, store),
             }
             c0 += n;
         }
@@ -512,7 +528,7 @@ pub(super) fn gemm_groups<K: GroupKernel, F: FnMut(usize, usize, f32)>(
 
 /// One group against columns `c0..c0 + C`, results to `store`.
 #[inline(always)]
-fn group_cols<K: GroupKernel, const C: usize, F: FnMut(usize, usize, f32)>(
+fn group_cols<const C: usize, F: FnMut(usize, usize, f32)>(
     t: WType,
     w: &[u8],
     nb: usize,
@@ -526,9 +542,9 @@ fn group_cols<K: GroupKernel, const C: usize, F: FnMut(usize, usize, f32)>(
     let out = unsafe {
         match t {
             // Separate instances per type, so `t` is a constant inside.
-            WType::Q4_1 => K::group::<C>(WType::Q4_1, w.as_ptr(), nb, &cols),
-            WType::Q4_0 => K::group::<C>(WType::Q4_0, w.as_ptr(), nb, &cols),
-            WType::Q8_0 if K::Q8_0 => K::group::<C>(WType::Q8_0, w.as_ptr(), nb, &cols),
+            WType::Q4_1 => Interleaved::group::<C>(WType::Q4_1, w.as_ptr(), nb, &cols),
+            WType::Q4_0 => Interleaved::group::<C>(WType::Q4_0, w.as_ptr(), nb, &cols),
+            WType::Q8_0 if <Interleaved as GroupKernel>::Q8_0 => Interleaved::group::<C>(WType::Q8_0, w.as_ptr(), nb, &cols),
             _ => unreachable!("no interleaved kernel for {t:?}"),
         }
     };

@@ -7,8 +7,9 @@
 //! Against the 256-bit packed-row kernels in [`super::avx2`] (one row per
 //! vector, a horizontal add per block pair), a block of 16 rows × one column
 //! takes about a third of the instructions. The loop over groups and
-//! columns, and the prefetching, are `avx2`'s ([`super::avx2::gemm_groups`]),
-//! shared with its 256-bit kernel for the same layout. Only compiled when
+//! columns, and the prefetching, are `avx2`'s
+//! ([`super::avx2::gemm_interleaved`]), shared with its 256-bit kernel for
+//! the same layout. Only compiled when
 //! the build targets AVX-512F and AVX-512 VNNI. Same contract as `avx2`:
 //! `unsafe` only for the raw pointers, lengths checked by [`super::simd`].
 #![allow(unsafe_code)]

@@ -15,16 +15,23 @@ use super::quant::{self, Layout, Q8Buf, Q8View, WType, QK};
 /// Whether the SIMD kernels are compiled in (else the scalar fallback runs).
 pub const SIMD: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"));
 
-/// Whether the AVX-512 VNNI kernels for interleaved rows are compiled in.
-pub const AVX512: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"));
+/// Whether the build has a kernel for interleaved rows of type `t`
+/// (AVX-512 VNNI: every interleavable type; AVX2: the 4-bit ones).
+fn interleaved_kernel(t: WType) -> bool {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    return super::avx2::takes_interleaved(t);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    {
+        let _ = t;
+        false
+    }
+}
 
 /// The layout a `rows`-row matrix of type `t` is kept in: interleaved where
-/// kernels for it are compiled in (AVX-512 VNNI: every interleavable type;
-/// AVX2: the 4-bit ones) and the matrix is [`quant::interleavable`], else
-/// packed rows.
+/// the build has a kernel for it and the matrix is
+/// [`quant::interleavable`], else packed rows.
 pub fn layout(t: WType, rows: usize) -> Layout {
-    let kernels = AVX512 || (SIMD && matches!(t, WType::Q4_0 | WType::Q4_1));
-    if kernels && quant::interleavable(t, rows) {
+    if interleaved_kernel(t) && quant::interleavable(t, rows) {
         Layout::Interleaved
     } else {
         Layout::Rows
@@ -71,20 +78,10 @@ pub fn gemm_q<F: FnMut(usize, usize, f32)>(
     assert!(y.blocks() >= ncols * nb, "gemm_q: activations shorter than {ncols} columns");
     if layout == Layout::Interleaved {
         assert!(quant::interleavable(t, rows), "gemm_q: {rows} rows of {t:?} are not whole interleaved groups");
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"))]
-        return super::avx2::gemm_groups::<super::avx512::Avx512, F>(t, w, row_bytes, rows, nb, (y, ncols), store);
-        // 256-bit kernels for the 4-bit types where the 512-bit ones are missing.
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c",
-            not(all(target_feature = "avx512f", target_feature = "avx512vnni"))
-        ))]
-        if matches!(t, WType::Q4_0 | WType::Q4_1) {
-            return super::avx2::gemm_groups::<super::avx2::Avx2, F>(t, w, row_bytes, rows, nb, (y, ncols), store);
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+        if interleaved_kernel(t) {
+            return super::avx2::gemm_interleaved(t, w, row_bytes, rows, nb, (y, ncols), store);
         }
-        #[allow(unreachable_code)]
         for (g, group) in w[..rows * row_bytes].chunks_exact(quant::RG * row_bytes).enumerate() {
             for c in 0..ncols {
                 for i in 0..quant::RG {
