@@ -180,9 +180,11 @@ impl LocalServer {
     }
 
     /// Stops the server: SIGTERM (it flushes JetStream and exits), SIGKILL after `grace`.
-    pub fn stop(&mut self, grace: Duration) {
-        if let Some(mut child) = self.child.take() {
-            stop_child(&mut child, grace);
+    /// False if it had to be killed.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        match self.child.take() {
+            Some(mut child) => stop_child(&mut child, grace),
+            None => true,
         }
     }
 
@@ -195,8 +197,12 @@ impl LocalServer {
     }
 
     /// Starts the server again on the same port and store (after [`stop`](Self::stop) or [`kill`](Self::kill)).
+    /// A running server is stopped gracefully first: it gets [`RESTART_GRACE`]
+    /// to flush JetStream, since killing it could lose writes it acknowledged.
     pub fn restart(&mut self) -> Result<(), ServerError> {
-        self.stop(Duration::from_secs(5));
+        if !self.stop(RESTART_GRACE) {
+            tracing::warn!(port = self.port, "nats-server did not stop within {RESTART_GRACE:?}; killed it, which may lose acknowledged writes");
+        }
         let options = ServerOptions { port: Some(self.port), ..self.options.clone() };
         let mut fresh = LocalServer::start(options)?;
         self.child = fresh.child.take();
@@ -215,10 +221,14 @@ impl Drop for LocalServer {
     }
 }
 
-/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps the child.
-pub fn stop_child(child: &mut Child, grace: Duration) {
+/// How long [`LocalServer::restart`] waits for a SIGTERMed server to exit.
+pub const RESTART_GRACE: Duration = Duration::from_secs(30);
+
+/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps the child. False
+/// if it had to be killed.
+pub fn stop_child(child: &mut Child, grace: Duration) -> bool {
     if let Ok(Some(_)) = child.try_wait() {
-        return;
+        return true;
     }
     if let Some(pid) = Pid::from_raw(child.id() as i32) {
         let _ = kill_process(pid, Signal::TERM);
@@ -226,12 +236,13 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     let start = Instant::now();
     while start.elapsed() < grace {
         if let Ok(Some(_)) = child.try_wait() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+    false
 }
 
 fn read_ports_file(dir: &Path, pid: u32) -> Option<u16> {
