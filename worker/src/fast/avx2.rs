@@ -555,14 +555,17 @@ fn group_cols<const C: usize, F: FnMut(usize, usize, f32)>(
     }
 }
 
-/// The 256-bit kernel for interleaved 4-bit groups, for builds without the
-/// AVX-512 VNNI one in `avx512` (which then takes every interleaved matrix).
+/// The 256-bit kernel for interleaved groups, for builds without the
+/// AVX-512 VNNI one in `avx512` (which then takes every interleaved matrix):
+/// 4-bit types always, Q8_0 where the build has AVX-VNNI. (Q8_0 is stored as
+/// `q + 128`, whose products would saturate `maddubs`; packed Q8_0 rows
+/// already stream at memory speed for one column without it.)
 #[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
 pub(super) struct Avx2;
 
 #[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
 impl GroupKernel for Avx2 {
-    const Q8_0: bool = false;
+    const Q8_0: bool = cfg!(target_feature = "avxvnni");
 
     /// The group in two 256-bit halves (rows 0-7, 8-15). Without AVX-VNNI,
     /// each half's products stay in i16 for the whole block: a `maddubs`
@@ -580,10 +583,26 @@ impl GroupKernel for Avx2 {
             let d = scales(32 * b);
             let m = match t {
                 WType::Q4_1 => scales(32 * (nb + b)),
+                WType::Q8_0 => d.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-128.0))),
                 _ => d.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-8.0))),
             };
             let mut s = [[_mm256_setzero_si256(); 2]; C];
-            for j in 0..4 {
+            if t == WType::Q8_0 {
+                // Eight chunks of 4 bytes × 16 rows per block; each half's
+                // sums stay in i32 (`vpdpbusd` widens as it adds).
+                #[cfg(target_feature = "avxvnni")]
+                for j in 0..8 {
+                    for h in 0..2 {
+                        let x = _mm256_loadu_si256(q.add(512 * b + 64 * j + 32 * h) as *const __m256i);
+                        for c in 0..C {
+                            s[c][h] = _mm256_dpbusd_avx_epi32(s[c][h], x, bcast4(y.q[c].add(QK * b + 4 * j)));
+                        }
+                    }
+                }
+                #[cfg(not(target_feature = "avxvnni"))]
+                unreachable!("Q8_0 groups need AVX-VNNI here (GroupKernel::Q8_0)");
+            }
+            for j in (0..4).filter(|_| t != WType::Q8_0) {
                 for h in 0..2 {
                     let v = _mm256_loadu_si256(q.add(256 * b + 64 * j + 32 * h) as *const __m256i);
                     let (lo, hi) = (_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
