@@ -12,16 +12,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 use rbee_schemas::error::{ErrorCode, JobError};
 use rbee_schemas::event::{StopReason, Usage};
-use rbee_schemas::job::{GenerateParams, Sampling};
+use rbee_schemas::job::GenerateParams;
 use rbee_schemas::record::Resume;
 use rbee_schemas::worker::Outcome;
 use tokenizers::{DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper};
 
 use crate::engine::OnToken;
+use crate::sampler::Sampler;
 use crate::stream::{Push, StopMatcher};
 use crate::tokenizer::GgufTokenizer;
 
@@ -32,11 +31,7 @@ type DecodeStream<'t> =
 pub struct Generation<'t> {
     tokenizer: &'t GgufTokenizer,
     decoder: DecodeStream<'t>,
-    sampler: LogitsProcessor,
-    /// Temperature 0 and no repeat penalty: the next token is the argmax,
-    /// read straight off the logits.
-    plain_argmax: bool,
-    repeat_penalty: f32,
+    sampler: Sampler,
     repeat_last_n: usize,
     stops: StopMatcher,
     /// Prompt, resumed and generated tokens.
@@ -108,9 +103,7 @@ impl<'t> Generation<'t> {
         let mut g = Self {
             tokenizer,
             decoder: tokenizer.inner.decode_stream(true),
-            sampler: LogitsProcessor::from_sampling(seed, candle_sampling(&params.sampling)),
-            plain_argmax: params.sampling.temperature <= 0.0 && params.sampling.repeat_penalty == 1.0,
-            repeat_penalty: params.sampling.repeat_penalty,
+            sampler: Sampler::new(seed, &params.sampling),
             repeat_last_n: params.sampling.repeat_last_n,
             stops: StopMatcher::new(&params.stop),
             all,
@@ -220,17 +213,8 @@ impl<'t> Generation<'t> {
     }
 
     fn sample(&mut self, logits: &[f32]) -> Result<u32, JobError> {
-        if self.plain_argmax {
-            return Ok(argmax(logits));
-        }
-        let internal = |e: candle_core::Error| JobError::internal(format!("sampling failed: {e}"));
-        let mut t = Tensor::from_slice(logits, logits.len(), &Device::Cpu).map_err(internal)?;
-        if self.repeat_penalty != 1.0 {
-            let from = self.all.len().saturating_sub(self.repeat_last_n);
-            t = candle_transformers::utils::apply_repeat_penalty(&t, self.repeat_penalty, &self.all[from..])
-                .map_err(internal)?;
-        }
-        self.sampler.sample(&t).map_err(internal)
+        let recent = &self.all[self.all.len().saturating_sub(self.repeat_last_n)..];
+        self.sampler.sample(logits, recent).map_err(JobError::internal)
     }
 
     /// Ends the job (done, or failed half-way: then as if cancelled), releases
@@ -257,80 +241,5 @@ impl<'t> Generation<'t> {
             first_token_ms: self.first_token_ms,
             decode_tps,
         }
-    }
-}
-
-/// Index of the first largest logit, as candle's `argmax` picks it (a NaN
-/// never wins, unless it is first), without copying the vocabulary-sized
-/// logits into a tensor and back for every token. The maximum is found in
-/// 16 independent lanes (vectorized), then its first position.
-fn argmax(logits: &[f32]) -> u32 {
-    let Some(&first) = logits.first() else { return 0 };
-    if first.is_nan() {
-        return 0;
-    }
-    let mut lanes = [first; 16];
-    let chunks = logits.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            *m = if v > *m { v } else { *m };
-        }
-    }
-    let max = rest.iter().chain(&lanes).fold(first, |m, &v| if v > m { v } else { m });
-    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
-}
-
-fn candle_sampling(s: &Sampling) -> CandleSampling {
-    if s.temperature <= 0.0 {
-        return CandleSampling::ArgMax;
-    }
-    let temperature = s.temperature;
-    match (s.top_k, s.top_p) {
-        (None, None) => CandleSampling::All { temperature },
-        (Some(k), None) => CandleSampling::TopK { k, temperature },
-        (None, Some(p)) => CandleSampling::TopP { p, temperature },
-        (Some(k), Some(p)) => CandleSampling::TopKThenTopP { k, p, temperature },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn candle_argmax(logits: &[f32]) -> u32 {
-        let t = Tensor::from_slice(logits, logits.len(), &Device::Cpu).unwrap();
-        LogitsProcessor::from_sampling(0, CandleSampling::ArgMax).sample(&t).unwrap()
-    }
-
-    #[test]
-    fn argmax_picks_what_candle_picks() {
-        // A fixed pseudo-random vocabulary of logits, then the awkward cases.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let random: Vec<f32> = (0..49_152)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / 1e5 - 80.0
-            })
-            .collect();
-        let mut tail_max = random[..49_151].to_vec();
-        tail_max[49_150] = 1e9;
-        let cases: [&[f32]; 9] = [
-            &random,
-            &tail_max,
-            &[1.0, 3.0, 3.0, 2.0],
-            &[-1.0, -1.0],
-            &[0.5, f32::NAN, 0.7, 0.1],
-            &[f32::NAN, 0.7, 0.9],
-            &[f32::NAN, f32::NAN],
-            &[f32::NEG_INFINITY, -3.0],
-            &[7.0],
-        ];
-        for logits in cases {
-            assert_eq!(argmax(logits), candle_argmax(logits), "logits {:?}", &logits[..logits.len().min(4)]);
-        }
-        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1, "the first of equal maxima");
     }
 }

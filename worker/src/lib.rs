@@ -26,6 +26,7 @@ pub mod generation;
 pub mod gguf;
 pub mod noop;
 pub mod process;
+pub mod sampler;
 pub mod stream;
 pub mod tokenizer;
 
