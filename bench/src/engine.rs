@@ -9,7 +9,8 @@
 //! rbee's engines are measured through `Engine::logits`, the worker's own
 //! entry point. The job-loop rows run whole greedy jobs through the worker's
 //! batch loop (`rbee_worker::batch::serve`): one job alone (on candle, the
-//! worker's engine before the fast one, and on the fast engine), then
+//! worker's engine before the fast one, and on the fast engine), one job
+//! that samples as clients usually ask (temperature 0.8, top-p 0.9), then
 //! `--jobs` concurrent ones on as many slots (fast engine); tokens/s counts every generated token of
 //! every job over the wall time (short prompts included).
 
@@ -143,14 +144,28 @@ const OPENINGS: [&str; 8] = [
     "It was the coldest winter",
 ];
 
-/// Generated tokens per second of `jobs` greedy jobs through the worker's batch loop.
-fn round_job_loop(e: &mut Engine, jobs: usize, gen: usize) -> Result<f64> {
+/// How the job-loop rows' jobs pick tokens.
+#[derive(Clone, Copy)]
+enum Pick {
+    Greedy,
+    /// Temperature 0.8 (the default) and top-p 0.9, fixed seeds.
+    Sampled,
+}
+
+/// Generated tokens per second of `jobs` jobs through the worker's batch loop.
+fn round_job_loop(e: &mut Engine, jobs: usize, gen: usize, pick: Pick) -> Result<f64> {
     let (tx, mut rx) = mpsc::channel();
     for i in 0..jobs {
+        let (temperature, top_p, seed) = match pick {
+            Pick::Greedy => (0.0, None, None),
+            Pick::Sampled => (0.8, Some(0.9), Some(i as u64)),
+        };
         let req = InferRequest {
             prompt: Some(OPENINGS[i % OPENINGS.len()].to_owned()),
             max_tokens: Some(gen as i64),
-            temperature: Some(0.0),
+            temperature: Some(temperature),
+            top_p,
+            seed,
             ..Default::default()
         };
         let params: GenerateParams = req.validate(0)?;
@@ -198,18 +213,18 @@ pub fn run(a: &Args) -> Result<()> {
 
     // Warm-up: page the weights in, grow scratch buffers.
     fast.logits(&prompt, 0)?;
-    round_job_loop(&mut fast, 1, 4)?;
+    round_job_loop(&mut fast, 1, 4, Pick::Greedy)?;
     if let Some(c) = candle.as_mut() {
         c.logits(&prompt[..8], 0)?;
     }
 
     let (mut f, mut c, mut l) = (Samples::default(), Samples::default(), Samples::default());
-    let (mut one, mut many, mut candle_one) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut one, mut many, mut candle_one, mut sampled) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..a.reps.max(1) {
         eprint!("\rround {}/{}", round + 1, a.reps.max(1));
         if let Some(e) = candle.as_mut() {
             round_engine(e, &prompt, a.gen, &mut c)?;
-            candle_one.push(round_job_loop(e, 1, a.gen)?);
+            candle_one.push(round_job_loop(e, 1, a.gen, Pick::Greedy)?);
         }
         round_engine(&mut fast, &prompt, a.gen, &mut f)?;
         if llama_err.is_none() {
@@ -221,8 +236,9 @@ pub fn run(a: &Args) -> Result<()> {
                 Err(e) => llama_err = Some(format!("{e:#}")),
             }
         }
-        one.push(round_job_loop(&mut fast, 1, a.gen)?);
-        many.push(round_job_loop(&mut fast, a.jobs, a.gen)?);
+        sampled.push(round_job_loop(&mut fast, 1, a.gen, Pick::Sampled)?);
+        one.push(round_job_loop(&mut fast, 1, a.gen, Pick::Greedy)?);
+        many.push(round_job_loop(&mut fast, a.jobs, a.gen, Pick::Greedy)?);
     }
     eprintln!();
 
@@ -238,6 +254,7 @@ pub fn run(a: &Args) -> Result<()> {
         job_loop.push(Row { engine: "rbee candle, worker loop, 1 job".into(), pp: None, tg: stat(&candle_one) });
     }
     job_loop.extend([
+        Row { engine: "rbee fast, worker loop, 1 sampling job".into(), pp: None, tg: stat(&sampled) },
         Row { engine: "rbee fast, worker loop, 1 job".into(), pp: None, tg: stat(&one) },
         Row { engine: format!("rbee fast, worker loop, {} jobs on {0} slots", a.jobs), pp: None, tg: stat(&many) },
     ]);
@@ -274,7 +291,7 @@ fn print_table(r: &Report, model: &Path) {
     if let Some(why) = &r.llama_cpp_missing {
         println!("\n(no llama.cpp row: {why})");
     }
-    println!("\n| {:<45} | {:>28} |", "worker job loop, greedy", format!("generated tokens/s ({}/job)", r.gen));
+    println!("\n| {:<45} | {:>28} |", "worker job loop, greedy unless said", format!("generated tokens/s ({}/job)", r.gen));
     println!("|{}|{}:|", "-".repeat(47), "-".repeat(29));
     for row in &r.job_loop {
         println!("| {:<45} | {:>28} |", row.engine, cell(&row.tg));
