@@ -24,7 +24,9 @@ fn main() {
         .collect();
     let recent: Vec<u32> = (0..64).map(|i| (i * 97 % vocab) as u32).collect();
     println!("vocabulary {vocab}; µs per token, best of 5 runs of 200 (candle → rbee)");
-    let modes: [(&str, f64, Option<usize>, Option<f64>, f32); 6] = [
+    // (name, temperature, top-k, top-p, repeat penalty)
+    type Mode = (&'static str, f64, Option<usize>, Option<f64>, f32);
+    let modes: [Mode; 6] = [
         ("greedy", 0.0, None, None, 1.0),
         ("temperature 0.8 (the default)", 0.8, None, None, 1.0),
         ("temperature 0.8, top-k 40", 0.8, Some(40), None, 1.0),
@@ -43,14 +45,14 @@ fn main() {
         };
         let mut lp = LogitsProcessor::from_sampling(1, candle);
         let theirs = best(|| {
-            let mut t = Tensor::from_slice(&logits, vocab, &Device::Cpu).unwrap();
+            let mut t = Tensor::from_slice(&logits, vocab, &Device::Cpu).expect("tensor");
             if repeat_penalty != 1.0 {
-                t = candle_transformers::utils::apply_repeat_penalty(&t, repeat_penalty, &recent).unwrap();
+                t = candle_transformers::utils::apply_repeat_penalty(&t, repeat_penalty, &recent).expect("penalty");
             }
-            lp.sample(&t).unwrap()
+            lp.sample(&t).expect("candle sample")
         });
         let mut ours = Sampler::new(1, &s);
-        let mine = best(|| ours.sample(&logits, &recent).unwrap());
+        let mine = best(|| ours.sample(&logits, &recent).expect("sample"));
         println!("  {name:38} {theirs:8.1} → {mine:7.1}  ({:.1}×)", theirs / mine);
     }
 }
