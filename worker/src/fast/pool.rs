@@ -12,7 +12,8 @@
 //! row ranges, and the kernels prefetch past the end of a task, so a thread
 //! that goes on to the next task of its own span finds its rows already
 //! arriving; with one shared counter the two threads took alternate tasks and
-//! each one began cold (on the 2-core dev VM, 4 sequences' decode step +8-13 %).
+//! each one began cold (on the 2-core dev VM: a 4-sequence step 12-25 % faster,
+//! one-token decode 11-21 %; docs/benchmarks.md, twenty-second stop).
 //!
 //! Concurrency: the spin pool's workers wait on an epoch counter, spinning
 //! briefly, then yielding, then sleeping on a condvar, so an idle model costs
