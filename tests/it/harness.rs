@@ -329,8 +329,15 @@ impl Events {
 
 /// Checks the event-sequence invariants: seq 0, 1, 2, ... and exactly one terminal event, last.
 pub fn assert_well_formed(events: &[Event]) {
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(e.seq, i as u64, "gap or repeat in seq: {events:?}");
+    assert_well_formed_but_lost(events, &[]);
+}
+
+/// [`assert_well_formed`] for a stream whose `seq`s in the `lost` ranges
+/// (`from..to`, as `ClientError::Lost` reports them) the broker never stored.
+pub fn assert_well_formed_but_lost(events: &[Event], lost: &[(u64, u64)]) {
+    let mut seqs = (0..).filter(|s| !lost.iter().any(|&(from, to)| (from..to).contains(s)));
+    for e in events {
+        assert_eq!(Some(e.seq), seqs.next(), "gap or repeat in seq (lost: {lost:?}): {events:?}");
         assert_eq!(e.v, rbee_schemas::PROTOCOL_VERSION);
     }
     let terminals = events.iter().filter(|e| e.is_terminal()).count();
