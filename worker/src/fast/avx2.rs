@@ -601,21 +601,22 @@ impl GroupKernel for Avx2 {
                 }
                 #[cfg(not(target_feature = "avxvnni"))]
                 unreachable!("Q8_0 groups need AVX-VNNI here (GroupKernel::Q8_0)");
-            }
-            for j in (0..4).filter(|_| t != WType::Q8_0) {
-                for h in 0..2 {
-                    let v = _mm256_loadu_si256(q.add(256 * b + 64 * j + 32 * h) as *const __m256i);
-                    let (lo, hi) = (_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
-                    for c in 0..C {
-                        let (ylo, yhi) = (bcast4(y.q[c].add(QK * b + 4 * j)), bcast4(y.q[c].add(QK * b + 16 + 4 * j)));
-                        #[cfg(target_feature = "avxvnni")]
-                        {
-                            s[c][h] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(s[c][h], lo, ylo), hi, yhi);
-                        }
-                        #[cfg(not(target_feature = "avxvnni"))]
-                        {
-                            let pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ylo), _mm256_maddubs_epi16(hi, yhi));
-                            s[c][h] = _mm256_add_epi16(s[c][h], pair);
+            } else {
+                for j in 0..4 {
+                    for h in 0..2 {
+                        let v = _mm256_loadu_si256(q.add(256 * b + 64 * j + 32 * h) as *const __m256i);
+                        let (lo, hi) = (_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+                        for c in 0..C {
+                            let (ylo, yhi) = (bcast4(y.q[c].add(QK * b + 4 * j)), bcast4(y.q[c].add(QK * b + 16 + 4 * j)));
+                            #[cfg(target_feature = "avxvnni")]
+                            {
+                                s[c][h] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(s[c][h], lo, ylo), hi, yhi);
+                            }
+                            #[cfg(not(target_feature = "avxvnni"))]
+                            {
+                                let pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ylo), _mm256_maddubs_epi16(hi, yhi));
+                                s[c][h] = _mm256_add_epi16(s[c][h], pair);
+                            }
                         }
                     }
                 }
