@@ -32,7 +32,6 @@ pub struct Generation<'t> {
     tokenizer: &'t GgufTokenizer,
     decoder: DecodeStream<'t>,
     sampler: Sampler,
-    repeat_last_n: usize,
     stops: StopMatcher,
     /// Prompt, resumed and generated tokens.
     all: Vec<u32>,
@@ -104,7 +103,6 @@ impl<'t> Generation<'t> {
             tokenizer,
             decoder: tokenizer.inner.decode_stream(true),
             sampler: Sampler::new(seed, &params.sampling),
-            repeat_last_n: params.sampling.repeat_last_n,
             stops: StopMatcher::new(&params.stop),
             all,
             fed: 0,
@@ -213,8 +211,7 @@ impl<'t> Generation<'t> {
     }
 
     fn sample(&mut self, logits: &[f32]) -> Result<u32, JobError> {
-        let recent = &self.all[self.all.len().saturating_sub(self.repeat_last_n)..];
-        self.sampler.sample(logits, recent).map_err(JobError::internal)
+        self.sampler.sample(logits, &self.all).map_err(JobError::internal)
     }
 
     /// Ends the job (done, or failed half-way: then as if cancelled), releases

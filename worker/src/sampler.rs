@@ -38,6 +38,8 @@ pub struct Sampler {
     top_k: Option<usize>,
     top_p: Option<f32>,
     repeat_penalty: f32,
+    /// How many of the latest tokens the penalty looks at.
+    repeat_last_n: usize,
     /// Scratch: the logits after the penalty, then unnormalized probabilities.
     probs: Vec<f32>,
     /// Scratch: the token ids being ranked.
@@ -63,14 +65,16 @@ impl Sampler {
             top_k: s.top_k,
             top_p: s.top_p.map(|p| p as f32),
             repeat_penalty: s.repeat_penalty,
+            repeat_last_n: s.repeat_last_n,
             probs: Vec::new(),
             ranked: Vec::new(),
         }
     }
 
-    /// The next token after `logits`; `recent` are the tokens the repeat
-    /// penalty applies to. Errs only on logits with no finite value.
-    pub fn sample(&mut self, logits: &[f32], recent: &[u32]) -> Result<u32, String> {
+    /// The next token after `logits`; `tokens` are the sequence's so far (the
+    /// repeat penalty looks at the last `repeat_last_n`). Errs only on logits
+    /// with no finite value.
+    pub fn sample(&mut self, logits: &[f32], tokens: &[u32]) -> Result<u32, String> {
         if self.temperature <= 0.0 && self.repeat_penalty == 1.0 {
             return Ok(argmax(logits));
         }
@@ -78,7 +82,7 @@ impl Sampler {
         probs.clear();
         probs.extend_from_slice(logits);
         if self.repeat_penalty != 1.0 {
-            penalize(probs, recent, self.repeat_penalty);
+            penalize(probs, &tokens[tokens.len().saturating_sub(self.repeat_last_n)..], self.repeat_penalty);
         }
         if self.temperature <= 0.0 {
             return Ok(argmax(probs));
