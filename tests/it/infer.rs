@@ -167,6 +167,34 @@ async fn bad_jobs_get_one_error_each_and_leave_nothing_in_the_queue() {
     assert!(!hive.log().contains("panicked"));
 }
 
+/// An error the worker finds (not the hive): a prompt longer than the
+/// model's context. One error event, the job's record failed, nothing left in
+/// the queue; the worker keeps serving, and leaves with its hive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_worker_refuses_ends_once_and_the_worker_serves_on() {
+    let broker = Broker::start();
+    let mut hive = Hive::start(&broker.url(), HiveOpts::default()).await;
+    let nats = broker.client().await;
+    let client = rbee::Client::from_nats(nats.clone());
+    let long = InferRequest { prompt: Some("bee ".repeat(5000)), max_tokens: Some(4), ..Default::default() };
+    let events = run(&client, long).await;
+    assert_well_formed(&events);
+    let EventBody::Error(e) = &events.last().unwrap().body else { panic!("expected an error: {events:?}") };
+    assert_eq!(e.code, ErrorCode::ContextLengthExceeded, "{}", e.message);
+    assert!(e.message.contains("context holds 4096") && e.message.contains("shorten the prompt"), "{}", e.message);
+    let record = client.job(&events[0].job_id).await.unwrap();
+    assert_eq!(record.state, rbee_schemas::record::JobState::Failed);
+    assert_queue_drains(&nats).await;
+
+    let workers = hive.worker_pids();
+    assert_eq!(workers.len(), 1, "the worker that refused the job is still up");
+    done(&run(&client, InferRequest { prompt: Some("Hi".into()), max_tokens: Some(2), ..Default::default() }).await);
+    assert_eq!(hive.worker_pids(), workers, "the same worker served the next job");
+    hive.signal(Signal::TERM);
+    assert_eq!(hive.wait(Duration::from_secs(30)), Some(0));
+    eventually(Duration::from_secs(5), "worker processes exit with their hive", || hive.worker_pids().is_empty()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_is_replaced_and_the_job_completes() {
     let broker = Broker::start();
