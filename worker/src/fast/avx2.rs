@@ -12,6 +12,7 @@
 use std::arch::x86_64::*;
 
 use super::quant::{Q8View, WType, QK, RG};
+use super::simd::Sink;
 
 /// Blocks whose scales one vector holds.
 const G: usize = 8;
@@ -370,7 +371,7 @@ unsafe fn tile<const R: usize, const C: usize>(
 /// Rows `r0..r1` against columns `c0..c0 + C`, R rows at a time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_cols<const R: usize, const C: usize, F: FnMut(usize, usize, f32)>(
+fn rows_cols<const R: usize, const C: usize, F: Sink>(
     t: WType,
     w: &[u8],
     row_bytes: usize,
@@ -398,7 +399,7 @@ fn rows_cols<const R: usize, const C: usize, F: FnMut(usize, usize, f32)>(
                 };
                 for (i, orow) in o.iter().enumerate() {
                     for (c, &v) in orow.iter().enumerate() {
-                        store(r + i, c0 + c, v);
+                        store.one(r + i, c0 + c, v);
                     }
                 }
             } else {
@@ -409,7 +410,7 @@ fn rows_cols<const R: usize, const C: usize, F: FnMut(usize, usize, f32)>(
                     _ => tile::<1, C>(WType::Q8_0, wp, row_bytes, nb, &cols),
                 };
                 for (c, &v) in o[0].iter().enumerate() {
-                    store(r, c0 + c, v);
+                    store.one(r, c0 + c, v);
                 }
             }
         }
@@ -421,7 +422,7 @@ fn rows_cols<const R: usize, const C: usize, F: FnMut(usize, usize, f32)>(
 const ROW_GROUP: usize = 16;
 
 /// See [`super::simd::gemm_q`]; lengths are checked there.
-pub fn gemm_q<F: FnMut(usize, usize, f32)>(
+pub fn gemm_q<F: Sink>(
     t: WType,
     w: &[u8],
     row_bytes: usize,
@@ -495,7 +496,7 @@ pub(super) fn takes_interleaved(t: WType) -> bool {
 
 /// [`gemm_q`] over interleaved groups with the [`Interleaved`] kernel;
 /// lengths, whole groups and the type are checked in [`super::simd::gemm_q`].
-pub(super) fn gemm_interleaved<F: FnMut(usize, usize, f32)>(
+pub(super) fn gemm_interleaved<F: Sink>(
     t: WType,
     w: &[u8],
     row_bytes: usize,
@@ -528,7 +529,7 @@ pub(super) fn gemm_interleaved<F: FnMut(usize, usize, f32)>(
 
 /// One group against columns `c0..c0 + C`, results to `store`.
 #[inline(always)]
-fn group_cols<const C: usize, F: FnMut(usize, usize, f32)>(
+fn group_cols<const C: usize, F: Sink>(
     t: WType,
     w: &[u8],
     nb: usize,
@@ -549,9 +550,7 @@ fn group_cols<const C: usize, F: FnMut(usize, usize, f32)>(
         }
     };
     for (c, rows) in out.iter().enumerate() {
-        for (i, &v) in rows.iter().enumerate() {
-            store(r0 + i, c0 + c, v);
-        }
+        store.rows16(r0, c0 + c, rows);
     }
 }
 
@@ -715,6 +714,28 @@ pub unsafe fn exp_shift_sum(s: *mut f32, n: usize, m: f32) -> f32 {
         i += 1;
     }
     sum
+}
+
+/// `out[i] = g[i] / (1 + e^-g[i]) · up[i]`. SAFETY: `g` and `up` point at
+/// `n` readable floats, `out` at `n` writable ones.
+pub unsafe fn silu_mul(g: *const f32, up: *const f32, out: *mut f32, n: usize) {
+    let (one, low) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-87.0));
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_loadu_ps(g.add(i));
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        // `exp8` clamps its argument, so far below -87 the quotient would not
+        // tend to 0 as silu does (|silu| < 1e-35 there): zero those lanes.
+        // NaN compares false and passes through.
+        let s = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, low), _mm256_div_ps(x, _mm256_add_ps(one, e)));
+        _mm256_storeu_ps(out.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up.add(i))));
+        i += 8;
+    }
+    while i < n {
+        let x = *g.add(i);
+        *out.add(i) = x / (1.0 + (-x).exp()) * *up.add(i);
+        i += 1;
+    }
 }
 
 /// `out[j] = scale · q·k_j` for `n` f16 key rows `stride` elements apart;

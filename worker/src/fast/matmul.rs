@@ -11,7 +11,7 @@
 use super::arena::Bytes;
 use super::pool::Pool;
 use super::quant::{self, pack_into, Layout, Q8View, Src, WType, QK, RG};
-use super::simd;
+use super::simd::{self, Offset, Sink};
 
 /// One weight matrix: `rows` output features × `cols` input features, each row
 /// of type `t` in the packed layout (see [`super::quant`]), interleaved in
@@ -108,6 +108,77 @@ impl Out {
         assert!(i < self.len, "matmul output index out of range");
         *self.ptr.add(i) = v;
     }
+    /// Elements `i..i + 16`. SAFETY: as [`Self::set`], for each of them.
+    #[inline(always)]
+    unsafe fn set16(&self, i: usize, v: &[f32; 16]) {
+        assert!(i + 16 <= self.len, "matmul output index out of range");
+        std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(i), 16);
+    }
+    /// SAFETY: no other thread writes element `i` during the section.
+    #[inline(always)]
+    unsafe fn get(&self, i: usize) -> f32 {
+        assert!(i < self.len, "matmul output index out of range");
+        *self.ptr.add(i)
+    }
+    /// Elements `i..i + 16`. SAFETY: as [`Self::get`], for each of them.
+    #[inline(always)]
+    unsafe fn get16(&self, i: usize) -> [f32; 16] {
+        assert!(i + 16 <= self.len, "matmul output index out of range");
+        std::ptr::read_unaligned(self.ptr.add(i) as *const [f32; 16])
+    }
+}
+
+/// One matrix's share of a section's output, `columns × rows` (token `c`'s
+/// outputs contiguous). Only built inside a task, for the rows it owns.
+struct ColMajor<'a> {
+    out: &'a Out,
+    rows: usize,
+}
+
+impl Sink for ColMajor<'_> {
+    #[inline(always)]
+    fn one(&mut self, r: usize, c: usize, v: f32) {
+        // SAFETY: the task owns row r of every column (see `ColMajor`), and
+        // nothing reads the output until the section ends.
+        unsafe { self.out.set(c * self.rows + r, v) }
+    }
+    #[inline(always)]
+    fn rows16(&mut self, r0: usize, c: usize, v: &[f32; 16]) {
+        // SAFETY: as in `one`, for rows r0..r0 + 16.
+        unsafe { self.out.set16(c * self.rows + r0, v) }
+    }
+}
+
+/// The gate pass of SwiGLU: `silu(gate) * up` into `out`, reading the up
+/// projection the same task wrote into `up` for these rows.
+struct SwiGlu<'a> {
+    out: &'a Out,
+    up: &'a Out,
+    rows: usize,
+}
+
+impl Sink for SwiGlu<'_> {
+    #[inline(always)]
+    fn one(&mut self, r: usize, c: usize, g: f32) {
+        let i = c * self.rows + r;
+        // SAFETY: the task owns row r of every column in both buffers and
+        // wrote `up`'s element before this pass.
+        unsafe { self.out.set(i, silu(g) * self.up.get(i)) }
+    }
+    #[inline(always)]
+    fn rows16(&mut self, r0: usize, c: usize, g: &[f32; 16]) {
+        let i = c * self.rows + r0;
+        let mut h = [0f32; 16];
+        // SAFETY: as in `one`, for rows r0..r0 + 16.
+        simd::silu_mul(g, &unsafe { self.up.get16(i) }, &mut h);
+        // SAFETY: as in `one`.
+        unsafe { self.out.set16(i, &h) }
+    }
+}
+
+#[inline(always)]
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
 }
 
 /// Rows per task: enough tasks to balance `threads`, but not so small that the
@@ -135,11 +206,13 @@ fn tasks(mats: &[&Matrix], threads: usize, n: usize, out: &mut Vec<(usize, usize
 }
 
 /// Computes rows `r0..r1` of `m · x` for every column, passing each result to `store`.
-fn block<F: FnMut(usize, usize, f32)>(m: &Matrix, r0: usize, r1: usize, x: &Acts<'_>, store: &mut F) {
+fn block<S: Sink>(m: &Matrix, r0: usize, r1: usize, x: &Acts<'_>, store: &mut S) {
     let w = &m.data[r0 * m.row_bytes..r1 * m.row_bytes];
-    let mut shifted = |r: usize, c: usize, v: f32| store(r0 + r, c, v);
+    let mut shifted = Offset { inner: store, dr: r0, dc: 0 };
     match m.t {
-        WType::F32 | WType::F16 => simd::gemm_f(m.t, w, m.row_bytes, r1 - r0, (x.f, x.n), &mut shifted),
+        WType::F32 | WType::F16 => {
+            simd::gemm_f(m.t, w, m.row_bytes, r1 - r0, (x.f, x.n), &mut |r, c, v| shifted.one(r, c, v))
+        }
         _ => simd::gemm_q(m.t, m.layout, w, m.row_bytes, r1 - r0, (x.q, x.n), &mut shifted),
     }
 }
@@ -174,11 +247,9 @@ pub fn matmul(pool: &Pool, plan: &mut Plan, mats: &[&Matrix], outs: &mut [&mut [
         let (i, r0, r1) = task_list[t];
         let m = mats[i];
         let o = &outs[i];
-        block(m, r0, r1, &x, &mut |r, c, v| {
-            // SAFETY: this task owns rows r0..r1 of matrix i: element (c, r)
-            // is written by no other task, and nothing reads until `run` returns.
-            unsafe { o.set(c * m.rows + r, v) }
-        });
+        // This task owns rows r0..r1 of matrix i: element (c, r) is written
+        // by no other task, and nothing reads until `run` returns.
+        block(m, r0, r1, &x, &mut ColMajor { out: o, rows: m.rows });
     });
 }
 
@@ -202,13 +273,10 @@ pub fn matmul_swiglu(
     let task_list = &plan.tasks;
     pool.run(task_list.len(), &|t| {
         let (_, r0, r1) = task_list[t];
-        // SAFETY (all three writes): this task owns rows r0..r1 of every
-        // column in both buffers, and reads back only those elements.
-        block(up, r0, r1, &x, &mut |r, c, v| unsafe { u.set(c * rows + r, v) });
-        block(gate, r0, r1, &x, &mut |r, c, g| unsafe {
-            let upv = *u.ptr.add(c * rows + r);
-            o.set(c * rows + r, g / (1.0 + (-g).exp()) * upv)
-        });
+        // This task owns rows r0..r1 of every column in both buffers, and
+        // reads back only those elements.
+        block(up, r0, r1, &x, &mut ColMajor { out: &u, rows });
+        block(gate, r0, r1, &x, &mut SwiGlu { out: &o, up: &u, rows });
     });
 }
 
