@@ -324,11 +324,15 @@ mod tests {
                             }
                         }
                     }
-                    let (mut h, mut tmp) = (vec![0f32; n * 70], vec![0f32; n * 70]);
-                    matmul_swiglu(&pool, &mut plan, (&a, &a), &mut h, &mut tmp, x);
-                    for (hv, av) in h.iter().zip(&oa) {
-                        let want = av / (1.0 + (-av).exp()) * av;
-                        assert!((hv - want).abs() < 1e-4 * (1.0 + want.abs()));
+                    // Packed rows (70) hand results over one by one,
+                    // interleaved groups (48 rows, where built) 16 at a time.
+                    for (m, o) in [(&a, &oa), (&b, &ob)] {
+                        let (mut h, mut tmp) = (vec![0f32; n * m.rows], vec![0f32; n * m.rows]);
+                        matmul_swiglu(&pool, &mut plan, (m, m), &mut h, &mut tmp, x);
+                        for (hv, av) in h.iter().zip(o.iter()) {
+                            let want = av / (1.0 + (-av).exp()) * av;
+                            assert!((hv - want).abs() < 1e-4 * (1.0 + want.abs()), "{t:?} swiglu {hv} vs {want}");
+                        }
                     }
                 }
             }
