@@ -732,8 +732,7 @@ pub unsafe fn silu_mul(g: *const f32, up: *const f32, out: *mut f32, n: usize) {
         i += 8;
     }
     while i < n {
-        let x = *g.add(i);
-        *out.add(i) = x / (1.0 + (-x).exp()) * *up.add(i);
+        *out.add(i) = super::simd::silu(*g.add(i)) * *up.add(i);
         i += 1;
     }
 }

@@ -163,7 +163,7 @@ impl Sink for SwiGlu<'_> {
         let i = c * self.rows + r;
         // SAFETY: the task owns row r of every column in both buffers and
         // wrote `up`'s element before this pass.
-        unsafe { self.out.set(i, silu(g) * self.up.get(i)) }
+        unsafe { self.out.set(i, simd::silu(g) * self.up.get(i)) }
     }
     #[inline(always)]
     fn rows16(&mut self, r0: usize, c: usize, g: &[f32; 16]) {
@@ -176,10 +176,6 @@ impl Sink for SwiGlu<'_> {
     }
 }
 
-#[inline(always)]
-fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
-}
 
 /// Rows per task: enough tasks to balance `threads`, but not so small that the
 /// claim overhead shows. Multiples of 16 keep the tile loops and the

@@ -256,7 +256,14 @@ pub fn exp_shift_sum(s: &mut [f32], m: f32) -> f32 {
         .sum()
 }
 
-/// `out[i] = silu(g[i]) · up[i]` (SwiGLU's product; `silu(x) = x / (1 + e^-x)`).
+/// `x / (1 + e^-x)`, one value at a time (the kernels' tails and packed-row
+/// matrices; [`silu_mul`] runs it vectorized).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `out[i] = silu(g[i]) · up[i]` (SwiGLU's product; see [`silu`]).
 #[inline]
 pub fn silu_mul(g: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(g.len() == up.len() && g.len() == out.len(), "silu_mul: length mismatch");
@@ -267,7 +274,7 @@ pub fn silu_mul(g: &[f32], up: &[f32], out: &mut [f32]) {
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
     for ((o, &x), &u) in out.iter_mut().zip(g).zip(up) {
-        *o = x / (1.0 + (-x).exp()) * u;
+        *o = silu(x) * u;
     }
 }
 
