@@ -309,11 +309,7 @@ impl SpinPool {
         // (we waited), and nobody can join before the store below publishes
         // the new epoch.
         unsafe { *s.job.get() = Job { f: f_static } };
-        let threads = s.spans.len();
-        for (i, span) in s.spans.iter().enumerate() {
-            span.next.store(n * i / threads, Ordering::Relaxed);
-            span.end.store(n * (i + 1) / threads, Ordering::Relaxed);
-        }
+        s.split(n);
         s.ctl.store(epoch, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -346,6 +342,18 @@ impl SpinPool {
             panic!("a fast-path worker thread panicked (see its message above)");
         }
         (waited, task)
+    }
+}
+
+impl Shared {
+    /// Splits tasks `0..n` into one span per thread, in order. Only while no
+    /// worker can claim (before a job's epoch is published).
+    fn split(&self, n: usize) {
+        let threads = self.spans.len();
+        for (i, span) in self.spans.iter().enumerate() {
+            span.next.store(n * i / threads, Ordering::Relaxed);
+            span.end.store(n * (i + 1) / threads, Ordering::Relaxed);
+        }
     }
 }
 
@@ -499,11 +507,8 @@ mod tests {
     fn a_thread_takes_its_own_span_in_order_then_the_others_each_task_once() {
         let pool = SpinPool::new(2).expect("pool");
         let s = &*pool.shared;
-        // 3 spans over 10 tasks, as `run_parallel` sets them: 0..3, 3..6, 6..10.
-        for (i, span) in s.spans.iter().enumerate() {
-            span.next.store(10 * i / 3, Ordering::Relaxed);
-            span.end.store(10 * (i + 1) / 3, Ordering::Relaxed);
-        }
+        // 3 spans over 10 tasks: 0..3, 3..6, 6..10.
+        s.split(10);
         let order = Mutex::new(Vec::new());
         let ran = claim(s, &|t| order.lock().unwrap().push(t), 1);
         assert_eq!(ran, 10);
