@@ -204,7 +204,7 @@ fn tasks(mats: &[&Matrix], threads: usize, n: usize, out: &mut Vec<(usize, usize
 /// Computes rows `r0..r1` of `m · x` for every column, passing each result to `store`.
 fn block<S: Sink>(m: &Matrix, r0: usize, r1: usize, x: &Acts<'_>, store: &mut S) {
     let w = &m.data[r0 * m.row_bytes..r1 * m.row_bytes];
-    let mut shifted = Offset { inner: store, dr: r0, dc: 0 };
+    let mut shifted = Offset { inner: store, dr: r0 };
     match m.t {
         WType::F32 | WType::F16 => {
             simd::gemm_f(m.t, w, m.row_bytes, r1 - r0, (x.f, x.n), &mut |r, c, v| shifted.one(r, c, v))

@@ -79,21 +79,20 @@ impl<F: FnMut(usize, usize, f32)> Sink for F {
     }
 }
 
-/// A sink seen `dr` rows and `dc` columns further on (e.g. a task's rows).
+/// A sink seen `dr` rows further on (a task's rows of a whole matrix).
 pub(crate) struct Offset<'a, S: Sink> {
     pub inner: &'a mut S,
     pub dr: usize,
-    pub dc: usize,
 }
 
 impl<S: Sink> Sink for Offset<'_, S> {
     #[inline(always)]
     fn one(&mut self, r: usize, c: usize, v: f32) {
-        self.inner.one(self.dr + r, self.dc + c, v)
+        self.inner.one(self.dr + r, c, v)
     }
     #[inline(always)]
     fn rows16(&mut self, r0: usize, c: usize, v: &[f32; 16]) {
-        self.inner.rows16(self.dr + r0, self.dc + c, v)
+        self.inner.rows16(self.dr + r0, c, v)
     }
 }
 
