@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
-use rbee_schemas::job::Sampling;
+use rbee_schemas::job::{Sampling, REPEAT_LAST_N};
 use rbee_worker::sampler::Sampler;
 
 fn main() {
@@ -22,7 +22,7 @@ fn main() {
             -8.0 + 24.0 * u.powi(12)
         })
         .collect();
-    let recent: Vec<u32> = (0..64).map(|i| (i * 97 % vocab) as u32).collect();
+    let recent: Vec<u32> = (0..REPEAT_LAST_N).map(|i| (i * 97 % vocab) as u32).collect();
     println!("vocabulary {vocab}; µs per token, best of 5 runs of 200 (candle → rbee)");
     // (name, temperature, top-k, top-p, repeat penalty)
     type Mode = (&'static str, f64, Option<usize>, Option<f64>, f32);
@@ -35,7 +35,7 @@ fn main() {
         ("temperature 0.8, repeat penalty 1.1", 0.8, None, None, 1.1),
     ];
     for (name, temperature, top_k, top_p, repeat_penalty) in modes {
-        let s = Sampling { temperature, top_p, top_k, repeat_penalty, repeat_last_n: 64, seed: 1 };
+        let s = Sampling { temperature, top_p, top_k, repeat_penalty, repeat_last_n: REPEAT_LAST_N, seed: 1 };
         let candle = match (temperature, top_k, top_p) {
             (t, _, _) if t <= 0.0 => CandleSampling::ArgMax,
             (t, None, None) => CandleSampling::All { temperature: t },
