@@ -173,7 +173,10 @@ async fn interactive_jobs_go_first_and_batch_is_not_starved() {
         claimed.push((t, s.job_id().to_owned()));
     }
     claimed.sort();
-    let order: String = claimed.iter().map(|(_, id)| if id.contains("-b") { 'B' } else { 'I' }).collect();
+    // The lane is the suffix this test appends (`-b0`, `-i3`): the unique
+    // part before it is random and may itself contain "-b".
+    let is_batch = |id: &str| id.rsplit_once('-').is_some_and(|(_, tail)| tail.starts_with('b'));
+    let order: String = claimed.iter().map(|(_, id)| if is_batch(id) { 'B' } else { 'I' }).collect();
     assert!(order.starts_with("III"), "interactive first: {order}\n{claimed:?}\n{}", hive.log());
     let first_batch = order.find('B').unwrap();
     assert!(first_batch <= 3, "a batch job gets at least every 4th claim: {order}");
