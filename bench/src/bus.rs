@@ -392,11 +392,18 @@ async fn run_async(a: &Args) -> Result<()> {
     let (mut bus, mut in_process, mut at_hive, mut in_worker) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut in_process_prompt = Vec::new();
     let mut cold_floor = Vec::new();
+    // Every timed thing here comes right after a prompt on this machine, as a
+    // real job's first token does: ~90 MB of weights have just gone through
+    // the caches, so every process on the path starts cold. The two engines
+    // hold separate copies of the weights and strictly take turns (bus, then
+    // in-process, then the floor), so each one's copy has been pushed out of
+    // the caches by exactly one prompt of the other's. With an untimed
+    // in-process prompt before each bus job as well, the worker's copy met
+    // two and the in-process one one: that alone put ~0.35 ms into the
+    // paired figure, and giving the extra prompt to the bus side instead took
+    // ~0.35 ms off it (docs/benchmarks.md, twenty-fourth stop).
+    local.job().await?;
     for _ in 0..a.model_jobs {
-        // Every timed thing here comes right after a prompt on this machine,
-        // as a real job's first token does: ~90 MB of weights have just gone
-        // through the caches, so every process on the path starts cold.
-        local.job().await?;
         let (ttft, evs) = timed_job(&client, model, req(prompt, 1)).await?;
         bus.push(ttft);
         if let Some(EventBody::Done(d)) = evs.last().map(|e| &e.body) {
