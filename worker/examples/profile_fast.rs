@@ -1,5 +1,5 @@
 //! Runs the fast path in a loop for profiling (`perf record`):
-//! `profile_fast MODEL [decode|prefill|batch] [--threads N] [--seconds S] [--seqs N]`
+//! `profile_fast MODEL [decode|prefill|prefill-long|batch|decode-long|idle] [--threads N] [--seconds S] [--seqs N]`
 //! (`--seqs`: sequences stepped together in `batch`, default 4).
 use std::time::Instant;
 
@@ -8,7 +8,7 @@ use rbee_worker::fast::{FastConfig, FastModel, PoolKind};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let model = args.next().expect("usage: profile_fast MODEL [decode|prefill|batch] [--threads N] [--seconds S] [--seqs N]");
+    let model = args.next().expect("usage: profile_fast MODEL [decode|prefill|prefill-long|batch|decode-long|idle] [--threads N] [--seconds S] [--seqs N]");
     let mut mode = "decode".to_owned();
     let mut threads = rbee_worker::fast::pool::default_threads();
     let mut seconds = 10.0;
@@ -52,6 +52,13 @@ fn main() {
                 let p: Vec<u32> = (0..128).map(|i| 100 + i * 7).collect();
                 m.forward(&mut s, &p).expect("prefill");
                 tokens += 128;
+            }
+            "prefill-long" => {
+                // One 1,024-token prompt: attention is a large share here.
+                let mut s = m.new_sequence(1024);
+                let p: Vec<u32> = (0..1024).map(|i| 100 + i * 7 % 40000).collect();
+                m.forward(&mut s, &p).expect("prefill");
+                tokens += 1024;
             }
             "batch" => {
                 let mut seqs: Vec<_> = (0..nseq).map(|_| m.new_sequence(64)).collect();
