@@ -1,21 +1,34 @@
-//! Causal attention of one query token against one sequence's key/value cache,
+//! Causal attention of query tokens against one sequence's key/value cache,
 //! for the query heads that share one key/value head (GQA).
 //!
 //! Streaming ("online") softmax over blocks of keys, so a task needs only
-//! fixed stack buffers however long the context is; each key and value row is
-//! read once for all heads of the group. A long context can be split into key
-//! ranges whose partial softmax states [`merge`] combines exactly (as in
+//! fixed buffers however long the context is. Each block of keys and values
+//! is converted from the cache's f16 once and then read by every head of the
+//! group and every query row of the task: a prompt's consecutive rows attend
+//! together (up to [`MAX_BLOCK_ROWS`]), so a key is converted once per block of
+//! rows instead of once per row and head. A long context can be split into
+//! key ranges whose partial softmax states [`merge`] combines exactly (as in
 //! flash-decoding), so one decoding token still keeps every thread busy.
-//! Pure functions: the forward pass runs one call per (token, kv head, key
-//! range) as parallel tasks.
+//! Pure functions: the forward pass runs one call per (block of rows, kv
+//! head, key range) as parallel tasks.
+
+use std::cell::Cell;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::load::MAX_GROUP;
-use super::simd::{accumulate_f16, exp_shift_sum, scores_f16};
+use super::simd::{accumulate, exp_shift_sum, scores};
 
 /// Keys per softmax block.
 const KB: usize = 64;
+/// Query rows one call attends at most.
+pub const MAX_BLOCK_ROWS: usize = 8;
+
+thread_local! {
+    /// A block of keys and then one of values, converted to f32 (`2 · KB · hd`).
+    static BLOCK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
 
 /// The cache of one layer of one sequence, as `positions × kv_dim` f16.
 #[derive(Clone, Copy, Debug)]
@@ -27,60 +40,89 @@ pub struct KvView<'a> {
 
 /// Streaming-softmax state of one head over some keys: `acc` holds
 /// `Σ e^(s_j - m) v_j` (unnormalised), `m` the largest score, `l = Σ e^(s_j - m)`.
-/// A task's output is `group` of these, `hd + 2` floats each: `[acc.., m, l]`.
+/// A task's output is `rows × group` of these, `hd + 2` floats each: `[acc.., m, l]`.
 pub fn partial_len(hd: usize) -> usize {
     hd + 2
 }
 
-/// Attends the group's heads to keys `keys` and writes their partial states
-/// into `out` (`group × partial_len(hd)`), to be combined by [`merge`].
-///
-/// `q` holds the group's heads one after another (`group × hd`); each key
-/// and value row has this kv head at offset `kv_off`.
+/// Query rows for [`attend_partial`]: row `r`'s heads are `q[r * stride..]`
+/// (`group × hd` floats, one head after another), and it sees keys
+/// `0..keys[r]` (its position + 1: causal).
+#[derive(Clone, Copy, Debug)]
+pub struct Queries<'a> {
+    pub q: &'a [f32],
+    pub stride: usize,
+    pub keys: &'a [usize],
+}
+
+/// Attends each query row's heads to the keys of `range` it may see, and
+/// writes their partial states into `out` (`rows × group × partial_len(hd)`,
+/// row by row), to be combined by [`merge`]. A row that sees none of `range`
+/// gets an empty state (`m = -inf`, `l = 0`), which `merge` weighs as zero.
+/// Each key and value row has this kv head at offset `kv_off`.
 pub fn attend_partial(
-    q: &[f32],
+    qs: Queries<'_>,
     kv: KvView<'_>,
     kv_off: usize,
-    keys: std::ops::Range<usize>,
+    range: std::ops::Range<usize>,
     hd: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    let group = q.len() / hd;
+    let rows = qs.keys.len();
     let pl = partial_len(hd);
-    assert!(group <= MAX_GROUP && group * hd == q.len() && out.len() == group * pl);
-    assert!(kv.k.len() >= keys.end * kv.kv_dim && kv.v.len() >= keys.end * kv.kv_dim && kv_off + hd <= kv.kv_dim);
-    let mut m = [f32::NEG_INFINITY; MAX_GROUP];
-    let mut l = [0f32; MAX_GROUP];
+    let group = if rows == 0 { 0 } else { out.len() / (rows * pl) };
+    assert!((1..=MAX_BLOCK_ROWS).contains(&rows) && (1..=MAX_GROUP).contains(&group) && out.len() == rows * group * pl);
+    assert!((rows - 1) * qs.stride + group * hd <= qs.q.len());
+    let end = range.end.min(qs.keys.iter().copied().max().unwrap_or(0));
+    assert!(kv.k.len() >= end * kv.kv_dim && kv.v.len() >= end * kv.kv_dim && kv_off + hd <= kv.kv_dim);
+    let mut m = [f32::NEG_INFINITY; MAX_BLOCK_ROWS * MAX_GROUP];
+    let mut l = [0f32; MAX_BLOCK_ROWS * MAX_GROUP];
     let mut s = [[0f32; KB]; MAX_GROUP];
     out.fill(0.0);
-    let stride = kv.kv_dim;
-    for j0 in keys.clone().step_by(KB) {
-        let j1 = (j0 + KB).min(keys.end);
-        // Keys j0..j1 of this kv head: a strided view, re-read per head from L1.
-        let ks = &kv.k[j0 * stride + kv_off..(j1 - 1) * stride + kv_off + hd];
-        let vs = &kv.v[j0 * stride + kv_off..(j1 - 1) * stride + kv_off + hd];
-        for h in 0..group {
-            scores_f16(&q[h * hd..(h + 1) * hd], ks, stride, scale, &mut s[h][..j1 - j0]);
+    let mut block = BLOCK.take();
+    if block.len() < 2 * KB * hd {
+        block.resize(2 * KB * hd, 0.0);
+    }
+    let (kf, vf) = block.split_at_mut(KB * hd);
+    for j0 in (range.start..end).step_by(KB) {
+        let j1 = (j0 + KB).min(end);
+        for j in j0..j1 {
+            let at = j * kv.kv_dim + kv_off;
+            kv.k[at..at + hd].convert_to_f32_slice(&mut kf[(j - j0) * hd..][..hd]);
+            kv.v[at..at + hd].convert_to_f32_slice(&mut vf[(j - j0) * hd..][..hd]);
         }
-        for h in 0..group {
-            let sh = &mut s[h][..j1 - j0];
-            let new_m = sh.iter().fold(m[h], |a, &b| a.max(b));
-            let corr = (m[h] - new_m).exp();
-            if corr != 1.0 {
-                l[h] *= corr;
-                out[h * pl..h * pl + hd].iter_mut().for_each(|o| *o *= corr);
+        for (r, &seen) in qs.keys.iter().enumerate() {
+            let n = seen.min(j1).saturating_sub(j0);
+            if n == 0 {
+                continue;
             }
-            l[h] += exp_shift_sum(sh, new_m);
-            m[h] = new_m;
-        }
-        for h in 0..group {
-            accumulate_f16(&mut out[h * pl..h * pl + hd], &s[h][..j1 - j0], vs, stride);
+            let q = &qs.q[r * qs.stride..][..group * hd];
+            let (m, l) = (&mut m[r * group..][..group], &mut l[r * group..][..group]);
+            let out = &mut out[r * group * pl..][..group * pl];
+            for h in 0..group {
+                scores(&q[h * hd..(h + 1) * hd], &kf[..n * hd], hd, scale, &mut s[h][..n]);
+            }
+            for h in 0..group {
+                let sh = &mut s[h][..n];
+                let new_m = sh.iter().fold(m[h], |a, &b| a.max(b));
+                let corr = (m[h] - new_m).exp();
+                if corr != 1.0 {
+                    l[h] *= corr;
+                    out[h * pl..h * pl + hd].iter_mut().for_each(|o| *o *= corr);
+                }
+                l[h] += exp_shift_sum(sh, new_m);
+                m[h] = new_m;
+            }
+            for h in 0..group {
+                accumulate(&mut out[h * pl..h * pl + hd], &s[h][..n], &vf[..n * hd], hd);
+            }
         }
     }
-    for h in 0..group {
-        out[h * pl + hd] = m[h];
-        out[h * pl + hd + 1] = l[h];
+    BLOCK.set(block);
+    for (i, o) in out.chunks_exact_mut(pl).enumerate() {
+        o[hd] = m[i];
+        o[hd + 1] = l[i];
     }
 }
 
@@ -92,6 +134,9 @@ pub fn merge<'a>(parts: impl Iterator<Item = &'a [f32]> + Clone, out: &mut [f32]
     out.fill(0.0);
     let mut l = 0f32;
     for p in parts {
+        if p[hd + 1] == 0.0 {
+            continue; // no keys in its range: weighs nothing
+        }
         let w = (p[hd] - m).exp();
         l += p[hd + 1] * w;
         out.iter_mut().zip(&p[..hd]).for_each(|(o, a)| *o += w * a);
@@ -107,7 +152,8 @@ pub fn attend(q: &[f32], kv: KvView<'_>, kv_off: usize, n_keys: usize, hd: usize
     let pl = partial_len(hd);
     let mut part = [0f32; MAX_GROUP * (super::load::MAX_HEAD_DIM + 2)];
     let part = &mut part[..q.len() / hd * pl];
-    attend_partial(q, kv, kv_off, 0..n_keys, hd, scale, part);
+    let qs = Queries { q, stride: q.len(), keys: &[n_keys] };
+    attend_partial(qs, kv, kv_off, 0..n_keys, hd, scale, part);
     for (p, o) in part.chunks_exact(pl).zip(out.chunks_exact_mut(hd)) {
         merge(std::iter::once(p), o);
     }
@@ -140,6 +186,45 @@ mod tests {
     }
 
     #[test]
+    fn a_block_of_rows_matches_each_row_alone_whole_and_split() {
+        let mut rng = Rng(31);
+        let (hd, group, kv_dim, rows) = (64, 3, 192, 5);
+        let pl = partial_len(hd);
+        for last in [5, 64, 66, 130, 200] {
+            // Rows at positions last-5 .. last-1: they see last-4 ..= last keys.
+            let keys: Vec<usize> = (last - rows + 1..=last).collect();
+            let stride = group * hd + 7;
+            let q: Vec<f32> = rng.vec(rows * stride).iter().map(|x| x * 3.0).collect();
+            let k: Vec<f16> = rng.vec(last * kv_dim).iter().map(|x| f16::from_f32(x * 3.0)).collect();
+            let v: Vec<f16> = rng.vec(last * kv_dim).iter().map(|&x| f16::from_f32(x)).collect();
+            let (kf, vf): (Vec<f32>, Vec<f32>) = (k.iter().map(|x| x.to_f32()).collect(), v.iter().map(|x| x.to_f32()).collect());
+            let kv = KvView { k: &k, v: &v, kv_dim };
+            let qs = Queries { q: &q, stride, keys: &keys };
+            // Three key ranges; with few keys the first rows see none of the last.
+            let cuts = [0, last / 3, last - 2, last];
+            let mut parts = vec![0f32; 3 * rows * group * pl];
+            for (i, part) in parts.chunks_mut(rows * group * pl).enumerate() {
+                attend_partial(qs, kv, 64, cuts[i]..cuts[i + 1], hd, 0.125, part);
+            }
+            let mut whole = vec![0f32; rows * group * pl];
+            attend_partial(qs, kv, 64, 0..last, hd, 0.125, &mut whole);
+            for (r, &n) in keys.iter().enumerate() {
+                let want = reference(&q[r * stride..][..group * hd], &kf, &vf, kv_dim, 64, n, hd);
+                for h in 0..group {
+                    let at = (r * group + h) * pl;
+                    let mut one = vec![0f32; hd];
+                    merge(std::iter::once(&whole[at..at + pl]), &mut one);
+                    let mut split = vec![0f32; hd];
+                    merge((0..3).map(|i| &parts[i * rows * group * pl + at..][..pl]), &mut split);
+                    for ((a, b), w) in one.iter().zip(&split).zip(&want[h * hd..(h + 1) * hd]) {
+                        assert!((a - w).abs() < 1e-5 && (b - w).abs() < 1e-5, "last {last} row {r}: {a} / {b} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn streaming_softmax_matches_two_pass_reference() {
         let mut rng = Rng(23);
         let (hd, group, kv_dim) = (64, 3, 192);
@@ -161,7 +246,8 @@ mod tests {
             let cuts = [0, n / 3, 2 * n / 3, n];
             let mut parts = vec![0f32; 3 * group * pl];
             for (i, part) in parts.chunks_mut(group * pl).enumerate() {
-                attend_partial(&q, kv, 64, cuts[i]..cuts[i + 1], hd, 1.0 / 8.0, part);
+                let qs = Queries { q: &q, stride: q.len(), keys: &[n] };
+                attend_partial(qs, kv, 64, cuts[i]..cuts[i + 1], hd, 1.0 / 8.0, part);
             }
             for h in 0..group {
                 let mut o = vec![0f32; hd];

@@ -662,22 +662,6 @@ pub unsafe fn dot_f16(a: *const f32, b: *const u8, n: usize) -> f32 {
     s
 }
 
-/// SAFETY: `y` points at `n` writable floats, `v` at `n` f16 (any alignment).
-pub unsafe fn axpy_f16(y: *mut f32, a: f32, v: *const u8, n: usize) {
-    let av = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i + 8 <= n {
-        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(2 * i) as *const __m128i));
-        _mm256_storeu_ps(y.add(i), _mm256_fmadd_ps(av, vv, _mm256_loadu_ps(y.add(i))));
-        i += 8;
-    }
-    while i < n {
-        let h = half::f16::from_bits(std::ptr::read_unaligned(v.add(2 * i) as *const u16));
-        *y.add(i) += a * h.to_f32();
-        i += 1;
-    }
-}
-
 /// `e^x` for 8 lanes (Cephes' single-precision polynomial, ~1 ulp; inputs
 /// clamped to ±88.38, so `-inf` gives ~1e-38, not 0).
 #[inline(always)]
@@ -737,14 +721,26 @@ pub unsafe fn silu_mul(g: *const f32, up: *const f32, out: *mut f32, n: usize) {
     }
 }
 
-/// `out[j] = scale · q·k_j` for `n` f16 key rows `stride` elements apart;
-/// `q` is `8 · HD8` floats. Four keys at a time, one combined reduction.
-/// SAFETY: `q` points at `8 · HD8` floats, `k` at `n` rows of `stride` f16
-/// (each with `8 · HD8` readable), `out` at `n` writable floats.
+/// Eight consecutive floats at element `i` of `p`, which holds f16 (`F16`)
+/// or f32 elements.
 #[inline(always)]
-pub unsafe fn scores_f16<const HD8: usize>(q: *const f32, k: *const u8, stride: usize, n: usize, scale: f32, out: *mut f32) {
+unsafe fn load8<const F16: bool>(p: *const u8, i: usize) -> __m256 {
+    if F16 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i))
+    } else {
+        _mm256_loadu_ps((p as *const f32).add(i))
+    }
+}
+
+/// `out[j] = scale · q·k_j` for `n` key rows `stride` elements apart (f16
+/// with `F16`, else f32); `q` is `8 · HD8` floats. Four keys at a time, one
+/// combined reduction.
+/// SAFETY: `q` points at `8 · HD8` floats, `k` at `n` rows of `stride`
+/// elements (each with `8 · HD8` readable), `out` at `n` writable floats.
+#[inline(always)]
+pub unsafe fn scores<const HD8: usize, const F16: bool>(q: *const f32, k: *const u8, stride: usize, n: usize, scale: f32, out: *mut f32) {
     let qv: [__m256; HD8] = std::array::from_fn(|d| _mm256_loadu_ps(q.add(8 * d)));
-    let kat = |j: usize, d: usize| _mm256_cvtph_ps(_mm_loadu_si128(k.add(2 * (j * stride + 8 * d)) as *const __m128i));
+    let kat = |j: usize, d: usize| load8::<F16>(k, j * stride + 8 * d);
     let sv = _mm_set1_ps(scale);
     let mut j = 0;
     while j + 4 <= n {
@@ -769,17 +765,17 @@ pub unsafe fn scores_f16<const HD8: usize>(q: *const f32, k: *const u8, stride: 
     }
 }
 
-/// `o += Σ_j p[j] · v_j` for `n` f16 value rows `stride` elements apart; `o`
-/// is `8 · HD8` floats, kept in registers across the rows.
-/// SAFETY: as [`scores_f16`], with `o` writable and `p` `n` floats.
+/// `o += Σ_j p[j] · v_j` for `n` value rows `stride` elements apart (f16
+/// with `F16`, else f32); `o` is `8 · HD8` floats, kept in registers across
+/// the rows.
+/// SAFETY: as [`scores`], with `o` writable and `p` `n` floats.
 #[inline(always)]
-pub unsafe fn accumulate_f16<const HD8: usize>(o: *mut f32, p: *const f32, v: *const u8, stride: usize, n: usize) {
+pub unsafe fn accumulate<const HD8: usize, const F16: bool>(o: *mut f32, p: *const f32, v: *const u8, stride: usize, n: usize) {
     let mut acc: [__m256; HD8] = std::array::from_fn(|d| _mm256_loadu_ps(o.add(8 * d)));
     for j in 0..n {
         let pj = _mm256_broadcast_ss(&*p.add(j));
         for (d, a) in acc.iter_mut().enumerate() {
-            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(2 * (j * stride + 8 * d)) as *const __m128i));
-            *a = _mm256_fmadd_ps(pj, vv, *a);
+            *a = _mm256_fmadd_ps(pj, load8::<F16>(v, j * stride + 8 * d), *a);
         }
     }
     for (d, a) in acc.iter().enumerate() {

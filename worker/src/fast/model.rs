@@ -17,7 +17,7 @@ use std::sync::Arc;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::attention::{attend_partial, merge, partial_len, KvView};
+use super::attention::{attend_partial, merge, partial_len, KvView, Queries, MAX_BLOCK_ROWS};
 use super::load::{Config, Weights};
 use super::matmul::{matmul, matmul_swiglu, Acts, Plan};
 use super::pool::{default_threads, Pool, PoolKind};
@@ -115,8 +115,11 @@ struct Scratch {
     /// Per row, `head_dim / 2` (cos, sin) pairs for its position.
     rope: Vec<(f32, f32)>,
     logits: Vec<f32>,
-    /// Attention partial states, `rows × kv heads × splits × group × (hd + 2)`.
+    /// Attention partial states, `blocks × kv heads × splits × block rows ×
+    /// group × (hd + 2)` (see [`row_blocks`]).
     parts: Vec<f32>,
+    /// Runs of consecutive rows of one sequence that attend together: (first row, rows).
+    blocks: Vec<(usize, usize)>,
     rows: Vec<Row>,
     /// Rows whose logits are wanted, with the output slot each fills.
     outs: Vec<(usize, usize)>,
@@ -284,6 +287,8 @@ impl FastModel {
         let rope = grow(&mut s.rope, n * hd / 2);
         let rows = &s.rows;
         let plan = &mut s.plan;
+        let block_rows = row_blocks(rows, cfg.n_kv_head, pool.threads(), &mut s.blocks);
+        let blocks = &s.blocks;
 
         for (i, r) in rows.iter().enumerate() {
             w.embd.dequantize_row(r.token as usize, &mut x[i * dim..(i + 1) * dim]);
@@ -294,7 +299,7 @@ impl FastModel {
         }
         let scale = 1.0 / (hd as f32).sqrt();
         let group = cfg.group();
-        let splits = key_splits(rows, cfg.n_kv_head, pool.threads());
+        let splits = key_splits(blocks.len(), rows, cfg.n_kv_head, pool.threads());
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
             rms_norm(x, &l.attn_norm, cfg.eps, xn, dim);
@@ -312,28 +317,37 @@ impl FastModel {
                 append_f16(&mut sq.k[li], &k[i * kvd..(i + 1) * kvd]);
                 append_f16(&mut sq.v[li], &v[i * kvd..(i + 1) * kvd]);
             }
-            // One task per (row, kv head, key range); long contexts with few
-            // rows are split so every thread has work, then merged.
+            // One task per (block of rows, kv head, key range); long contexts
+            // with few rows are split so every thread has work, then merged.
             let seqs_ro: &[&mut Sequence] = seqs;
             let q_ro: &[f32] = q;
             let nkv = cfg.n_kv_head;
             let pl = partial_len(hd);
-            let parts = grow(&mut s.parts, n * nkv * splits * group * pl);
-            pool.run_chunks(parts, group * pl, &|t, out| {
-                let (i, g, sp) = (t / (nkv * splits), t / splits % nkv, t % splits);
-                let r = rows[i];
-                let keys = r.pos + 1;
-                let (k0, k1) = (keys * sp / splits, keys * (sp + 1) / splits);
-                let sq = &*seqs_ro[r.seq];
+            let chunk = block_rows * group * pl;
+            let parts = grow(&mut s.parts, blocks.len() * nkv * splits * chunk);
+            pool.run_chunks(parts, chunk, &|t, out| {
+                let (b, g, sp) = (t / (nkv * splits), t / splits % nkv, t % splits);
+                let (first, len) = blocks[b];
+                let mut keys = [0usize; MAX_BLOCK_ROWS];
+                for (kk, r) in keys.iter_mut().zip(&rows[first..first + len]) {
+                    *kk = r.pos + 1;
+                }
+                // Rows of a block are consecutive positions: the last sees the most.
+                let most = keys[len - 1];
+                let range = most * sp / splits..most * (sp + 1) / splits;
+                let sq = &*seqs_ro[rows[first].seq];
                 let kv = KvView { k: &sq.k[li], v: &sq.v[li], kv_dim: kvd };
-                let qg = &q_ro[i * qd + g * group * hd..][..group * hd];
-                attend_partial(qg, kv, g * hd, k0..k1, hd, scale, out);
+                let qs = Queries { q: &q_ro[first * qd + g * group * hd..], stride: qd, keys: &keys[..len] };
+                attend_partial(qs, kv, g * hd, range, hd, scale, &mut out[..len * group * pl]);
             });
-            for (i, row_out) in att.chunks_exact_mut(qd).enumerate() {
-                for (h, o) in row_out.chunks_exact_mut(hd).enumerate() {
-                    let (g, j) = (h / group, h % group);
-                    let base = (i * nkv + g) * splits;
-                    merge((0..splits).map(|sp| &parts[((base + sp) * group + j) * pl..][..pl]), o);
+            for (b, &(first, len)) in blocks.iter().enumerate() {
+                for r in 0..len {
+                    let row_out = &mut att[(first + r) * qd..][..qd];
+                    for (h, o) in row_out.chunks_exact_mut(hd).enumerate() {
+                        let (g, j) = (h / group, h % group);
+                        let base = (b * nkv + g) * splits;
+                        merge((0..splits).map(|sp| &parts[(base + sp) * chunk + (r * group + j) * pl..][..pl]), o);
+                    }
                 }
             }
             quantize_q8(att, xq);
@@ -367,16 +381,32 @@ impl FastModel {
     }
 }
 
-/// Key ranges per (row, kv head): 1, unless there are fewer such tasks than
+/// Key ranges per (block of rows, kv head): 1, unless there are fewer such tasks than
 /// twice the threads and the longest context is long enough (≥ 256 keys per
 /// range) to be worth splitting.
-fn key_splits(rows: &[Row], n_kv: usize, threads: usize) -> usize {
-    let tasks = rows.len() * n_kv;
+fn key_splits(blocks: usize, rows: &[Row], n_kv: usize, threads: usize) -> usize {
+    let tasks = blocks * n_kv;
     let longest = rows.iter().map(|r| r.pos + 1).max().unwrap_or(1);
     if threads == 1 || tasks >= 2 * threads {
         return 1;
     }
     (2 * threads).div_ceil(tasks).min(longest / 256).max(1)
+}
+
+/// Groups `rows` into runs of consecutive positions of one sequence (a
+/// prompt's rows), each at most the returned length, into `blocks`. Rows of
+/// a block attend together, so each key is converted once for all of them;
+/// blocks stay short enough that there are ~4 attention tasks per thread.
+fn row_blocks(rows: &[Row], n_kv: usize, threads: usize, blocks: &mut Vec<(usize, usize)>) -> usize {
+    let most = (rows.len() * n_kv / (4 * threads)).clamp(1, MAX_BLOCK_ROWS);
+    blocks.clear();
+    for (i, r) in rows.iter().enumerate() {
+        match blocks.last_mut() {
+            Some((first, len)) if *len < most && rows[*first].seq == r.seq && rows[*first].pos + *len == r.pos => *len += 1,
+            _ => blocks.push((i, 1)),
+        }
+    }
+    most
 }
 
 fn append_f16(cache: &mut Vec<f16>, src: &[f32]) {

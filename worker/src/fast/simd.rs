@@ -168,75 +168,80 @@ pub fn gemm_f<F: FnMut(usize, usize, f32)>(
     }
 }
 
-/// `Σ a[i] * b[i]` over f32 and f16 (`a.len() == b.len()`).
-#[inline]
-pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot_f16: length mismatch");
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
-    // SAFETY: equal lengths checked above.
-    return unsafe { super::avx2::dot_f16(a.as_ptr(), b.as_ptr() as *const u8, a.len()) };
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
-    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+/// An element of attention keys and values: the cache's f16, or f32 (a
+/// block of the cache converted once for several query rows).
+pub trait KvElem: Copy {
+    const F16: bool;
+    fn to_f32(self) -> f32;
 }
 
-/// `y[i] += a * v[i]` with f16 `v` (`y.len() == v.len()`).
-#[inline]
-pub fn axpy_f16(y: &mut [f32], a: f32, v: &[f16]) {
-    assert_eq!(y.len(), v.len(), "axpy_f16: length mismatch");
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
-    // SAFETY: equal lengths checked above.
-    unsafe {
-        super::avx2::axpy_f16(y.as_mut_ptr(), a, v.as_ptr() as *const u8, y.len())
-    };
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
-    for (o, x) in y.iter_mut().zip(v) {
-        *o += a * x.to_f32();
+impl KvElem for f16 {
+    const F16: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl KvElem for f32 {
+    const F16: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 
 /// Attention scores: `out[j] = scale · q·k_j` where key `j` is
 /// `k[j * stride..][..q.len()]`, for `j < out.len()`.
 #[inline]
-pub fn scores_f16(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+pub fn scores<E: KvElem>(q: &[f32], k: &[E], stride: usize, scale: f32, out: &mut [f32]) {
     let (hd, n) = (q.len(), out.len());
-    assert!(n == 0 || (n - 1) * stride + hd <= k.len(), "scores_f16: keys out of range");
+    assert!(n == 0 || (n - 1) * stride + hd <= k.len(), "scores: keys out of range");
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     {
+        use super::avx2::scores as kernel;
         let (qp, kp, op) = (q.as_ptr(), k.as_ptr() as *const u8, out.as_mut_ptr());
-        // SAFETY: lengths checked above; each arm matches `hd`.
+        // SAFETY: lengths checked above; each arm matches `hd` and `E`.
         unsafe {
-            match hd {
-                64 => return super::avx2::scores_f16::<8>(qp, kp, stride, n, scale, op),
-                128 => return super::avx2::scores_f16::<16>(qp, kp, stride, n, scale, op),
+            match (hd, E::F16) {
+                (64, true) => return kernel::<8, true>(qp, kp, stride, n, scale, op),
+                (64, false) => return kernel::<8, false>(qp, kp, stride, n, scale, op),
+                (128, true) => return kernel::<16, true>(qp, kp, stride, n, scale, op),
+                (128, false) => return kernel::<16, false>(qp, kp, stride, n, scale, op),
                 _ => {}
             }
         }
     }
     for (j, o) in out.iter_mut().enumerate() {
-        *o = dot_f16(q, &k[j * stride..j * stride + hd]) * scale;
+        *o = q.iter().zip(&k[j * stride..j * stride + hd]).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
     }
 }
 
 /// Attention values: `o += Σ_j p[j] · v_j` where value `j` is
 /// `v[j * stride..][..o.len()]`, for `j < p.len()`.
 #[inline]
-pub fn accumulate_f16(o: &mut [f32], p: &[f32], v: &[f16], stride: usize) {
+pub fn accumulate<E: KvElem>(o: &mut [f32], p: &[f32], v: &[E], stride: usize) {
     let (hd, n) = (o.len(), p.len());
-    assert!(n == 0 || (n - 1) * stride + hd <= v.len(), "accumulate_f16: values out of range");
+    assert!(n == 0 || (n - 1) * stride + hd <= v.len(), "accumulate: values out of range");
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     {
+        use super::avx2::accumulate as kernel;
         let (op, pp, vp) = (o.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u8);
-        // SAFETY: lengths checked above; each arm matches `hd`.
+        // SAFETY: lengths checked above; each arm matches `hd` and `E`.
         unsafe {
-            match hd {
-                64 => return super::avx2::accumulate_f16::<8>(op, pp, vp, stride, n),
-                128 => return super::avx2::accumulate_f16::<16>(op, pp, vp, stride, n),
+            match (hd, E::F16) {
+                (64, true) => return kernel::<8, true>(op, pp, vp, stride, n),
+                (64, false) => return kernel::<8, false>(op, pp, vp, stride, n),
+                (128, true) => return kernel::<16, true>(op, pp, vp, stride, n),
+                (128, false) => return kernel::<16, false>(op, pp, vp, stride, n),
                 _ => {}
             }
         }
     }
     for (j, &pj) in p.iter().enumerate() {
-        axpy_f16(o, pj, &v[j * stride..j * stride + hd]);
+        for (a, b) in o.iter_mut().zip(&v[j * stride..j * stride + hd]) {
+            *a += pj * b.to_f32();
+        }
     }
 }
 
@@ -381,14 +386,30 @@ mod tests {
                 assert!((want - g).abs() < 1e-4, "{t:?}: {want} vs {g}");
             }
         }
-        let a = rng.vec(75);
-        let b: Vec<f16> = rng.vec(75).into_iter().map(f16::from_f32).collect();
-        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y.to_f32()).sum();
-        assert!((dot_f16(&a, &b) - want).abs() < 1e-4);
-        let mut y = a.clone();
-        axpy_f16(&mut y, 0.5, &b);
-        for i in 0..75 {
-            assert!((y[i] - (a[i] + 0.5 * b[i].to_f32())).abs() < 1e-6);
+        // Attention's two loops, on the cache's f16 and on converted f32
+        // rows, `stride` apart: head sizes with a kernel (64, 128) and without (24).
+        for hd in [64, 128, 24] {
+            let (n, stride) = (7, hd + 40);
+            let q = rng.vec(hd);
+            let kf: Vec<f32> = rng.vec(n * stride).into_iter().map(|x| f16::from_f32(x).to_f32()).collect();
+            let kh: Vec<f16> = kf.iter().map(|&x| f16::from_f32(x)).collect();
+            let p = rng.vec(n);
+            let want_s: Vec<f32> = (0..n).map(|j| q.iter().zip(&kf[j * stride..]).map(|(a, b)| a * b).sum::<f32>() * 0.5).collect();
+            let mut want_o = q.clone();
+            for j in 0..n {
+                want_o.iter_mut().zip(&kf[j * stride..]).for_each(|(o, v)| *o += p[j] * v);
+            }
+            let (mut s16, mut s32) = (vec![0f32; n], vec![0f32; n]);
+            scores(&q, &kh, stride, 0.5, &mut s16);
+            scores(&q, &kf, stride, 0.5, &mut s32);
+            let (mut o16, mut o32) = (q.clone(), q.clone());
+            accumulate(&mut o16, &p, &kh, stride);
+            accumulate(&mut o32, &p, &kf, stride);
+            for (got, want) in [(&s16, &want_s), (&s32, &want_s), (&o16, &want_o), (&o32, &want_o)] {
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert!((g - w).abs() < 1e-4, "hd {hd}: {g} vs {w}");
+                }
+            }
         }
         // Softmax numerators over the range attention scores take (and beyond).
         let mut s: Vec<f32> = (0..203).map(|i| (i as f32 - 150.0) * 0.7).collect();
