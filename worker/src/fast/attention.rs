@@ -6,7 +6,10 @@
 //! is converted from the cache's f16 once and then read by every head of the
 //! group and every query row of the task: a prompt's consecutive rows attend
 //! together (up to [`MAX_BLOCK_ROWS`]), so a key is converted once per block of
-//! rows instead of once per row and head. A long context can be split into
+//! rows instead of once per row and head. Where the build has AVX-512, a
+//! block's queries (rows × heads, 12 to 32 of them) go one per vector lane
+//! ([`attend_lanes`]): scores, softmax and the values' sum then need no sums
+//! across lanes. A long context can be split into
 //! key ranges whose partial softmax states [`merge`] combines exactly (as in
 //! flash-decoding), so one decoding token still keeps every thread busy.
 //! Pure functions: the forward pass runs one call per (block of rows, kv
@@ -18,15 +21,25 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::load::MAX_GROUP;
-use super::simd::{accumulate, exp_shift_sum, scores};
+use super::simd::{accumulate, attend_lanes, attend_lanes_for, exp_shift_sum, scores, LANES, LANE_KEYS};
 
 /// Keys per softmax block.
-const KB: usize = 64;
+const KB: usize = LANE_KEYS;
 /// Query rows one call attends at most.
-pub const MAX_BLOCK_ROWS: usize = 8;
+pub const MAX_BLOCK_ROWS: usize = 16;
+/// Queries (rows × heads) from which a call puts them in vector lanes, where
+/// the build can ([`attend_lanes`]): below it most lanes would idle.
+const LANES_FROM: usize = 12;
+
+/// How many rows to attend together for `group` query heads per kv head:
+/// as many as fill the lanes of [`attend_lanes`].
+pub fn block_rows(group: usize) -> usize {
+    (LANES / group.max(1)).clamp(1, MAX_BLOCK_ROWS)
+}
 
 thread_local! {
-    /// A block of keys and then one of values, converted to f32 (`2 · KB · hd`).
+    /// A block of keys and one of values, converted to f32, then the queries
+    /// transposed for [`attend_lanes`] (`(2 · KB + LANES) · hd`).
     static BLOCK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
@@ -78,44 +91,66 @@ pub fn attend_partial(
     assert!(kv.k.len() >= end * kv.kv_dim && kv.v.len() >= end * kv.kv_dim && kv_off + hd <= kv.kv_dim);
     let mut m = [f32::NEG_INFINITY; MAX_BLOCK_ROWS * MAX_GROUP];
     let mut l = [0f32; MAX_BLOCK_ROWS * MAX_GROUP];
-    let mut s = [[0f32; KB]; MAX_GROUP];
     out.fill(0.0);
     let mut block = BLOCK.take();
-    if block.len() < 2 * KB * hd {
-        block.resize(2 * KB * hd, 0.0);
+    if block.len() < (2 * KB + LANES) * hd {
+        block.resize((2 * KB + LANES) * hd, 0.0);
     }
-    let (kf, vf) = block.split_at_mut(KB * hd);
-    for j0 in (range.start..end).step_by(KB) {
-        let j1 = (j0 + KB).min(end);
-        for j in j0..j1 {
-            let at = j * kv.kv_dim + kv_off;
-            kv.k[at..at + hd].convert_to_f32_slice(&mut kf[(j - j0) * hd..][..hd]);
-            kv.v[at..at + hd].convert_to_f32_slice(&mut vf[(j - j0) * hd..][..hd]);
-        }
-        for (r, &seen) in qs.keys.iter().enumerate() {
-            let n = seen.min(j1).saturating_sub(j0);
-            if n == 0 {
-                continue;
-            }
-            let q = &qs.q[r * qs.stride..][..group * hd];
-            let (m, l) = (&mut m[r * group..][..group], &mut l[r * group..][..group]);
-            let out = &mut out[r * group * pl..][..group * pl];
-            for h in 0..group {
-                scores(&q[h * hd..(h + 1) * hd], &kf[..n * hd], hd, scale, &mut s[h][..n]);
-            }
-            for h in 0..group {
-                let sh = &mut s[h][..n];
-                let new_m = sh.iter().fold(m[h], |a, &b| a.max(b));
-                let corr = (m[h] - new_m).exp();
-                if corr != 1.0 {
-                    l[h] *= corr;
-                    out[h * pl..h * pl + hd].iter_mut().for_each(|o| *o *= corr);
+    let (kf, rest) = block.split_at_mut(KB * hd);
+    let (vf, qt) = rest.split_at_mut(KB * hd);
+    let nq = rows * group;
+    if (LANES_FROM..=LANES).contains(&nq) && attend_lanes_for(hd) {
+        // Queries along the lanes: transposed once, scaled here.
+        qt.fill(0.0);
+        for r in 0..rows {
+            for (h, q) in qs.q[r * qs.stride..][..group * hd].chunks_exact(hd).enumerate() {
+                for (d, &x) in q.iter().enumerate() {
+                    qt[d * LANES + r * group + h] = x * scale;
                 }
-                l[h] += exp_shift_sum(sh, new_m);
-                m[h] = new_m;
             }
-            for h in 0..group {
-                accumulate(&mut out[h * pl..h * pl + hd], &s[h][..n], &vf[..n * hd], hd);
+        }
+        let (mut lm, mut ll) = ([f32::NEG_INFINITY; LANES], [0f32; LANES]);
+        for j0 in (range.start..end).step_by(KB) {
+            let j1 = (j0 + KB).min(end);
+            convert(kv, kv_off, j0..j1, hd, kf, vf);
+            let mut seen = [0i32; LANES];
+            for (i, s) in seen[..nq].iter_mut().enumerate() {
+                *s = qs.keys[i / group].min(j1).saturating_sub(j0) as i32;
+            }
+            attend_lanes(qt, &seen, nq, (kf, vf, j1 - j0), hd, (&mut lm, &mut ll), out, pl);
+        }
+        m[..nq].copy_from_slice(&lm[..nq]);
+        l[..nq].copy_from_slice(&ll[..nq]);
+    } else {
+        let mut s = [[0f32; KB]; MAX_GROUP];
+        for j0 in (range.start..end).step_by(KB) {
+            let j1 = (j0 + KB).min(end);
+            convert(kv, kv_off, j0..j1, hd, kf, vf);
+            for (r, &seen) in qs.keys.iter().enumerate() {
+                let n = seen.min(j1).saturating_sub(j0);
+                if n == 0 {
+                    continue;
+                }
+                let q = &qs.q[r * qs.stride..][..group * hd];
+                let (m, l) = (&mut m[r * group..][..group], &mut l[r * group..][..group]);
+                let out = &mut out[r * group * pl..][..group * pl];
+                for h in 0..group {
+                    scores(&q[h * hd..(h + 1) * hd], &kf[..n * hd], hd, scale, &mut s[h][..n]);
+                }
+                for h in 0..group {
+                    let sh = &mut s[h][..n];
+                    let new_m = sh.iter().fold(m[h], |a, &b| a.max(b));
+                    let corr = (m[h] - new_m).exp();
+                    if corr != 1.0 {
+                        l[h] *= corr;
+                        out[h * pl..h * pl + hd].iter_mut().for_each(|o| *o *= corr);
+                    }
+                    l[h] += exp_shift_sum(sh, new_m);
+                    m[h] = new_m;
+                }
+                for h in 0..group {
+                    accumulate(&mut out[h * pl..h * pl + hd], &s[h][..n], &vf[..n * hd], hd);
+                }
             }
         }
     }
@@ -123,6 +158,15 @@ pub fn attend_partial(
     for (i, o) in out.chunks_exact_mut(pl).enumerate() {
         o[hd] = m[i];
         o[hd + 1] = l[i];
+    }
+}
+
+/// Keys and values `keys` of this kv head, f16 → f32, `hd` floats each.
+fn convert(kv: KvView<'_>, kv_off: usize, keys: std::ops::Range<usize>, hd: usize, kf: &mut [f32], vf: &mut [f32]) {
+    for (i, j) in keys.enumerate() {
+        let at = j * kv.kv_dim + kv_off;
+        kv.k[at..at + hd].convert_to_f32_slice(&mut kf[i * hd..][..hd]);
+        kv.v[at..at + hd].convert_to_f32_slice(&mut vf[i * hd..][..hd]);
     }
 }
 
@@ -188,36 +232,43 @@ mod tests {
     #[test]
     fn a_block_of_rows_matches_each_row_alone_whole_and_split() {
         let mut rng = Rng(31);
-        let (hd, group, kv_dim, rows) = (64, 3, 192, 5);
-        let pl = partial_len(hd);
-        for last in [5, 64, 66, 130, 200] {
-            // Rows at positions last-5 .. last-1: they see last-4 ..= last keys.
-            let keys: Vec<usize> = (last - rows + 1..=last).collect();
-            let stride = group * hd + 7;
-            let q: Vec<f32> = rng.vec(rows * stride).iter().map(|x| x * 3.0).collect();
-            let k: Vec<f16> = rng.vec(last * kv_dim).iter().map(|x| f16::from_f32(x * 3.0)).collect();
-            let v: Vec<f16> = rng.vec(last * kv_dim).iter().map(|&x| f16::from_f32(x)).collect();
-            let (kf, vf): (Vec<f32>, Vec<f32>) = (k.iter().map(|x| x.to_f32()).collect(), v.iter().map(|x| x.to_f32()).collect());
-            let kv = KvView { k: &k, v: &v, kv_dim };
-            let qs = Queries { q: &q, stride, keys: &keys };
-            // Three key ranges; with few keys the first rows see none of the last.
-            let cuts = [0, last / 3, last - 2, last];
-            let mut parts = vec![0f32; 3 * rows * group * pl];
-            for (i, part) in parts.chunks_mut(rows * group * pl).enumerate() {
-                attend_partial(qs, kv, 64, cuts[i]..cuts[i + 1], hd, 0.125, part);
-            }
-            let mut whole = vec![0f32; rows * group * pl];
-            attend_partial(qs, kv, 64, 0..last, hd, 0.125, &mut whole);
-            for (r, &n) in keys.iter().enumerate() {
-                let want = reference(&q[r * stride..][..group * hd], &kf, &vf, kv_dim, 64, n, hd);
-                for h in 0..group {
-                    let at = (r * group + h) * pl;
-                    let mut one = vec![0f32; hd];
-                    merge(std::iter::once(&whole[at..at + pl]), &mut one);
-                    let mut split = vec![0f32; hd];
-                    merge((0..3).map(|i| &parts[i * rows * group * pl + at..][..pl]), &mut split);
-                    for ((a, b), w) in one.iter().zip(&split).zip(&want[h * hd..(h + 1) * hd]) {
-                        assert!((a - w).abs() < 1e-5 && (b - w).abs() < 1e-5, "last {last} row {r}: {a} / {b} vs {w}");
+        let group = 3;
+        // 2 rows (6 queries) go one row at a time; 5, 7 and 10 rows (15, 21,
+        // 30 queries) go in vector lanes where the build has them (one and
+        // two vectors, two head sizes).
+        for (hd, rows) in [(64, 2), (64, 5), (64, 10), (128, 7)] {
+            let (kv_dim, off) = (3 * hd, hd);
+            let pl = partial_len(hd);
+            for last in [10, 64, 66, 130, 200] {
+                // Rows at the last positions: each sees one key more than the one before.
+                let keys: Vec<usize> = (last - rows + 1..=last).collect();
+                let stride = group * hd + 7;
+                let q: Vec<f32> = rng.vec(rows * stride).iter().map(|x| x * 3.0).collect();
+                let k: Vec<f16> = rng.vec(last * kv_dim).iter().map(|x| f16::from_f32(x * 3.0)).collect();
+                let v: Vec<f16> = rng.vec(last * kv_dim).iter().map(|&x| f16::from_f32(x)).collect();
+                let (kf, vf): (Vec<f32>, Vec<f32>) = (k.iter().map(|x| x.to_f32()).collect(), v.iter().map(|x| x.to_f32()).collect());
+                let kv = KvView { k: &k, v: &v, kv_dim };
+                let qs = Queries { q: &q, stride, keys: &keys };
+                let scale = 1.0 / (hd as f32).sqrt();
+                // Three key ranges; the first rows see none of the last one.
+                let cuts = [0, last / 3, last - 2, last];
+                let mut parts = vec![0f32; 3 * rows * group * pl];
+                for (i, part) in parts.chunks_mut(rows * group * pl).enumerate() {
+                    attend_partial(qs, kv, off, cuts[i]..cuts[i + 1], hd, scale, part);
+                }
+                let mut whole = vec![0f32; rows * group * pl];
+                attend_partial(qs, kv, off, 0..last, hd, scale, &mut whole);
+                for (r, &n) in keys.iter().enumerate() {
+                    let want = reference(&q[r * stride..][..group * hd], &kf, &vf, kv_dim, off, n, hd);
+                    for h in 0..group {
+                        let at = (r * group + h) * pl;
+                        let mut one = vec![0f32; hd];
+                        merge(std::iter::once(&whole[at..at + pl]), &mut one);
+                        let mut split = vec![0f32; hd];
+                        merge((0..3).map(|i| &parts[i * rows * group * pl + at..][..pl]), &mut split);
+                        for ((a, b), w) in one.iter().zip(&split).zip(&want[h * hd..(h + 1) * hd]) {
+                            assert!((a - w).abs() < 1e-5 && (b - w).abs() < 1e-5, "hd {hd}, {rows} rows, last {last}, row {r}: {a} / {b} vs {w}");
+                        }
                     }
                 }
             }

@@ -98,3 +98,137 @@ unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) 
     }
     acc
 }
+
+use super::simd::LANES;
+
+/// `e^x` for 16 lanes: [`super::avx2`]'s `exp8` polynomial, 512 bits wide
+/// (inputs clamped to ±88.38).
+#[inline(always)]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.376_26)), _mm512_set1_ps(88.376_26));
+    let fx = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(0.5));
+    let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(fx);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
+    let mut y = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
+    }
+    let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0));
+    let pow2n = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n))
+}
+
+/// Where one block of attention keys is, for [`attend_block`].
+pub struct KeyBlock {
+    /// `n` keys, then `n` values, `hd` floats each (room for 64 of each).
+    pub k: *const f32,
+    pub v: *const f32,
+    pub n: usize,
+}
+
+/// The queries of [`attend_block`], one per lane, and their running state.
+pub struct LaneState {
+    /// The queries transposed and scaled: `hd` rows of [`LANES`] floats.
+    pub qt: *const f32,
+    /// How many of the block's keys each lane may see (0 for unused lanes).
+    pub seen: *const i32,
+    /// Lanes in use.
+    pub nq: usize,
+    /// Each lane's largest score and softmax sum so far ([`LANES`] each).
+    pub m: *mut f32,
+    pub l: *mut f32,
+    /// Lane `i`'s unnormalised output, `hd` floats at `o + i · pl`.
+    pub o: *mut f32,
+    pub pl: usize,
+}
+
+/// One block of keys (at most 64) against up to [`LANES`] queries at once:
+/// the scores, the online-softmax update and the values' weighted sum, with
+/// queries along the vector lanes so that nothing is summed across lanes.
+/// `V` vectors of 16 lanes (`nq ≤ 16 · V`), `hd = 16 · HD16`.
+/// SAFETY: every pointer as its field says; `k` and `v` readable for 64
+/// keys (scores past `n` are computed from whatever is there and dropped).
+pub unsafe fn attend_block<const HD16: usize, const V: usize>(b: &KeyBlock, st: &LaneState) {
+    let hd = 16 * HD16;
+    let n = b.n;
+    // Scores, keys × lanes; four keys at a time (4 · V independent sums).
+    let mut s = [[_mm512_setzero_ps(); V]; 64];
+    for j in (0..n).step_by(4) {
+        let mut a = [[_mm512_setzero_ps(); V]; 4];
+        for d in 0..hd {
+            let q: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(st.qt.add(d * LANES + 16 * v)));
+            for (t, at) in a.iter_mut().enumerate() {
+                let k = _mm512_set1_ps(*b.k.add((j + t) * hd + d));
+                for v in 0..V {
+                    at[v] = _mm512_fmadd_ps(k, q[v], at[v]);
+                }
+            }
+        }
+        s[j..j + 4].copy_from_slice(&a);
+    }
+    // Online softmax per lane: key `j` counts for lanes that may see it.
+    let mut corr_all = [0f32; LANES];
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    for v in 0..V {
+        let seen = _mm512_loadu_si512(st.seen.add(16 * v) as *const _);
+        let sees = |j: usize| _mm512_cmpgt_epi32_mask(seen, _mm512_set1_epi32(j as i32));
+        let m_old = _mm512_loadu_ps(st.m.add(16 * v));
+        let mut mx = m_old;
+        for j in 0..n {
+            mx = _mm512_mask_max_ps(mx, sees(j), mx, s[j][v]);
+        }
+        // Lanes that have seen no key yet stay empty (m = -inf, nothing added).
+        let live = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(mx, ninf);
+        let corr = _mm512_mask_blend_ps(live, _mm512_set1_ps(1.0), exp16(_mm512_sub_ps(m_old, mx)));
+        let mut sum = _mm512_setzero_ps();
+        for (j, sj) in s.iter_mut().take(n).enumerate() {
+            let p = _mm512_maskz_mov_ps(sees(j) & live, exp16(_mm512_sub_ps(sj[v], mx)));
+            sj[v] = p;
+            sum = _mm512_add_ps(sum, p);
+        }
+        _mm512_storeu_ps(st.m.add(16 * v), mx);
+        _mm512_storeu_ps(st.l.add(16 * v), _mm512_fmadd_ps(_mm512_loadu_ps(st.l.add(16 * v)), corr, sum));
+        _mm512_storeu_ps(corr_all.as_mut_ptr().add(16 * v), corr);
+    }
+    // Values: each lane's output rescaled by its `corr`, plus Σ_j p_j · v_j.
+    // Two lanes at a time share each value's loads (2 · HD16 sums).
+    let p = s.as_ptr() as *const f32;
+    let mut i = 0;
+    while i < st.nq {
+        if i + 1 < st.nq {
+            values::<HD16, 2, V>(b, st, p, &corr_all, i);
+            i += 2;
+        } else {
+            values::<HD16, 1, V>(b, st, p, &corr_all, i);
+            i += 1;
+        }
+    }
+}
+
+/// Lanes `i..i + Q` of [`attend_block`]'s value pass; `p` is its weights,
+/// keys × `16 · V` lanes.
+#[inline(always)]
+unsafe fn values<const HD16: usize, const Q: usize, const V: usize>(b: &KeyBlock, st: &LaneState, p: *const f32, corr: &[f32; LANES], i: usize) {
+    let hd = 16 * HD16;
+    let mut acc: [[__m512; HD16]; Q] = std::array::from_fn(|q| {
+        let (o, c) = (st.o.add((i + q) * st.pl), _mm512_set1_ps(corr[i + q]));
+        std::array::from_fn(|d| _mm512_mul_ps(_mm512_loadu_ps(o.add(16 * d)), c))
+    });
+    for j in 0..b.n {
+        let vj = b.v.add(j * hd);
+        let w: [__m512; Q] = std::array::from_fn(|q| _mm512_set1_ps(*p.add(j * 16 * V + i + q)));
+        for d in 0..HD16 {
+            let vv = _mm512_loadu_ps(vj.add(16 * d));
+            for q in 0..Q {
+                acc[q][d] = _mm512_fmadd_ps(w[q], vv, acc[q][d]);
+            }
+        }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        let o = st.o.add((i + q) * st.pl);
+        for (d, ad) in a.iter().enumerate() {
+            _mm512_storeu_ps(o.add(16 * d), *ad);
+        }
+    }
+}

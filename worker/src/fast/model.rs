@@ -17,7 +17,7 @@ use std::sync::Arc;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::attention::{attend_partial, merge, partial_len, KvView, Queries, MAX_BLOCK_ROWS};
+use super::attention::{attend_partial, block_rows, merge, partial_len, KvView, Queries, MAX_BLOCK_ROWS};
 use super::load::{Config, Weights};
 use super::matmul::{matmul, matmul_swiglu, Acts, Plan};
 use super::pool::{default_threads, Pool, PoolKind};
@@ -287,7 +287,7 @@ impl FastModel {
         let rope = grow(&mut s.rope, n * hd / 2);
         let rows = &s.rows;
         let plan = &mut s.plan;
-        let block_rows = row_blocks(rows, cfg.n_kv_head, pool.threads(), &mut s.blocks);
+        let block_rows = row_blocks(rows, cfg.group(), &mut s.blocks);
         let blocks = &s.blocks;
 
         for (i, r) in rows.iter().enumerate() {
@@ -395,10 +395,11 @@ fn key_splits(blocks: usize, rows: &[Row], n_kv: usize, threads: usize) -> usize
 
 /// Groups `rows` into runs of consecutive positions of one sequence (a
 /// prompt's rows), each at most the returned length, into `blocks`. Rows of
-/// a block attend together, so each key is converted once for all of them;
-/// blocks stay short enough that there are ~4 attention tasks per thread.
-fn row_blocks(rows: &[Row], n_kv: usize, threads: usize, blocks: &mut Vec<(usize, usize)>) -> usize {
-    let most = (rows.len() * n_kv / (4 * threads)).clamp(1, MAX_BLOCK_ROWS);
+/// a block attend together, so each key is converted once for all of them.
+/// The length does not depend on the thread count: how a row's attention is
+/// summed must not either (a model gives the same logits on any threads).
+fn row_blocks(rows: &[Row], group: usize, blocks: &mut Vec<(usize, usize)>) -> usize {
+    let most = block_rows(group);
     blocks.clear();
     for (i, r) in rows.iter().enumerate() {
         match blocks.last_mut() {

@@ -245,6 +245,57 @@ pub fn accumulate<E: KvElem>(o: &mut [f32], p: &[f32], v: &[E], stride: usize) {
     }
 }
 
+/// Queries [`attend_lanes`] takes at once, one per vector lane.
+pub const LANES: usize = 32;
+/// Keys per [`attend_lanes`] call at most.
+pub const LANE_KEYS: usize = 64;
+
+/// Whether [`attend_lanes`] has a kernel for head size `hd` in this build
+/// (AVX-512; else attention takes one query row at a time).
+pub const fn attend_lanes_for(hd: usize) -> bool {
+    cfg!(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni")) && (hd == 64 || hd == 128)
+}
+
+/// One block of `n ≤ LANE_KEYS` keys and values (`k`, `v`: `hd` f32 each,
+/// room for [`LANE_KEYS`]) against `nq ≤ LANES` queries at once, one per
+/// vector lane: `qt` is the queries transposed and scaled (`hd` rows of
+/// `LANES`), `seen[i]` how many of the keys lane `i` may see. Updates each
+/// lane's online-softmax state: `m`, `l`, and its unnormalised output at
+/// `out[i * pl..][..hd]`. Only where [`attend_lanes_for`] says so.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_lanes(
+    qt: &[f32],
+    seen: &[i32; LANES],
+    nq: usize,
+    (k, v, n): (&[f32], &[f32], usize),
+    hd: usize,
+    (m, l): (&mut [f32; LANES], &mut [f32; LANES]),
+    out: &mut [f32],
+    pl: usize,
+) {
+    assert!(attend_lanes_for(hd), "attend_lanes: no kernel for head size {hd} in this build");
+    assert!((1..=LANES).contains(&nq) && n <= LANE_KEYS && pl >= hd && out.len() >= (nq - 1) * pl + hd);
+    assert!(qt.len() >= hd * LANES && k.len() >= LANE_KEYS * hd && v.len() >= LANE_KEYS * hd);
+    assert!(seen.iter().all(|&s| (0..=n as i32).contains(&s)) && seen[nq..].iter().all(|&s| s == 0));
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"))]
+    {
+        use super::avx512::{attend_block, KeyBlock, LaneState};
+        let b = KeyBlock { k: k.as_ptr(), v: v.as_ptr(), n };
+        let st = LaneState { qt: qt.as_ptr(), seen: seen.as_ptr(), nq, m: m.as_mut_ptr(), l: l.as_mut_ptr(), o: out.as_mut_ptr(), pl };
+        // SAFETY: every length checked above; the arm matches `hd` and `nq`.
+        unsafe {
+            match (hd, nq > 16) {
+                (64, false) => attend_block::<4, 1>(&b, &st),
+                (64, true) => attend_block::<4, 2>(&b, &st),
+                (128, false) => attend_block::<8, 1>(&b, &st),
+                _ => attend_block::<8, 2>(&b, &st),
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni")))]
+    let _ = (m, l, out, k, v);
+}
+
 /// `s[i] = e^(s[i] - m)` in place; returns the sum (softmax's numerators).
 #[inline]
 pub fn exp_shift_sum(s: &mut [f32], m: f32) -> f32 {
