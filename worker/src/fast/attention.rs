@@ -21,7 +21,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::load::MAX_GROUP;
-use super::simd::{accumulate, attend_lanes, attend_lanes_for, exp_shift_sum, scores, LANES, LANE_KEYS};
+use super::simd::{accumulate, attend_lanes, attend_lanes_for, exp_shift_sum, scores, KvElem, LANES, LANE_KEYS};
 
 /// Keys per softmax block.
 const KB: usize = LANE_KEYS;
@@ -123,34 +123,19 @@ pub fn attend_partial(
         l[..nq].copy_from_slice(&ll[..nq]);
     } else {
         let mut s = [[0f32; KB]; MAX_GROUP];
+        let (m, l) = (&mut m[..nq], &mut l[..nq]);
         for j0 in (range.start..end).step_by(KB) {
             let j1 = (j0 + KB).min(end);
-            convert(kv, kv_off, j0..j1, hd, kf, vf);
-            for (r, &seen) in qs.keys.iter().enumerate() {
-                let n = seen.min(j1).saturating_sub(j0);
-                if n == 0 {
-                    continue;
-                }
-                let q = &qs.q[r * qs.stride..][..group * hd];
-                let (m, l) = (&mut m[r * group..][..group], &mut l[r * group..][..group]);
-                let out = &mut out[r * group * pl..][..group * pl];
-                for h in 0..group {
-                    scores(&q[h * hd..(h + 1) * hd], &kf[..n * hd], hd, scale, &mut s[h][..n]);
-                }
-                for h in 0..group {
-                    let sh = &mut s[h][..n];
-                    let new_m = sh.iter().fold(m[h], |a, &b| a.max(b));
-                    let corr = (m[h] - new_m).exp();
-                    if corr != 1.0 {
-                        l[h] *= corr;
-                        out[h * pl..h * pl + hd].iter_mut().for_each(|o| *o *= corr);
-                    }
-                    l[h] += exp_shift_sum(sh, new_m);
-                    m[h] = new_m;
-                }
-                for h in 0..group {
-                    accumulate(&mut out[h * pl..h * pl + hd], &s[h][..n], &vf[..n * hd], hd);
-                }
+            if rows == 1 {
+                // One row: its heads read each key straight from the cache
+                // (converting it first would only add a pass over it).
+                let at = j0 * kv.kv_dim + kv_off;
+                let keys = Keys { k: &kv.k[at..], v: &kv.v[at..], stride: kv.kv_dim, first: j0, end: j1 };
+                attend_rows(qs, keys, (hd, scale, group), (m, l), out, &mut s);
+            } else {
+                convert(kv, kv_off, j0..j1, hd, kf, vf);
+                let keys = Keys { k: &*kf, v: &*vf, stride: hd, first: j0, end: j1 };
+                attend_rows(qs, keys, (hd, scale, group), (m, l), out, &mut s);
             }
         }
     }
@@ -158,6 +143,55 @@ pub fn attend_partial(
     for (i, o) in out.chunks_exact_mut(pl).enumerate() {
         o[hd] = m[i];
         o[hd + 1] = l[i];
+    }
+}
+
+/// Keys `first..end` of a kv head: key `first + i` at `k[i * stride..]`.
+struct Keys<'a, E> {
+    k: &'a [E],
+    v: &'a [E],
+    stride: usize,
+    first: usize,
+    end: usize,
+}
+
+/// One block of keys for each query row in turn (the path without vector
+/// lanes): its heads' scores, the online-softmax update and the values' sum.
+fn attend_rows<E: KvElem>(
+    qs: Queries<'_>,
+    keys: Keys<'_, E>,
+    (hd, scale, group): (usize, f32, usize),
+    (m, l): (&mut [f32], &mut [f32]),
+    out: &mut [f32],
+    s: &mut [[f32; KB]; MAX_GROUP],
+) {
+    let pl = partial_len(hd);
+    for (r, &seen) in qs.keys.iter().enumerate() {
+        let n = seen.min(keys.end).saturating_sub(keys.first);
+        if n == 0 {
+            continue;
+        }
+        let q = &qs.q[r * qs.stride..][..group * hd];
+        let (m, l) = (&mut m[r * group..][..group], &mut l[r * group..][..group]);
+        let out = &mut out[r * group * pl..][..group * pl];
+        let (ks, vs) = (&keys.k[..(n - 1) * keys.stride + hd], &keys.v[..(n - 1) * keys.stride + hd]);
+        for h in 0..group {
+            scores(&q[h * hd..(h + 1) * hd], ks, keys.stride, scale, &mut s[h][..n]);
+        }
+        for h in 0..group {
+            let sh = &mut s[h][..n];
+            let new_m = sh.iter().fold(m[h], |a, &b| a.max(b));
+            let corr = (m[h] - new_m).exp();
+            if corr != 1.0 {
+                l[h] *= corr;
+                out[h * pl..h * pl + hd].iter_mut().for_each(|o| *o *= corr);
+            }
+            l[h] += exp_shift_sum(sh, new_m);
+            m[h] = new_m;
+        }
+        for h in 0..group {
+            accumulate(&mut out[h * pl..h * pl + hd], &s[h][..n], vs, keys.stride);
+        }
     }
 }
 
