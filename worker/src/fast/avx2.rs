@@ -662,17 +662,28 @@ pub unsafe fn dot_f16(a: *const f32, b: *const u8, n: usize) -> f32 {
     s
 }
 
-/// `e^x` for 8 lanes (Cephes' single-precision polynomial, ~1 ulp; inputs
-/// clamped to ±88.38, so `-inf` gives ~1e-38, not 0).
+/// Cephes' single-precision `e^x`, shared by [`exp8`] and the 512-bit
+/// `avx512::exp16`: inputs are clamped to ±`LIMIT`; `x = n·ln 2 + r` with
+/// `ln 2` split in two (`LN2_HI + LN2_LO`); `e^r` is a degree-7 polynomial
+/// (`POLY`, highest term first, then `r + r²·p(r) + 1`).
+pub(super) mod exp_poly {
+    pub const LIMIT: f32 = 88.376_26;
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    pub const POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+}
+
+/// `e^x` for 8 lanes ([`exp_poly`], ~1 ulp; `-inf` gives ~1e-38, not 0).
 #[inline(always)]
 unsafe fn exp8(x: __m256) -> __m256 {
-    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.376_26)), _mm256_set1_ps(88.376_26));
+    use exp_poly::*;
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-LIMIT)), _mm256_set1_ps(LIMIT));
     let fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
-    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(LN2_HI), x);
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(LN2_LO), x);
+    let mut y = _mm256_set1_ps(POLY[0]);
+    for c in &POLY[1..] {
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(*c));
     }
     let y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0));
     let pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);

@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{prefetch_ahead, Cols, GroupKernel};
+use super::avx2::{exp_poly, prefetch_ahead, Cols, GroupKernel};
 use super::quant::{WType, QK, RG};
 
 /// Four activation bytes at `p`, in every 32-bit lane.
@@ -101,18 +101,18 @@ unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) 
 
 use super::simd::LANES;
 
-/// `e^x` for 16 lanes: [`super::avx2`]'s `exp8` polynomial, 512 bits wide
-/// (inputs clamped to ±88.38).
+/// `e^x` for 16 lanes: `avx2`'s `exp8` ([`exp_poly`]), 512 bits wide.
 #[inline(always)]
 unsafe fn exp16(x: __m512) -> __m512 {
-    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.376_26)), _mm512_set1_ps(88.376_26));
+    use exp_poly::*;
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-LIMIT)), _mm512_set1_ps(LIMIT));
     let fx = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(0.5));
     let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(fx);
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
-    let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(LN2_HI), x);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(LN2_LO), x);
+    let mut y = _mm512_set1_ps(POLY[0]);
+    for c in &POLY[1..] {
+        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(*c));
     }
     let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0));
     let pow2n = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)));
