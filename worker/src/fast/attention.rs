@@ -2,11 +2,11 @@
 //! for the query heads that share one key/value head (GQA).
 //!
 //! Streaming ("online") softmax over blocks of keys, so a task needs only
-//! fixed buffers however long the context is. Each block of keys and values
+//! fixed buffers however long the context is. A prompt's consecutive rows
+//! attend together (up to [`MAX_BLOCK_ROWS`]): each block of keys and values
 //! is converted from the cache's f16 once and then read by every head of the
-//! group and every query row of the task: a prompt's consecutive rows attend
-//! together (up to [`MAX_BLOCK_ROWS`]), so a key is converted once per block of
-//! rows instead of once per row and head. Where the build has AVX-512, a
+//! group and every row of the task, instead of once per row and head (a
+//! lone row, as in decoding, reads the cache directly). Where the build has AVX-512, a
 //! block's queries (rows × heads, 12 to 32 of them) go one per vector lane
 //! ([`attend_lanes`]): scores, softmax and the values' sum then need no sums
 //! across lanes. A long context can be split into
