@@ -212,9 +212,6 @@ pub fn merge<'a>(parts: impl Iterator<Item = &'a [f32]> + Clone, out: &mut [f32]
     out.fill(0.0);
     let mut l = 0f32;
     for p in parts {
-        if p[hd + 1] == 0.0 {
-            continue; // no keys in its range: weighs nothing
-        }
         let w = (p[hd] - m).exp();
         l += p[hd + 1] * w;
         out.iter_mut().zip(&p[..hd]).for_each(|(o, a)| *o += w * a);

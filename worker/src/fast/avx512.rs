@@ -20,6 +20,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::{exp_poly, prefetch_ahead, Cols, GroupKernel};
 use super::quant::{WType, QK, RG};
+use super::simd::LANES;
 
 /// Four activation bytes at `p`, in every 32-bit lane.
 #[inline(always)]
@@ -98,8 +99,6 @@ unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) 
     }
     acc
 }
-
-use super::simd::LANES;
 
 /// `e^x` for 16 lanes: `avx2`'s `exp8` ([`exp_poly`]), 512 bits wide.
 #[inline(always)]

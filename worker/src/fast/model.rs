@@ -287,7 +287,8 @@ impl FastModel {
         let rope = grow(&mut s.rope, n * hd / 2);
         let rows = &s.rows;
         let plan = &mut s.plan;
-        let block_rows = row_blocks(rows, cfg.group(), &mut s.blocks);
+        let most_rows = block_rows(cfg.group());
+        row_blocks(rows, most_rows, &mut s.blocks);
         let blocks = &s.blocks;
 
         for (i, r) in rows.iter().enumerate() {
@@ -323,7 +324,7 @@ impl FastModel {
             let q_ro: &[f32] = q;
             let nkv = cfg.n_kv_head;
             let pl = partial_len(hd);
-            let chunk = block_rows * group * pl;
+            let chunk = most_rows * group * pl;
             let parts = grow(&mut s.parts, blocks.len() * nkv * splits * chunk);
             pool.run_chunks(parts, chunk, &|t, out| {
                 let (b, g, sp) = (t / (nkv * splits), t / splits % nkv, t % splits);
@@ -394,12 +395,12 @@ fn key_splits(blocks: usize, rows: &[Row], n_kv: usize, threads: usize) -> usize
 }
 
 /// Groups `rows` into runs of consecutive positions of one sequence (a
-/// prompt's rows), each at most the returned length, into `blocks`. Rows of
+/// prompt's rows), each at most `most` long, into `blocks`. Rows of
 /// a block attend together, so each key is converted once for all of them.
-/// The length does not depend on the thread count: how a row's attention is
-/// summed must not either (a model gives the same logits on any threads).
-fn row_blocks(rows: &[Row], group: usize, blocks: &mut Vec<(usize, usize)>) -> usize {
-    let most = block_rows(group);
+/// `most` ([`block_rows`]) does not depend on the thread count: how a row's
+/// attention is summed must not either (a model gives the same logits on any
+/// threads).
+fn row_blocks(rows: &[Row], most: usize, blocks: &mut Vec<(usize, usize)>) {
     blocks.clear();
     for (i, r) in rows.iter().enumerate() {
         match blocks.last_mut() {
@@ -407,7 +408,6 @@ fn row_blocks(rows: &[Row], group: usize, blocks: &mut Vec<(usize, usize)>) -> u
             _ => blocks.push((i, 1)),
         }
     }
-    most
 }
 
 fn append_f16(cache: &mut Vec<f16>, src: &[f32]) {
