@@ -3,7 +3,8 @@
 //! time, and the per-sequence state each keeps.
 //!
 //! `auto` takes the fast path when the model is a llama GGUF it can run
-//! (weight types F32/F16/Q4_0/Q4_1/Q8_0/Q4_K/Q6_K, see [`crate::fast::load`]),
+//! (weight types F32/F16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, see
+//! [`crate::fast::load`]),
 //! the device is the CPU and the CPU has AVX2, FMA and F16C (the fast kernels
 //! this build was compiled with); otherwise candle. Both give the same text up
 //! to quantization noise in the logits (see `tests/engines.rs` in this crate).

@@ -112,8 +112,8 @@ unsafe fn block_fma(x_u8: __m256i, y_i8: __m256i, scale: *const f32, acc: __m256
     _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(x_u8, y_i8)), _mm256_broadcast_ss(&*scale), acc)
 }
 
-/// Per group of 8 blocks from block `g`: folds the offset term (`m · s`,
-/// Q4 only) into `acc` and returns the products `d_w · d_y` per row, column
+/// Per group of 8 blocks from block `g`: folds the offset term (`m · s`:
+/// Q4_0, Q4_1, Q8_1) into `acc` and returns the products `d_w · d_y` per row, column
 /// and block, for the per-block FMAs to broadcast. 4-bit types get each
 /// product twice in a row (`[s0, s0, s1, s1, ..]`), the lane order of
 /// [`pair_q4`]'s sums.
@@ -145,7 +145,7 @@ unsafe fn group_scales<const R: usize, const C: usize>(
         let row = w.add(r * row_bytes);
         let d = _mm256_cvtph_ps(_mm_loadu_si128(row.add(2 * g) as *const __m128i));
         if t != WType::Q8_0 {
-            let m = if t == WType::Q4_1 {
+            let m = if t == WType::Q4_1 || t == WType::Q8_1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(row.add(2 * nb + 2 * g) as *const __m128i))
             } else {
                 _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
@@ -156,7 +156,7 @@ unsafe fn group_scales<const R: usize, const C: usize>(
         }
         for c in 0..C {
             let p = _mm256_mul_ps(d, dy[c]);
-            if t == WType::Q8_0 {
+            if t == WType::Q8_0 || t == WType::Q8_1 {
                 _mm256_storeu_ps(scale[r][c].as_mut_ptr(), p);
             } else {
                 let (lo, hi) = (_mm256_unpacklo_ps(p, p), _mm256_unpackhi_ps(p, p));
@@ -194,14 +194,14 @@ unsafe fn tail_scales<const R: usize, const C: usize>(
             for k in 0..n {
                 let d = f16(row.add(2 * (g + k)));
                 let p = d * *y.d[c].add(g + k);
-                if t == WType::Q8_0 {
+                if t == WType::Q8_0 || t == WType::Q8_1 {
                     scale[r][c][k] = p;
                 } else {
                     // Doubled, as in `group_scales`.
                     (scale[r][c][2 * k], scale[r][c][2 * k + 1]) = (p, p);
                 }
                 let m = match t {
-                    WType::Q4_1 => f16(row.add(2 * (nb + g + k))),
+                    WType::Q4_1 | WType::Q8_1 => f16(row.add(2 * (nb + g + k))),
                     WType::Q4_0 => -8.0 * d,
                     _ => 0.0,
                 };
@@ -311,7 +311,7 @@ unsafe fn tile<const R: usize, const C: usize>(
     // are constants and the loop unrolls.
     while g + G <= nb {
         let scale = group_scales::<R, C>(t, w, row_bytes, (nb, g), y, &mut acc);
-        if t == WType::Q8_0 {
+        if t == WType::Q8_0 || t == WType::Q8_1 {
             for k in 0..G {
                 block_q8::<R, C, false>(q, row_bytes, g + k, k, y, &scale, &mut acc);
             }
@@ -329,7 +329,7 @@ unsafe fn tile<const R: usize, const C: usize>(
     if g < nb {
         let n = nb - g;
         let scale = tail_scales::<R, C>(t, w, row_bytes, (nb, g, n), y, &mut acc);
-        if t == WType::Q8_0 {
+        if t == WType::Q8_0 || t == WType::Q8_1 {
             for k in 0..n {
                 block_q8::<R, C, false>(q, row_bytes, g + k, k, y, &scale, &mut acc);
             }
@@ -395,6 +395,7 @@ fn rows_cols<const R: usize, const C: usize, F: Sink>(
                     WType::Q4_1 => tile::<R, C>(WType::Q4_1, wp, row_bytes, nb, &cols),
                     WType::Q4_0 => tile::<R, C>(WType::Q4_0, wp, row_bytes, nb, &cols),
                     WType::Q8_16 => tile::<R, C>(WType::Q8_16, wp, row_bytes, nb, &cols),
+                    WType::Q8_1 => tile::<R, C>(WType::Q8_1, wp, row_bytes, nb, &cols),
                     _ => tile::<R, C>(WType::Q8_0, wp, row_bytes, nb, &cols),
                 };
                 for (i, orow) in o.iter().enumerate() {
@@ -407,6 +408,7 @@ fn rows_cols<const R: usize, const C: usize, F: Sink>(
                     WType::Q4_1 => tile::<1, C>(WType::Q4_1, wp, row_bytes, nb, &cols),
                     WType::Q4_0 => tile::<1, C>(WType::Q4_0, wp, row_bytes, nb, &cols),
                     WType::Q8_16 => tile::<1, C>(WType::Q8_16, wp, row_bytes, nb, &cols),
+                    WType::Q8_1 => tile::<1, C>(WType::Q8_1, wp, row_bytes, nb, &cols),
                     _ => tile::<1, C>(WType::Q8_0, wp, row_bytes, nb, &cols),
                 };
                 for (c, &v) in o[0].iter().enumerate() {
@@ -474,7 +476,8 @@ pub(super) unsafe fn prefetch_ahead(t: WType, w: *const u8, nb: usize, b: usize)
 
 /// A kernel for interleaved groups (see [`super::quant::interleave`]).
 pub(super) trait GroupKernel {
-    /// Whether it takes Q8_0 (all kernels take Q4_0 and Q4_1).
+    /// Whether it takes the 8-bit types, Q8_0 and Q8_1 (all kernels take
+    /// Q4_0 and Q4_1).
     const Q8_0: bool;
     /// One group of 16 rows, `nb` blocks of type `t`, against C columns: the
     /// 16 results per column.
@@ -491,7 +494,7 @@ pub(super) type Interleaved = Avx2;
 
 /// Whether [`Interleaved`] takes weights of type `t`.
 pub(super) fn takes_interleaved(t: WType) -> bool {
-    matches!(t, WType::Q4_0 | WType::Q4_1) || (t == WType::Q8_0 && <Interleaved as GroupKernel>::Q8_0)
+    matches!(t, WType::Q4_0 | WType::Q4_1) || (matches!(t, WType::Q8_0 | WType::Q8_1) && <Interleaved as GroupKernel>::Q8_0)
 }
 
 /// [`gemm_q`] over interleaved groups with the [`Interleaved`] kernel;
@@ -546,6 +549,7 @@ fn group_cols<const C: usize, F: Sink>(
             WType::Q4_1 => Interleaved::group::<C>(WType::Q4_1, w.as_ptr(), nb, &cols),
             WType::Q4_0 => Interleaved::group::<C>(WType::Q4_0, w.as_ptr(), nb, &cols),
             WType::Q8_0 if <Interleaved as GroupKernel>::Q8_0 => Interleaved::group::<C>(WType::Q8_0, w.as_ptr(), nb, &cols),
+            WType::Q8_1 if <Interleaved as GroupKernel>::Q8_0 => Interleaved::group::<C>(WType::Q8_1, w.as_ptr(), nb, &cols),
             _ => unreachable!("no interleaved kernel for {t:?}"),
         }
     };
@@ -556,9 +560,10 @@ fn group_cols<const C: usize, F: Sink>(
 
 /// The 256-bit kernel for interleaved groups, for builds without the
 /// AVX-512 VNNI one in `avx512` (which then takes every interleaved matrix):
-/// 4-bit types always, Q8_0 where the build has AVX-VNNI. (Q8_0 is stored as
-/// `q + 128`, whose products would saturate `maddubs`; packed Q8_0 rows
-/// already stream at memory speed for one column without it.)
+/// 4-bit types always, the 8-bit ones (Q8_0, Q8_1) where the build has
+/// AVX-VNNI. (Q8_0 is stored as `q + 128`, whose products would saturate
+/// `maddubs`; packed 8-bit rows already stream at memory speed for one
+/// column without it.)
 #[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
 pub(super) struct Avx2;
 
@@ -581,12 +586,12 @@ impl GroupKernel for Avx2 {
             let scales = |at: usize| [0, 16].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(w.add(at + h) as *const __m128i)));
             let d = scales(32 * b);
             let m = match t {
-                WType::Q4_1 => scales(32 * (nb + b)),
+                WType::Q4_1 | WType::Q8_1 => scales(32 * (nb + b)),
                 WType::Q8_0 => d.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-128.0))),
                 _ => d.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-8.0))),
             };
             let mut s = [[_mm256_setzero_si256(); 2]; C];
-            if t == WType::Q8_0 {
+            if t == WType::Q8_0 || t == WType::Q8_1 {
                 // Eight chunks of 4 bytes × 16 rows per block; each half's
                 // sums stay in i32 (`vpdpbusd` widens as it adds).
                 #[cfg(target_feature = "avxvnni")]

@@ -57,14 +57,15 @@ unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) 
         prefetch_ahead(t, w, nb, b);
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(2 * RG * b) as *const __m256i));
         let m = match t {
-            WType::Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(w.add(2 * RG * (nb + b)) as *const __m256i)),
+            WType::Q4_1 | WType::Q8_1 => _mm512_cvtph_ps(_mm256_loadu_si256(w.add(2 * RG * (nb + b)) as *const __m256i)),
             WType::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
             _ => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
         };
         // Two independent chains per column, so consecutive `vpdpbusd`s do
         // not wait on each other.
         let mut s = [[_mm512_setzero_si512(); 2]; C];
-        if t == WType::Q8_0 {
+        let eight_bit = t == WType::Q8_0 || t == WType::Q8_1;
+        if eight_bit {
             let qb = q.add(512 * b);
             for j in 0..8 {
                 let x = _mm512_loadu_si512(qb.add(64 * j) as *const _);
@@ -87,7 +88,7 @@ unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) 
             }
         }
         for c in 0..C {
-            let sum = if t == WType::Q8_0 {
+            let sum = if eight_bit {
                 _mm512_add_epi32(s[c][0], s[c][1])
             } else {
                 _mm512_add_epi32(s[c][0], _mm512_srai_epi32::<4>(s[c][1]))

@@ -9,7 +9,7 @@
 //! # Packed rows
 //! GGUF stores a quantized row as blocks of `scale(s) + quants`. At load time
 //! each row is repacked (same size, so the same memory traffic) into
-//! `[d; nb] [m; nb] (Q4_1 only) [quants]`: all scales of the row first, so a
+//! `[d; nb] [m; nb] (Q4_1 and Q8_1 only) [quants]`: all scales of the row first, so a
 //! kernel converts 8 block scales with one instruction; and for 4-bit types
 //! the quants of blocks `2p` and `2p+1` share 32 bytes (low / high nibbles),
 //! so one load and two masks unpack 64 weights. An odd last block keeps
@@ -19,7 +19,12 @@
 //! Where the build has AVX2, Q4_0 and Q4_1 matrices are then
 //! [`interleave`]d, 16 packed rows at a time, so that one 512-bit vector
 //! (two 256-bit ones) holds the same elements of 16 rows ([`Layout`]); with
-//! AVX-512 VNNI, Q8_0 matrices too.
+//! AVX-512 VNNI (or AVX-VNNI), Q8_0 and Q8_1 matrices too.
+//!
+//! # 5-bit types
+//! Q5_0, Q5_1 and Q5_K keep one value per byte (Q8_0 and Q8_1 blocks): no
+//! rounding (Q5_K's scales are multiplied out into f16, as Q4_K's), and the
+//! 8-bit kernels as they are, for ~1.6× the file's bytes per weight.
 
 use half::f16;
 
@@ -35,8 +40,12 @@ pub enum WType {
     Q4_0,
     /// 32 × 4-bit, f16 scale and minimum: `x = d * q + m` (also holds Q4_K).
     Q4_1,
-    /// 32 × 8-bit, one f16 scale: `x = d * q`.
+    /// 32 × 8-bit, one f16 scale: `x = d * q` (also holds Q5_0).
     Q8_0,
+    /// 32 × 8-bit, f16 scale and minimum: `x = d * q + m`, the 8-bit
+    /// Q4_1, with `q` in `0..=127` (so it reads the same as i8 or u8). Holds
+    /// Q5_1 and Q5_K, whose 5-bit values (0..=31) are stored one per byte.
+    Q8_1,
     /// 32 × 8-bit, one f16 scale per 16: holds Q6_K (`q - 32` and `d · scale`).
     Q8_16,
 }
@@ -46,7 +55,7 @@ impl WType {
     pub fn block_elems(self) -> usize {
         match self {
             Self::F32 | Self::F16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q8_16 => QK,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q8_1 | Self::Q8_16 => QK,
         }
     }
 
@@ -58,7 +67,7 @@ impl WType {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
-            Self::Q8_16 => 36,
+            Self::Q8_1 | Self::Q8_16 => 36,
         }
     }
 
@@ -70,7 +79,7 @@ impl WType {
     /// Where a packed row's quants start (after its scale arrays), for `nb` blocks.
     pub fn quants_at(self, nb: usize) -> usize {
         match self {
-            Self::Q4_1 | Self::Q8_16 => 4 * nb,
+            Self::Q4_1 | Self::Q8_1 | Self::Q8_16 => 4 * nb,
             Self::Q4_0 | Self::Q8_0 => 2 * nb,
             Self::F32 | Self::F16 => 0,
         }
@@ -78,6 +87,9 @@ impl WType {
 }
 
 /// A weight tensor's type in the GGUF file, and the [`WType`] it is packed into.
+/// The hive sizes a worker's memory by the packed sizes
+/// (hive-agent/src/models.rs, `resident_bytes`): a type added here, or a
+/// change of what one packs into, changes that table too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Src {
     F32,
@@ -85,9 +97,16 @@ pub enum Src {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// 32 × 5-bit (low nibbles, then a 32-bit word of fifth bits), one f16
+    /// scale: `x = d * (q - 16)`; packed as Q8_0.
+    Q5_0,
+    /// Q5_0 with a minimum: `x = d * q + m`; packed as Q8_1.
+    Q5_1,
     /// 256-element super-blocks of 8 × 32 4-bit values with 6-bit scales and
     /// minimums: packed as Q4_1 (`d · scale`, `-dmin · min` per 32, as f16).
     Q4K,
+    /// Q4_K with a fifth bit per value: packed as Q8_1, with Q4_K's scales.
+    Q5K,
     /// 256-element super-blocks of 6-bit values with an i8 scale per 16:
     /// packed as Q8_16.
     Q6K,
@@ -103,7 +122,10 @@ impl Src {
             G::Q4_0 => Self::Q4_0,
             G::Q4_1 => Self::Q4_1,
             G::Q8_0 => Self::Q8_0,
+            G::Q5_0 => Self::Q5_0,
+            G::Q5_1 => Self::Q5_1,
             G::Q4K => Self::Q4K,
+            G::Q5K => Self::Q5K,
             G::Q6K => Self::Q6K,
             other => return Err(format!("weight type {other:?} is not supported by the fast path")),
         })
@@ -115,7 +137,8 @@ impl Src {
             Self::F16 => WType::F16,
             Self::Q4_0 => WType::Q4_0,
             Self::Q4_1 | Self::Q4K => WType::Q4_1,
-            Self::Q8_0 => WType::Q8_0,
+            Self::Q8_0 | Self::Q5_0 => WType::Q8_0,
+            Self::Q5_1 | Self::Q5K => WType::Q8_1,
             Self::Q6K => WType::Q8_16,
         }
     }
@@ -123,7 +146,7 @@ impl Src {
     /// Elements per block in the file.
     pub fn block_elems(self) -> usize {
         match self {
-            Self::Q4K | Self::Q6K => 256,
+            Self::Q4K | Self::Q5K | Self::Q6K => 256,
             other => other.packed().block_elems(),
         }
     }
@@ -131,7 +154,10 @@ impl Src {
     /// Bytes per block in the file.
     pub fn block_bytes(self) -> usize {
         match self {
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
             other => other.packed().block_bytes(),
         }
@@ -253,6 +279,46 @@ pub fn pack_into(src: Src, gguf: &[u8], rows: usize, cols: usize, out: &mut [u8]
                     dst[qa + 128 * i..qa + 128 * (i + 1)].copy_from_slice(&blk[16..144]);
                 }
             }
+            Src::Q5_0 | Src::Q5_1 => {
+                // d, (m,) 32 fifth bits, 16 bytes of nibbles (element j low,
+                // j + 16 high): Q5_0 as signed Q8_0, Q5_1 as Q8_1.
+                let q5_1 = src == Src::Q5_1;
+                for (b, blk) in srow.chunks_exact(bb).enumerate() {
+                    dst[2 * b..2 * b + 2].copy_from_slice(&blk[..2]);
+                    if q5_1 {
+                        dst[2 * nb + 2 * b..2 * nb + 2 * b + 2].copy_from_slice(&blk[2..4]);
+                    }
+                    let at = if q5_1 { 4 } else { 2 };
+                    let high = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
+                    let q = &mut dst[qa + 32 * b..qa + 32 * (b + 1)];
+                    for j in 0..16 {
+                        let nib = blk[at + 4 + j];
+                        let lo = (nib & 0x0F) | (((high >> j) as u8 & 1) << 4);
+                        let hi = (nib >> 4) | (((high >> (j + 16)) as u8 & 1) << 4);
+                        (q[j], q[j + 16]) = if q5_1 { (lo, hi) } else { ((lo as i8 - 16) as u8, (hi as i8 - 16) as u8) };
+                    }
+                }
+            }
+            Src::Q5K => {
+                // d, dmin, Q4_K's 12 bytes of scales and minimums, 32 bytes
+                // of fifth bits (bit 2p of byte l: element l of sub-block
+                // 2p; bit 2p+1: of sub-block 2p+1), 128 bytes of nibbles
+                // (32 bytes per pair of sub-blocks, as Q4_K).
+                for (i, blk) in srow.chunks_exact(bb).enumerate() {
+                    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                    let (qh, ql) = (&blk[16..48], &blk[48..176]);
+                    for j in 0..8 {
+                        let (sc, mn) = k4_scale_min(j, &blk[4..16]);
+                        put_f16(dst, 2 * (8 * i + j), d * sc as f32);
+                        put_f16(dst, 2 * nb + 2 * (8 * i + j), -dmin * mn as f32);
+                        let (nibs, shift) = (&ql[32 * (j / 2)..32 * (j / 2 + 1)], 4 * (j % 2));
+                        let q = &mut dst[qa + 32 * (8 * i + j)..qa + 32 * (8 * i + j + 1)];
+                        for l in 0..32 {
+                            q[l] = ((nibs[l] >> shift) & 0x0F) | (((qh[l] >> j) & 1) << 4);
+                        }
+                    }
+                }
+            }
             Src::Q6K => {
                 for (i, blk) in srow.chunks_exact(bb).enumerate() {
                     let (ql, qh, sc) = (&blk[..128], &blk[128..192], &blk[192..208]);
@@ -316,7 +382,7 @@ pub const RG: usize = 16;
 /// Whether [`interleave`] takes a `rows`-row matrix of type `t`: 4- and
 /// 8-bit types with one scale per block, whole groups of [`RG`] rows.
 pub fn interleavable(t: WType, rows: usize) -> bool {
-    matches!(t, WType::Q4_0 | WType::Q4_1 | WType::Q8_0) && rows > 0 && rows.is_multiple_of(RG)
+    matches!(t, WType::Q4_0 | WType::Q4_1 | WType::Q8_0 | WType::Q8_1) && rows > 0 && rows.is_multiple_of(RG)
 }
 
 /// Rewrites packed rows, [`RG`] at a time, so that one 64-byte vector holds
@@ -326,14 +392,14 @@ pub fn interleavable(t: WType, rows: usize) -> bool {
 ///
 /// A group of 16 rows with `nb` blocks each:
 /// - `d`: `nb × 16` f16, block after block (16 rows' scales in 32 bytes);
-/// - Q4_1: `m`, the same shape;
+/// - Q4_1 and Q8_1: `m`, the same shape;
 /// - quants, block after block, 64-byte chunks; lane `i` (bytes `4i..4i+4`)
 ///   of a chunk belongs to row `i`:
 ///   - 4-bit, 4 chunks per block: chunk `c`'s low nibbles are elements
 ///     `4c..4c+4` of the block, its high nibbles elements `16+4c..16+4c+4`;
-///   - 8-bit, 8 chunks per block: chunk `c` is elements `4c..4c+4` as
-///     `q + 128` (unsigned, as `vpdpbusd` reads it; the `-128 · d` offset
-///     is folded in like Q4_0's `-8 · d`).
+///   - 8-bit, 8 chunks per block: chunk `c` is elements `4c..4c+4`; Q8_0's
+///     as `q + 128` (unsigned, as `vpdpbusd` reads it; the `-128 · d` offset
+///     is folded in like Q4_0's `-8 · d`), Q8_1's as they are (`0..=127`).
 ///
 /// `rows` must be [`interleavable`]; `data` is `rows` packed rows.
 pub fn interleave(t: WType, rows: usize, cols: usize, data: &mut [u8]) {
@@ -400,14 +466,15 @@ fn interleave_group(t: WType, nb: usize, rows16: &[u8], group: &mut [u8]) {
         for b in 0..nb {
             let at = 2 * (RG * b + i);
             group[at..at + 2].copy_from_slice(&row[2 * b..2 * b + 2]);
-            if t == WType::Q4_1 {
+            if t == WType::Q4_1 || t == WType::Q8_1 {
                 let (m, n) = (2 * RG * nb + at, 2 * nb + 2 * b);
                 group[m..m + 2].copy_from_slice(&row[n..n + 2]);
             }
             match t {
-                WType::Q8_0 => {
+                WType::Q8_0 | WType::Q8_1 => {
                     for c in 0..8 {
-                        put(group, qg + 512 * b + 64 * c + 4 * i, word(q, 32 * b + 4 * c) ^ 0x8080_8080);
+                        let flip = if t == WType::Q8_0 { 0x8080_8080 } else { 0 };
+                        put(group, qg + 512 * b + 64 * c + 4 * i, word(q, 32 * b + 4 * c) ^ flip);
                     }
                 }
                 _ => {
@@ -438,11 +505,11 @@ fn put(dst: &mut [u8], at: usize, v: u32) {
 }
 
 /// Element `j` (0..32) of block `b` of row `i` of an interleaved group, as
-/// stored: a nibble (4-bit types) or `q + 128` (Q8_0).
+/// stored: a nibble (4-bit types), `q + 128` (Q8_0) or `q` (Q8_1).
 #[inline]
 fn interleaved_q(t: WType, group: &[u8], nb: usize, (i, b, j): (usize, usize, usize)) -> u8 {
     let qg = RG * t.quants_at(nb);
-    if t == WType::Q8_0 {
+    if t == WType::Q8_0 || t == WType::Q8_1 {
         group[qg + 512 * b + 64 * (j / 4) + 4 * i + j % 4]
     } else {
         let byte = group[qg + 256 * b + 64 * (j % 16 / 4) + 4 * i + j % 4];
@@ -460,7 +527,7 @@ fn interleaved_q(t: WType, group: &[u8], nb: usize, (i, b, j): (usize, usize, us
 fn interleaved_dm(t: WType, group: &[u8], nb: usize, i: usize, b: usize) -> (f32, f32) {
     let d = f16_at(group, 2 * (RG * b + i));
     let m = match t {
-        WType::Q4_1 => f16_at(group, RG * 2 * nb + 2 * (RG * b + i)),
+        WType::Q4_1 | WType::Q8_1 => f16_at(group, RG * 2 * nb + 2 * (RG * b + i)),
         WType::Q4_0 => -8.0 * d,
         _ => -128.0 * d,
     };
@@ -531,9 +598,12 @@ pub fn dot_row_scalar(t: WType, row: &[u8], y: Q8View<'_>) -> f32 {
         let d = if t == WType::Q8_16 { 0.0 } else { f16_at(row, 2 * b) };
         let yq = &y.qs[b * QK..(b + 1) * QK];
         match t {
-            WType::Q8_0 => {
+            WType::Q8_0 | WType::Q8_1 => {
                 let sum: i32 = (0..QK).map(|j| (q[32 * b + j] as i8) as i32 * yq[j] as i32).sum();
                 total += d * y.d[b] * sum as f32;
+                if t == WType::Q8_1 {
+                    total += f16_at(row, 2 * nb + 2 * b) * y.s[b];
+                }
             }
             WType::Q8_16 => {
                 let half = |h: usize| -> f32 {
@@ -580,6 +650,7 @@ pub fn dequantize_row(t: WType, row: &[u8], out: &mut [f32]) {
                 for (j, o) in ob.iter_mut().enumerate() {
                     *o = match t {
                         WType::Q8_0 => d * (q[32 * b + j] as i8) as f32,
+                        WType::Q8_1 => d * (q[32 * b + j] as i8) as f32 + f16_at(row, 2 * nb + 2 * b),
                         WType::Q8_16 => f16_at(row, 4 * b + 2 * (j / 16)) * (q[32 * b + j] as i8) as f32,
                         WType::Q4_0 => d * (nibble(q, nb, b, j) as f32 - 8.0),
                         _ => d * nibble(q, nb, b, j) as f32 + f16_at(row, 2 * nb + 2 * b),
@@ -593,7 +664,7 @@ pub fn dequantize_row(t: WType, row: &[u8], out: &mut [f32]) {
 /// Expands one row in GGUF's own layout into f32 (`out.len()` elements).
 pub fn dequantize_gguf_row(src: Src, w: &[u8], out: &mut [f32]) {
     let t = match src {
-        Src::Q4K | Src::Q6K => {
+        Src::Q5_0 | Src::Q5_1 | Src::Q4K | Src::Q5K | Src::Q6K => {
             let packed = pack(src, w, 1, out.len());
             return dequantize_row(src.packed(), &packed, out);
         }
@@ -635,7 +706,7 @@ pub fn dequantize_gguf_row(src: Src, w: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        WType::Q8_16 => unreachable!("Q8_16 exists only packed"),
+        WType::Q8_1 | WType::Q8_16 => unreachable!("{t:?} exists only packed"),
     }
 }
 
@@ -678,8 +749,26 @@ pub(crate) mod testing {
                     out.extend_from_slice(&f16::from_f32(rng.f32() * 0.5).to_le_bytes());
                     out.extend((0..16).map(|_| rng.next_u32() as u8));
                 }
-                WType::Q8_16 => unreachable!("no GGUF layout"),
+                WType::Q8_1 | WType::Q8_16 => unreachable!("no GGUF layout"),
             }
+        }
+        out
+    }
+
+    /// A random `rows × cols` matrix of a 5-bit type (Q5_0, Q5_1, Q5_K), as
+    /// GGUF bytes: small finite scales, any quants.
+    pub fn random_5_bit(src: Src, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+        let scales = match src {
+            Src::Q5_0 => 1,
+            Src::Q5_1 | Src::Q5K => 2,
+            _ => unreachable!("{src:?} is not a 5-bit type"),
+        };
+        let mut out = Vec::with_capacity(src.row_bytes(cols) * rows);
+        for _ in 0..rows * cols / src.block_elems() {
+            for _ in 0..scales {
+                out.extend_from_slice(&f16::from_f32(rng.f32() * 0.1).to_le_bytes());
+            }
+            out.extend((2 * scales..src.block_bytes()).map(|_| rng.next_u32() as u8));
         }
         out
     }
@@ -698,16 +787,25 @@ mod tests {
         }
     }
 
-    /// Q4_K and Q6_K rows (quantized by candle) pack into Q4_1 / Q8_16 rows
-    /// holding the weights candle dequantizes, up to rounding the combined
-    /// scales to f16 (relative 2^-11 of a block's scale).
+    /// Rows quantized by candle to Q5_0 / Q5_1 pack into Q8_0 / Q8_1 rows
+    /// holding exactly the weights candle dequantizes; Q4_K, Q5_K and Q6_K
+    /// into Q4_1 / Q8_1 / Q8_16 rows, up to rounding the combined scales to
+    /// f16 (relative 2^-11 of a block's scale).
     #[test]
-    fn k_quants_pack_to_the_weights_candle_dequantizes() {
+    fn k_and_5_bit_quants_pack_to_the_weights_candle_dequantizes() {
         use candle_core::quantized::{GgmlDType, QTensor};
         use candle_core::{Device, Tensor};
         let mut rng = Rng(29);
         let (rows, cols) = (3, 512);
-        for (g, src) in [(GgmlDType::Q4K, Src::Q4K), (GgmlDType::Q6K, Src::Q6K)] {
+        let types = [
+            (GgmlDType::Q5_0, Src::Q5_0),
+            (GgmlDType::Q5_1, Src::Q5_1),
+            (GgmlDType::Q4K, Src::Q4K),
+            (GgmlDType::Q5K, Src::Q5K),
+            (GgmlDType::Q6K, Src::Q6K),
+        ];
+        for (g, src) in types {
+            let exact = matches!(src, Src::Q5_0 | Src::Q5_1);
             let x = Tensor::from_vec(rng.vec(rows * cols), (rows, cols), &Device::Cpu).expect("tensor");
             let q = QTensor::quantize(&x, g).expect("quantize");
             let want: Vec<f32> = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).expect("dequantize");
@@ -722,7 +820,8 @@ mod tests {
                 let w = &want[r * cols..(r + 1) * cols];
                 let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (a, b) in got.iter().zip(w) {
-                    assert!((a - b).abs() <= 2e-3 * amax, "{src:?}: {a} vs {b}");
+                    let tol = if exact { 0.0 } else { 2e-3 * amax };
+                    assert!((a - b).abs() <= tol, "{src:?}: {a} vs {b}");
                 }
             }
         }
@@ -774,13 +873,48 @@ mod tests {
         assert!(!interleavable(WType::Q4_1, 40) && !interleavable(WType::Q8_16, 32) && interleavable(WType::Q8_0, 32));
     }
 
+    /// The same for rows packed from 5-bit types (Q5_1 and Q5_K into Q8_1,
+    /// Q5_0 into Q8_0).
+    #[test]
+    fn interleaved_5_bit_groups_hold_the_same_weights_and_dot_products() {
+        let mut rng = Rng(31);
+        for src in [Src::Q5_0, Src::Q5_1, Src::Q5K] {
+            let t = src.packed();
+            for nb in [1, 8, 9, 16] {
+                let k = nb * QK;
+                if !k.is_multiple_of(src.block_elems()) {
+                    continue;
+                }
+                let (rows, rb) = (2 * RG, t.row_bytes(k));
+                let packed = pack(src, &random_5_bit(src, rows, k, &mut rng), rows, k);
+                let mut inter = packed.clone();
+                interleave(t, rows, k, &mut inter);
+                let x = rng.vec(k);
+                let mut q = Q8Buf::default();
+                quantize_q8_scalar(&x, &mut q);
+                for r in 0..rows {
+                    let (row, group) = (&packed[r * rb..(r + 1) * rb], &inter[r / RG * RG * rb..(r / RG + 1) * RG * rb]);
+                    let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+                    dequantize_row(t, row, &mut a);
+                    dequantize_interleaved(t, group, r % RG, &mut b);
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{src:?} nb={nb} row {r}: {x} vs {y}");
+                    }
+                    let want = dot_row_scalar(t, row, q.view(nb));
+                    let got = dot_interleaved_scalar(t, group, r % RG, q.view(nb));
+                    assert!((want - got).abs() < 1e-4 * (1.0 + want.abs()), "{src:?} nb={nb}: {want} vs {got}");
+                }
+            }
+        }
+    }
+
     /// Interleaving while packing (straight from GGUF blocks, or through
     /// packed rows for Q4_K) gives the bytes of packing, then interleaving.
     #[test]
     fn packing_interleaved_equals_packing_then_interleaving() {
         let mut rng = Rng(23);
         let rows = 3 * RG;
-        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q4K] {
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q4K, Src::Q5_0, Src::Q5_1, Src::Q5K] {
             for cols in [256, 512, 768] {
                 // Any bytes are blocks of these types; only where they go is compared.
                 let gguf: Vec<u8> = (0..rows * src.row_bytes(cols)).map(|_| rng.next_u32() as u8).collect();

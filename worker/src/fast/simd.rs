@@ -110,7 +110,7 @@ pub fn gemm_q<F: Sink>(
     (y, ncols): (Q8View<'_>, usize),
     store: &mut F,
 ) {
-    assert!(matches!(t, WType::Q4_0 | WType::Q4_1 | WType::Q8_0 | WType::Q8_16), "gemm_q: {t:?} is not quantized");
+    assert!(matches!(t, WType::Q4_0 | WType::Q4_1 | WType::Q8_0 | WType::Q8_1 | WType::Q8_16), "gemm_q: {t:?} is not quantized");
     let nb = row_bytes / t.block_bytes();
     assert_eq!(nb * t.block_bytes(), row_bytes, "gemm_q: ragged rows");
     assert!(w.len() >= rows * row_bytes, "gemm_q: weights shorter than {rows} rows");
@@ -381,12 +381,17 @@ mod tests {
     fn gemm_matches_scalar_reference() {
         let mut rng = Rng(5);
         let rows = 37;
-        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q6K] {
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q6K, Src::Q5_0, Src::Q5_1, Src::Q5K] {
             let t = src.packed();
             for nb in [1, 8, 9, 18, 48] {
                 let k = nb * QK;
+                if !k.is_multiple_of(src.block_elems()) {
+                    continue; // Q5_K rows come in 256-element super-blocks
+                }
                 let rb = t.row_bytes(k);
-                let w = if src == Src::Q6K {
+                let w = if matches!(src, Src::Q5_0 | Src::Q5_1 | Src::Q5K) {
+                    pack(src, &random_5_bit(src, rows, k, &mut rng), rows, k)
+                } else if src == Src::Q6K {
                     // Random Q8_16 rows: scales, then int8 values in Q6_K's range.
                     let mut w = random_weights(WType::Q8_0, rows, k, &mut rng);
                     w.resize(rows * rb, 0);
@@ -408,12 +413,20 @@ mod tests {
     fn interleaved_gemm_matches_scalar_reference() {
         let mut rng = Rng(19);
         let rows = 2 * quant::RG;
-        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0] {
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q5_0, Src::Q5_1, Src::Q5K] {
             let t = src.packed();
             for nb in [1, 8, 9, 18, 48] {
                 let k = nb * QK;
+                if !k.is_multiple_of(src.block_elems()) {
+                    continue; // Q5_K rows come in 256-element super-blocks
+                }
                 let rb = t.row_bytes(k);
-                let mut w = pack(src, &random_weights(t, rows, k, &mut rng), rows, k);
+                let gguf = if matches!(src, Src::Q5_0 | Src::Q5_1 | Src::Q5K) {
+                    random_5_bit(src, rows, k, &mut rng)
+                } else {
+                    random_weights(t, rows, k, &mut rng)
+                };
+                let mut w = pack(src, &gguf, rows, k);
                 quant::interleave(t, rows, k, &mut w);
                 let group = |r: usize| &w[r / quant::RG * quant::RG * rb..][..quant::RG * rb];
                 let reference = |r: usize, y: Q8View<'_>| quant::dot_interleaved_scalar(t, group(r), r % quant::RG, y);

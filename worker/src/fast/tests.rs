@@ -367,10 +367,10 @@ fn long_context_decode_split_over_threads_matches_one_thread() {
 }
 
 /// The demo model with every `ffn_down` (the only matrices whose rows are a
-/// multiple of 256) re-quantized by candle to Q6_K (even layers) or Q4_K
-/// (odd layers), written to a temporary GGUF.
-fn k_quant_demo() -> std::path::PathBuf {
-    use candle_core::quantized::{GgmlDType, QTensor};
+/// multiple of 256) re-quantized by candle to `kinds[layer % kinds.len()]`,
+/// written to a temporary GGUF.
+fn requantized_demo(kinds: &[candle_core::quantized::GgmlDType], tag: &str) -> std::path::PathBuf {
+    use candle_core::quantized::QTensor;
     let (ct, mut file) = open_demo();
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
@@ -379,14 +379,14 @@ fn k_quant_demo() -> std::path::PathBuf {
         let t = ct.tensor(&mut file, name, &Device::Cpu).expect("tensor");
         let t = match name.strip_prefix("blk.").and_then(|r| r.strip_suffix(".ffn_down.weight")) {
             Some(layer) => {
-                let kind = if layer.parse::<usize>().expect("layer") % 2 == 0 { GgmlDType::Q6K } else { GgmlDType::Q4K };
+                let kind = kinds[layer.parse::<usize>().expect("layer") % kinds.len()];
                 QTensor::quantize(&t.dequantize(&Device::Cpu).expect("dequantize"), kind).expect("quantize")
             }
             None => t,
         };
         tensors.push((name.clone(), t));
     }
-    let path = std::env::temp_dir().join(format!("rbee-fast-kquant-{}.gguf", std::process::id()));
+    let path = std::env::temp_dir().join(format!("rbee-fast-{tag}-{}.gguf", std::process::id()));
     let mut out = std::fs::File::create(&path).expect("temp file");
     let meta: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -396,7 +396,21 @@ fn k_quant_demo() -> std::path::PathBuf {
 
 #[test]
 fn k_quant_weights_match_candle() {
-    let path = k_quant_demo();
+    use candle_core::quantized::GgmlDType;
+    requantized_matches_candle(&[GgmlDType::Q6K, GgmlDType::Q4K], "k-quant");
+}
+
+/// Q5_K, Q5_0 and Q5_1 (the fast path holds their values one per byte).
+#[test]
+fn five_bit_weights_match_candle() {
+    use candle_core::quantized::GgmlDType;
+    requantized_matches_candle(&[GgmlDType::Q5K, GgmlDType::Q5_0, GgmlDType::Q5_1], "5-bit");
+}
+
+/// The fast path on [`requantized_demo`] against candle on the same file:
+/// a prompt and five greedy steps, logits within [`REL_TOL`], same top token.
+fn requantized_matches_candle(kinds: &[candle_core::quantized::GgmlDType], tag: &str) {
+    let path = requantized_demo(kinds, tag);
     let load = || {
         let mut f = std::fs::File::open(&path).expect("open");
         (gguf_file::Content::read(&mut f).expect("gguf"), f)
@@ -409,15 +423,15 @@ fn k_quant_weights_match_candle() {
     let mut seq = model.new_sequence(64);
     let want = candle_logits(&mut reference, &PROMPT, 0);
     let got = model.forward(&mut seq, &PROMPT).expect("prefill");
-    assert_close("k-quant prefill", &got, &want, REL_TOL);
-    assert_same_top1("k-quant prefill", &got, &want);
+    assert_close(&format!("{tag} prefill"), &got, &want, REL_TOL);
+    assert_same_top1(&format!("{tag} prefill"), &got, &want);
     let mut next = argmax(&want) as u32;
     for step in 0..5 {
         let want = candle_logits(&mut reference, &[next], PROMPT.len() + step);
         let got = model.forward(&mut seq, &[next]).expect("decode");
-        assert_close(&format!("k-quant step {step}"), &got, &want, REL_TOL);
-        assert_same_top1(&format!("k-quant step {step}"), &got, &want);
-        eprintln!("k-quant step {step}: KL {:.5}, centred max |Δ| {:?}", kl(&want, &got), diff(&got, &want));
+        assert_close(&format!("{tag} step {step}"), &got, &want, REL_TOL);
+        assert_same_top1(&format!("{tag} step {step}"), &got, &want);
+        eprintln!("{tag} step {step}: KL {:.5}, centred max |Δ| {:?}", kl(&want, &got), diff(&got, &want));
         next = argmax(&want) as u32;
     }
 }
