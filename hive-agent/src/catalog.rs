@@ -54,6 +54,12 @@ pub struct ModelEntry {
     /// The context the model was trained for, tokens; 0 where unknown.
     #[serde(default)]
     pub context_length: u32,
+    /// Bytes its weights take in a worker once loaded: more than in the file
+    /// for the types the fast engine widens (see [`crate::models::resident_bytes`]);
+    /// 0 where unknown (entries from before rbee counted it: the file's size
+    /// stands in).
+    #[serde(default)]
+    pub weight_bytes: u64,
 }
 
 /// A model rbee knows how to get without being told.
@@ -212,6 +218,7 @@ impl Catalog {
                 last_used_ms: 0,
                 kv_bytes_per_token: 0,
                 context_length: 0,
+                weight_bytes: 0,
             });
         }
         let known = KNOWN_MODELS.iter().find(|k| match model {
@@ -333,6 +340,8 @@ impl Catalog {
             last_used_ms: now,
             kv_bytes_per_token: k.kv_bytes_per_token,
             context_length: k.context_length,
+            // Q4_1 is held as it is stored.
+            weight_bytes: 0,
         };
         self.put(&entry)?;
         tracing::info!(model = k.alias, path = %path.display(), "registered known model");
@@ -363,6 +372,7 @@ mod tests {
             last_used_ms: 1,
             kv_bytes_per_token: 0,
             context_length: 0,
+            weight_bytes: 0,
         };
         {
             let c = Catalog::open(&db, dir.path()).unwrap();
@@ -409,6 +419,7 @@ mod tests {
             last_used_ms: 1,
             kv_bytes_per_token: 0,
             context_length: 0,
+            weight_bytes: 0,
         };
         let r = |s: &str| ModelRef::parse(s).expect("reference");
         c.put(&entry("tiny", "hf:org/repo:a.gguf", file("a.gguf"))).expect("put");

@@ -394,6 +394,24 @@ pub struct GgufFacts {
     pub kv_bytes_per_token: u64,
     /// `<architecture>.context_length`; 0 where the header does not say.
     pub context_length: u32,
+    /// The weights' bytes once a worker holds them ([`resident_bytes`] of every tensor).
+    pub weight_bytes: u64,
+}
+
+/// Bytes `n` elements of GGUF type `t` take in a worker's memory. The fast
+/// CPU engine widens some types when it loads them (worker/src/fast/quant.rs,
+/// `Src::packed`): Q4_K into Q4_1 blocks (20 bytes per 32 values), Q5_0 into
+/// Q8_0 (34), Q5_1, Q5_K and Q6_K one value per byte with a scale and a
+/// minimum or two scales per 32 (36). Every other type as in the file.
+pub fn resident_bytes(t: candle_core::quantized::GgmlDType, n: u64) -> u64 {
+    use candle_core::quantized::GgmlDType as G;
+    let per_32 = match t {
+        G::Q4K => 20,
+        G::Q5_0 => 34,
+        G::Q5_1 | G::Q5K | G::Q6K => 36,
+        _ => return n / t.block_size() as u64 * t.type_size() as u64,
+    };
+    n / 32 * per_32
 }
 
 /// Reads a GGUF file's header (not its weights).
@@ -408,9 +426,11 @@ pub fn inspect_gguf(path: &Path) -> Result<GgufFacts, String> {
         .and_then(|v| v.to_string().ok().cloned())
         .unwrap_or_else(|| "unknown".to_owned());
     let mut by_type: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut weight_bytes = 0;
     for t in content.tensor_infos.values() {
         let n = t.shape.elem_count() as u64;
         *by_type.entry(format!("{:?}", t.ggml_dtype).to_ascii_lowercase()).or_default() += n;
+        weight_bytes += resident_bytes(t.ggml_dtype, n);
     }
     let quant = by_type.into_iter().max_by_key(|(_, n)| *n).map(|(t, _)| t).unwrap_or_else(|| "unknown".to_owned());
     let num = |key: &str| content.metadata.get(&format!("{arch}.{key}")).and_then(|v| v.to_u32().ok()).map_or(0, u64::from);
@@ -419,7 +439,7 @@ pub fn inspect_gguf(path: &Path) -> Result<GgufFacts, String> {
     let kv_heads = Some(num("attention.head_count_kv")).filter(|&n| n > 0).unwrap_or(heads);
     let head_dim = Some(num("attention.key_length")).filter(|&n| n > 0).or_else(|| (heads > 0).then(|| dim / heads)).unwrap_or(0);
     let (kv_bytes_per_token, context_length) = (2 * layers * kv_heads * head_dim * 2, num("context_length") as u32);
-    Ok(GgufFacts { architecture: arch, quantization: quant, kv_bytes_per_token, context_length })
+    Ok(GgufFacts { architecture: arch, quantization: quant, kv_bytes_per_token, context_length, weight_bytes })
 }
 
 /// Registers a local file: used in place, never moved or deleted by rbee.
@@ -460,6 +480,7 @@ pub fn register(
         last_used_ms: 0,
         kv_bytes_per_token: facts.kv_bytes_per_token,
         context_length: facts.context_length,
+        weight_bytes: facts.weight_bytes,
     };
     catalog.put(&entry)?;
     Ok(entry)
@@ -608,5 +629,31 @@ mod tests {
         );
         let facts = inspect_gguf(&mha).unwrap();
         assert_eq!((facts.kv_bytes_per_token, facts.context_length), (2 * 2 * 4 * 64 * 2, 0));
+    }
+
+    /// Weights count at the size a worker holds them: the widened types at
+    /// their packed size, the others as stored.
+    #[test]
+    fn the_header_gives_the_weights_resident_size() {
+        use candle_core::quantized::{GgmlDType as G, QTensor};
+        use candle_core::{Device, Tensor};
+        let (rows, cols) = (4usize, 512usize);
+        let x = Tensor::zeros((rows, cols), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let types = [G::F32, G::Q4_1, G::Q8_0, G::Q4K, G::Q5_0, G::Q5_1, G::Q5K, G::Q6K];
+        let tensors: Vec<(String, QTensor)> = types.iter().map(|&t| (format!("{t:?}"), QTensor::quantize(&x, t).unwrap())).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("types.gguf");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let arch = Value::String("llama".into());
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut f, &[("general.architecture", &arch)], &ts).unwrap();
+        drop(f);
+        let blocks = (rows * cols / 32) as u64;
+        // F32, Q4_1 and Q8_0 as stored; Q4_K as Q4_1; Q5_0 as Q8_0; the rest 36 bytes a block.
+        let want = blocks * (32 * 4 + 20 + 34 + 20 + 34 + 36 + 36 + 36);
+        let facts = inspect_gguf(&path).unwrap();
+        assert_eq!(facts.weight_bytes, want);
+        let stored: u64 = tensors.iter().map(|(_, t)| t.storage_size_in_bytes() as u64).sum();
+        assert!(facts.weight_bytes > stored, "{} ≤ {stored}", facts.weight_bytes);
     }
 }

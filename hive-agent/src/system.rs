@@ -19,13 +19,15 @@ pub fn memory() -> (u64, u64) {
 }
 
 /// Memory a worker for `model` running up to `slots` jobs at once is
-/// estimated to need: the weights (loaded into memory), a tenth more for
+/// estimated to need: the weights (loaded into memory, at the size the
+/// worker holds them: [`ModelEntry::weight_bytes`] where that is more than
+/// the file), a tenth more for
 /// activations, 64 MiB for the process, and the KV cache of every slot
 /// filled to the longest context a worker gives a job. That is the worst
 /// case: a worker's caches grow with its jobs' actual lengths. A model whose
 /// KV size is unknown gets a fifth of its weights for activations and KV.
 pub fn model_memory(model: &ModelEntry, slots: u32) -> u64 {
-    let (weights, process) = (model.size, 64 * 1024 * 1024);
+    let (weights, process) = (model.size.max(model.weight_bytes), 64 * 1024 * 1024);
     if model.kv_bytes_per_token == 0 {
         return weights + weights / 5 + process;
     }
@@ -95,6 +97,7 @@ mod tests {
             last_used_ms: 0,
             kv_bytes_per_token: k.kv_bytes_per_token,
             context_length: k.context_length,
+            weight_bytes: 0,
         };
         // The demo model: 98 MB of weights, 4,096 tokens (the cap, below its
         // 8,192) of 23,040 bytes per slot.
@@ -107,6 +110,9 @@ mod tests {
         // Unknown KV size: the old allowance, whatever the slots.
         m.kv_bytes_per_token = 0;
         assert_eq!(model_memory(&entry(&m), 8), 98_362_432 + 98_362_432 / 5 + (64 << 20));
+        // Weights a worker widens (e.g. Q5_K) count at their loaded size.
+        let widened = ModelEntry { weight_bytes: 150_000_000, ..entry(&m) };
+        assert_eq!(model_memory(&widened, 8), 150_000_000 + 150_000_000 / 5 + (64 << 20));
         // A CUDA worker also holds its context: the demo model's measured 810 MiB
         // (one slot's KV cache unfilled) is within its estimate.
         assert_eq!(backend_memory("cpu"), 0);
