@@ -844,49 +844,26 @@ mod tests {
     }
 
     /// Interleaving keeps every weight of every row (odd and even block
-    /// counts), and its scalar dot product agrees with the packed row's.
+    /// counts), and its scalar dot product agrees with the packed row's;
+    /// also for rows packed from 5-bit types (Q5_0 into Q8_0, Q5_1 and Q5_K
+    /// into Q8_1).
     #[test]
     fn interleaved_groups_hold_the_same_weights_and_dot_products() {
         let mut rng = Rng(13);
-        for t in [WType::Q4_0, WType::Q4_1, WType::Q8_0] {
-            for nb in [1, 2, 3, 9, 18] {
-                let k = nb * QK;
-                let (rows, rb) = (2 * RG, t.row_bytes(k));
-                let packed = pack(src_of(t), &random_weights(t, rows, k, &mut rng), rows, k);
-                let mut inter = packed.clone();
-                interleave(t, rows, k, &mut inter);
-                let x = rng.vec(k);
-                let mut q = Q8Buf::default();
-                quantize_q8_scalar(&x, &mut q);
-                for r in 0..rows {
-                    let (row, group) = (&packed[r * rb..(r + 1) * rb], &inter[r / RG * RG * rb..(r / RG + 1) * RG * rb]);
-                    let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
-                    dequantize_row(t, row, &mut a);
-                    dequantize_interleaved(t, group, r % RG, &mut b);
-                    assert_eq!(a, b, "{t:?} nb={nb} row {r}");
-                    let want = dot_row_scalar(t, row, q.view(nb));
-                    let got = dot_interleaved_scalar(t, group, r % RG, q.view(nb));
-                    assert!((want - got).abs() < 1e-4 * (1.0 + want.abs()), "{t:?} nb={nb}: {want} vs {got}");
-                }
-            }
-        }
-        assert!(!interleavable(WType::Q4_1, 40) && !interleavable(WType::Q8_16, 32) && interleavable(WType::Q8_0, 32));
-    }
-
-    /// The same for rows packed from 5-bit types (Q5_1 and Q5_K into Q8_1,
-    /// Q5_0 into Q8_0).
-    #[test]
-    fn interleaved_5_bit_groups_hold_the_same_weights_and_dot_products() {
-        let mut rng = Rng(31);
-        for src in [Src::Q5_0, Src::Q5_1, Src::Q5K] {
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q5_0, Src::Q5_1, Src::Q5K] {
             let t = src.packed();
-            for nb in [1, 8, 9, 16] {
+            for nb in [1, 2, 3, 8, 9, 16, 18] {
                 let k = nb * QK;
                 if !k.is_multiple_of(src.block_elems()) {
-                    continue;
+                    continue; // Q5_K rows come in 256-element super-blocks
                 }
                 let (rows, rb) = (2 * RG, t.row_bytes(k));
-                let packed = pack(src, &random_5_bit(src, rows, k, &mut rng), rows, k);
+                let gguf = if matches!(src, Src::Q5_0 | Src::Q5_1 | Src::Q5K) {
+                    random_5_bit(src, rows, k, &mut rng)
+                } else {
+                    random_weights(t, rows, k, &mut rng)
+                };
+                let packed = pack(src, &gguf, rows, k);
                 let mut inter = packed.clone();
                 interleave(t, rows, k, &mut inter);
                 let x = rng.vec(k);
@@ -897,15 +874,14 @@ mod tests {
                     let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
                     dequantize_row(t, row, &mut a);
                     dequantize_interleaved(t, group, r % RG, &mut b);
-                    for (x, y) in a.iter().zip(&b) {
-                        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{src:?} nb={nb} row {r}: {x} vs {y}");
-                    }
+                    assert_eq!(a, b, "{src:?} nb={nb} row {r}");
                     let want = dot_row_scalar(t, row, q.view(nb));
                     let got = dot_interleaved_scalar(t, group, r % RG, q.view(nb));
                     assert!((want - got).abs() < 1e-4 * (1.0 + want.abs()), "{src:?} nb={nb}: {want} vs {got}");
                 }
             }
         }
+        assert!(!interleavable(WType::Q4_1, 40) && !interleavable(WType::Q8_16, 32) && interleavable(WType::Q8_1, 32));
     }
 
     /// Interleaving while packing (straight from GGUF blocks, or through
