@@ -271,6 +271,17 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         catalog.enable_noop_model();
     }
     let catalog = Arc::new(catalog);
+    // Entries from before rbee counted the weights' loaded size.
+    let filled = {
+        let catalog = Arc::clone(&catalog);
+        tokio::task::spawn_blocking(move || models::fill_weight_sizes(&catalog)).await
+    };
+    match filled {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(models = n, "counted the loaded size of models registered before this version"),
+        Ok(Err(e)) => tracing::warn!(error = %e.message, "could not update the catalog's model sizes; their memory estimates use the file size"),
+        Err(e) => tracing::warn!(error = %e, "could not update the catalog's model sizes"),
+    }
 
     let client = connect(&args.nats_url, &format!("rbee-hive {hive_id}")).await?;
     let js = jetstream::new(client.clone());

@@ -486,6 +486,25 @@ pub fn register(
     Ok(entry)
 }
 
+/// Fills in [`ModelEntry::weight_bytes`] for entries registered before rbee
+/// counted it, from each one's GGUF header, so that their workers' memory
+/// estimates count widened weights too. Entries whose file cannot be read
+/// (not there yet, or not a GGUF) are left as they are. Returns how many
+/// were updated. Run once at start; a header takes ~10 ms to read.
+pub fn fill_weight_sizes(catalog: &Catalog) -> Result<usize, JobError> {
+    let mut updated = 0;
+    for mut entry in catalog.list()? {
+        if entry.weight_bytes > 0 || entry.format != "gguf" {
+            continue;
+        }
+        let Ok(facts) = inspect_gguf(&entry.path) else { continue };
+        entry.weight_bytes = facts.weight_bytes;
+        catalog.put(&entry)?;
+        updated += 1;
+    }
+    Ok(updated)
+}
+
 /// Removes a catalog entry, and its file when this module downloaded it
 /// (under `<models dir>/hf`); imported files and files fetched by other means
 /// are left where they are.
@@ -655,5 +674,16 @@ mod tests {
         assert_eq!(facts.weight_bytes, want);
         let stored: u64 = tensors.iter().map(|(_, t)| t.storage_size_in_bytes() as u64).sum();
         assert!(facts.weight_bytes > stored, "{} ≤ {stored}", facts.weight_bytes);
+
+        // An entry from before rbee counted it gets it at start; one whose
+        // file is missing is left alone.
+        let catalog = Catalog::open(&dir.path().join("c.redb"), dir.path()).unwrap();
+        let old = register(&catalog, "old", "file:types.gguf", path.clone(), 1, "x".into()).unwrap();
+        catalog.put(&ModelEntry { weight_bytes: 0, ..old.clone() }).unwrap();
+        catalog.put(&ModelEntry { key: "gone".into(), path: dir.path().join("gone.gguf"), weight_bytes: 0, ..old }).unwrap();
+        assert_eq!(fill_weight_sizes(&catalog).unwrap(), 1);
+        assert_eq!(catalog.get("old").unwrap().unwrap().weight_bytes, want);
+        assert_eq!(catalog.get("gone").unwrap().unwrap().weight_bytes, 0);
+        assert_eq!(fill_weight_sizes(&catalog).unwrap(), 0, "nothing left to fill");
     }
 }
