@@ -19,15 +19,17 @@ pub fn memory() -> (u64, u64) {
 }
 
 /// Memory a worker for `model` running up to `slots` jobs at once is
-/// estimated to need: the weights (loaded into memory, at the size the
-/// worker holds them: [`ModelEntry::weight_bytes`] where that is more than
-/// the file), a tenth more for
+/// estimated to need: the weights (loaded into memory; with `widened`, a
+/// CPU worker, at the size the fast engine holds them,
+/// [`ModelEntry::weight_bytes`], where that is more than the file; candle on
+/// a GPU keeps the file's blocks), a tenth more for
 /// activations, 64 MiB for the process, and the KV cache of every slot
 /// filled to the longest context a worker gives a job. That is the worst
 /// case: a worker's caches grow with its jobs' actual lengths. A model whose
 /// KV size is unknown gets a fifth of its weights for activations and KV.
-pub fn model_memory(model: &ModelEntry, slots: u32) -> u64 {
-    let (weights, process) = (model.size.max(model.weight_bytes), 64 * 1024 * 1024);
+pub fn model_memory(model: &ModelEntry, slots: u32, widened: bool) -> u64 {
+    let weights = if widened { model.size.max(model.weight_bytes) } else { model.size };
+    let process = 64 * 1024 * 1024;
     if model.kv_bytes_per_token == 0 {
         return weights + weights / 5 + process;
     }
@@ -53,7 +55,7 @@ fn backend_memory(backend: &str) -> u64 {
 
 /// A worker's whole estimate: its model with `slots` KV caches, on `backend`.
 pub fn worker_memory(model: &ModelEntry, slots: u32, backend: &str) -> u64 {
-    model_memory(model, slots) + backend_memory(backend)
+    model_memory(model, slots, backend == "cpu") + backend_memory(backend)
 }
 
 /// Bytes for people, in the binary units `rbee hives` and `--memory-limit`
@@ -101,18 +103,21 @@ mod tests {
         };
         // The demo model: 98 MB of weights, 4,096 tokens (the cap, below its
         // 8,192) of 23,040 bytes per slot.
-        let one = model_memory(&entry(&m), 1);
+        let one = model_memory(&entry(&m), 1, true);
         assert_eq!(one, 98_362_432 + 9_836_243 + (64 << 20) + 4096 * 23_040);
-        assert_eq!(model_memory(&entry(&m), 4) - one, 3 * 4096 * 23_040);
+        assert_eq!(model_memory(&entry(&m), 4, true) - one, 3 * 4096 * 23_040);
         // A short-context model is sized by its own context.
         m.context_length = 1024;
-        assert_eq!(model_memory(&entry(&m), 2), 98_362_432 + 9_836_243 + (64 << 20) + 2 * 1024 * 23_040);
+        assert_eq!(model_memory(&entry(&m), 2, true), 98_362_432 + 9_836_243 + (64 << 20) + 2 * 1024 * 23_040);
         // Unknown KV size: the old allowance, whatever the slots.
         m.kv_bytes_per_token = 0;
-        assert_eq!(model_memory(&entry(&m), 8), 98_362_432 + 98_362_432 / 5 + (64 << 20));
+        assert_eq!(model_memory(&entry(&m), 8, true), 98_362_432 + 98_362_432 / 5 + (64 << 20));
         // Weights a worker widens (e.g. Q5_K) count at their loaded size.
         let widened = ModelEntry { weight_bytes: 150_000_000, ..entry(&m) };
-        assert_eq!(model_memory(&widened, 8), 150_000_000 + 150_000_000 / 5 + (64 << 20));
+        assert_eq!(model_memory(&widened, 8, true), 150_000_000 + 150_000_000 / 5 + (64 << 20));
+        // Not on a GPU, where candle keeps the file's blocks.
+        assert_eq!(model_memory(&widened, 8, false), 98_362_432 + 98_362_432 / 5 + (64 << 20));
+        assert_eq!(worker_memory(&widened, 8, "cuda"), model_memory(&widened, 8, false) + CUDA_RUNTIME);
         // A CUDA worker also holds its context: the demo model's measured 810 MiB
         // (one slot's KV cache unfilled) is within its estimate.
         assert_eq!(backend_memory("cpu"), 0);
