@@ -82,6 +82,12 @@ pub struct HiveArgs {
     /// Compute backend for workers.
     #[arg(long, env = "RBEE_BACKEND", default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     pub backend: String,
+    /// Inference engine for this hive's workers: `auto` (rbee's fast CPU engine where the model and the
+    /// CPU allow it, else candle), `fast` or `candle`. The fast engine holds Q4_K, Q5_0/Q5_1/Q5_K and
+    /// Q6_K weights widened (up to ~1.6× the file in memory); candle keeps the file's size but runs
+    /// several times slower on a CPU. Memory estimates follow the choice.
+    #[arg(long, env = "RBEE_ENGINE", default_value = "auto", value_parser = ["auto", "fast", "candle"])]
+    pub worker_engine: String,
     /// GPU index for cuda and metal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
@@ -321,6 +327,7 @@ pub async fn run(args: HiveArgs, shutdown: CancellationToken) -> anyhow::Result<
         hive_id: hive_id.clone(),
         worker_bin: args.worker_bin.clone().unwrap_or_else(default_worker_bin),
         backend: args.backend.clone(),
+        engine: args.worker_engine.clone(),
         device: args.device,
         threads: args.worker_threads,
         load_timeout: args.load_timeout,

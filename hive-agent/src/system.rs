@@ -53,9 +53,11 @@ fn backend_memory(backend: &str) -> u64 {
     }
 }
 
-/// A worker's whole estimate: its model with `slots` KV caches, on `backend`.
-pub fn worker_memory(model: &ModelEntry, slots: u32, backend: &str) -> u64 {
-    model_memory(model, slots, backend == "cpu") + backend_memory(backend)
+/// A worker's whole estimate: its model with `slots` KV caches, on `backend`
+/// with `engine` (its `--engine`: only the fast engine, on a CPU, widens
+/// weights).
+pub fn worker_memory(model: &ModelEntry, slots: u32, backend: &str, engine: &str) -> u64 {
+    model_memory(model, slots, backend == "cpu" && engine != "candle") + backend_memory(backend)
 }
 
 /// Bytes for people, in the binary units `rbee hives` and `--memory-limit`
@@ -117,7 +119,10 @@ mod tests {
         assert_eq!(model_memory(&widened, 8, true), 150_000_000 + 150_000_000 / 5 + (64 << 20));
         // Not on a GPU, where candle keeps the file's blocks.
         assert_eq!(model_memory(&widened, 8, false), 98_362_432 + 98_362_432 / 5 + (64 << 20));
-        assert_eq!(worker_memory(&widened, 8, "cuda"), model_memory(&widened, 8, false) + CUDA_RUNTIME);
+        assert_eq!(worker_memory(&widened, 8, "cuda", "auto"), model_memory(&widened, 8, false) + CUDA_RUNTIME);
+        // Nor on a CPU with the candle engine.
+        assert_eq!(worker_memory(&widened, 8, "cpu", "candle"), model_memory(&widened, 8, false));
+        assert_eq!(worker_memory(&widened, 8, "cpu", "auto"), model_memory(&widened, 8, true));
         // A CUDA worker also holds its context: the demo model's measured 810 MiB
         // (one slot's KV cache unfilled) is within its estimate.
         assert_eq!(backend_memory("cpu"), 0);

@@ -48,6 +48,8 @@ pub struct SpawnSpec {
     pub worker_bin: PathBuf,
     pub model_path: PathBuf,
     pub backend: String,
+    /// `--engine` for a model's worker (auto, fast or candle).
+    pub engine: String,
     pub device: usize,
     /// Compute threads; `None` lets candle use every core.
     pub threads: Option<usize>,
@@ -87,7 +89,7 @@ impl WorkerProc {
         let mut cmd = Command::new(&spec.worker_bin);
         match spec.noop {
             Some(delay) => cmd.arg("--noop").arg("--noop-token-delay").arg(format!("{}us", delay.as_micros())),
-            None => cmd.arg("--model").arg(&spec.model_path),
+            None => cmd.arg("--model").arg(&spec.model_path).arg("--engine").arg(&spec.engine),
         };
         cmd.arg("--backend")
             .arg(&spec.backend)

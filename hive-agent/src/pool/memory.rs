@@ -156,7 +156,7 @@ impl Pool {
     /// (candle) runs one, a CPU worker up to `--worker-slots`.
     pub(super) fn memory_on(&self, model: &ModelEntry, backend: &str) -> u64 {
         let slots = if backend == "cpu" { self.config.worker_slots } else { 1 };
-        crate::system::worker_memory(model, slots, backend)
+        crate::system::worker_memory(model, slots, backend, &self.config.engine)
     }
 
     pub fn committed(&self) -> Committed {
@@ -325,6 +325,7 @@ mod tests {
             hive_id: "h".into(),
             worker_bin: PathBuf::new(),
             backend: "cpu".into(),
+            engine: "auto".into(),
             device: 0,
             threads: None,
             load_timeout: Duration::from_secs(1),

@@ -65,6 +65,8 @@ pub struct PoolConfig {
     pub hive_id: String,
     pub worker_bin: PathBuf,
     pub backend: String,
+    /// The workers' `--engine` (auto, fast or candle).
+    pub engine: String,
     pub device: usize,
     pub threads: Option<usize>,
     pub load_timeout: Duration,
@@ -369,6 +371,7 @@ impl Pool {
             worker_bin: self.config.worker_bin.clone(),
             model_path: model.path.clone(),
             backend: backend.clone(),
+            engine: self.config.engine.clone(),
             device,
             threads: self.config.threads,
             id: id.clone(),
@@ -381,7 +384,7 @@ impl Pool {
         let result = WorkerProc::spawn(spec, move |pid| pool.publish(WorkerInfo { pid, ..loading })).await;
         let result = result.map(|proc| {
             // Its KV caches: as many as the jobs it said it runs at once.
-            let memory = crate::system::worker_memory(&model, proc.slots, &backend);
+            let memory = crate::system::worker_memory(&model, proc.slots, &backend, &self.config.engine);
             let ready = now_ms();
             Arc::new(Worker {
                 proc,
