@@ -755,9 +755,18 @@ pub(crate) mod testing {
         out
     }
 
+    /// A random `rows × cols` matrix of GGUF type `src` (Q4_0, Q4_1, Q8_0 or
+    /// a 5-bit type), as GGUF bytes.
+    pub fn random_gguf(src: Src, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+        match src {
+            Src::Q5_0 | Src::Q5_1 | Src::Q5K => random_5_bit(src, rows, cols, rng),
+            _ => random_weights(src.packed(), rows, cols, rng),
+        }
+    }
+
     /// A random `rows × cols` matrix of a 5-bit type (Q5_0, Q5_1, Q5_K), as
     /// GGUF bytes: small finite scales, any quants.
-    pub fn random_5_bit(src: Src, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    fn random_5_bit(src: Src, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
         let scales = match src {
             Src::Q5_0 => 1,
             Src::Q5_1 | Src::Q5K => 2,
@@ -858,12 +867,7 @@ mod tests {
                     continue; // Q5_K rows come in 256-element super-blocks
                 }
                 let (rows, rb) = (2 * RG, t.row_bytes(k));
-                let gguf = if matches!(src, Src::Q5_0 | Src::Q5_1 | Src::Q5K) {
-                    random_5_bit(src, rows, k, &mut rng)
-                } else {
-                    random_weights(t, rows, k, &mut rng)
-                };
-                let packed = pack(src, &gguf, rows, k);
+                let packed = pack(src, &random_gguf(src, rows, k, &mut rng), rows, k);
                 let mut inter = packed.clone();
                 interleave(t, rows, k, &mut inter);
                 let x = rng.vec(k);

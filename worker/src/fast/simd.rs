@@ -389,16 +389,14 @@ mod tests {
                     continue; // Q5_K rows come in 256-element super-blocks
                 }
                 let rb = t.row_bytes(k);
-                let w = if matches!(src, Src::Q5_0 | Src::Q5_1 | Src::Q5K) {
-                    pack(src, &random_5_bit(src, rows, k, &mut rng), rows, k)
-                } else if src == Src::Q6K {
+                let w = if src == Src::Q6K {
                     // Random Q8_16 rows: scales, then int8 values in Q6_K's range.
                     let mut w = random_weights(WType::Q8_0, rows, k, &mut rng);
                     w.resize(rows * rb, 0);
                     w.iter_mut().enumerate().for_each(|(i, b)| *b = if i % rb < 4 * nb { *b & 0x2F } else { (*b as i8 / 4) as u8 });
                     w
                 } else {
-                    pack(src, &random_weights(t, rows, k, &mut rng), rows, k)
+                    pack(src, &random_gguf(src, rows, k, &mut rng), rows, k)
                 };
                 let reference = |r: usize, y: Q8View<'_>| dot_row_scalar(t, &w[r * rb..(r + 1) * rb], y);
                 check_gemm(t, Layout::Rows, (&w, rows, nb), &reference, &mut rng);
@@ -421,12 +419,7 @@ mod tests {
                     continue; // Q5_K rows come in 256-element super-blocks
                 }
                 let rb = t.row_bytes(k);
-                let gguf = if matches!(src, Src::Q5_0 | Src::Q5_1 | Src::Q5K) {
-                    random_5_bit(src, rows, k, &mut rng)
-                } else {
-                    random_weights(t, rows, k, &mut rng)
-                };
-                let mut w = pack(src, &gguf, rows, k);
+                let mut w = pack(src, &random_gguf(src, rows, k, &mut rng), rows, k);
                 quant::interleave(t, rows, k, &mut w);
                 let group = |r: usize| &w[r / quant::RG * quant::RG * rb..][..quant::RG * rb];
                 let reference = |r: usize, y: Q8View<'_>| quant::dot_interleaved_scalar(t, group(r), r % quant::RG, y);
