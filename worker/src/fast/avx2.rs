@@ -33,9 +33,11 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
 }
 
-/// Quantizes one block. SAFETY: `x` points at 32 readable floats, `qs` at 32 writable bytes.
+/// Quantizes one block: its scale `d`, and `d` times the sum of its
+/// quants and of their first half (see [`super::quant::Q8Buf`]).
+/// SAFETY: `x` points at 32 readable floats, `qs` at 32 writable bytes.
 #[inline(always)]
-pub unsafe fn quantize_block(x: *const f32, qs: *mut i8) -> (f32, f32) {
+pub unsafe fn quantize_block(x: *const f32, qs: *mut i8) -> (f32, f32, f32) {
     let v = [_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)), _mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24))];
     let sign = _mm256_set1_ps(-0.0);
     let mut m = _mm256_andnot_ps(sign, v[0]);
@@ -50,12 +52,12 @@ pub unsafe fn quantize_block(x: *const f32, qs: *mut i8) -> (f32, f32) {
     let q: [__m256i; 4] = std::array::from_fn(|i| {
         _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
     });
-    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let (first, second) = (hsum_i32(_mm256_add_epi32(q[0], q[1])), hsum_i32(_mm256_add_epi32(q[2], q[3])));
     // packs interleave 128-bit lanes; the permute restores element order.
     let p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
     let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(qs as *mut __m256i, p);
-    (d, d * hsum_i32(sum) as f32)
+    (d, d * (first + second) as f32, d * first as f32)
 }
 
 /// How far ahead (bytes) the tiles prefetch each weight row: the hardware
@@ -75,6 +77,7 @@ pub(super) struct Cols<const C: usize> {
     pub q: [*const i8; C],
     pub d: [*const f32; C],
     pub s: [*const f32; C],
+    pub h: [*const f32; C],
 }
 
 impl<const C: usize> Cols<C> {
@@ -84,6 +87,7 @@ impl<const C: usize> Cols<C> {
             q: std::array::from_fn(|c| y.qs[(c0 + c) * nb * QK..].as_ptr()),
             d: std::array::from_fn(|c| y.d[(c0 + c) * nb..].as_ptr()),
             s: std::array::from_fn(|c| y.s[(c0 + c) * nb..].as_ptr()),
+            h: std::array::from_fn(|c| y.h[(c0 + c) * nb..].as_ptr()),
         }
     }
 }
@@ -476,8 +480,8 @@ pub(super) unsafe fn prefetch_ahead(t: WType, w: *const u8, nb: usize, b: usize)
 
 /// A kernel for interleaved groups (see [`super::quant::interleave`]).
 pub(super) trait GroupKernel {
-    /// Whether it takes the 8-bit types, Q8_0 and Q8_1 (all kernels take
-    /// Q4_0 and Q4_1).
+    /// Whether it takes the 8-bit types, Q8_0, Q8_1 and Q8_16 (all kernels
+    /// take Q4_0 and Q4_1).
     const Q8_0: bool;
     /// One group of 16 rows, `nb` blocks of type `t`, against C columns: the
     /// 16 results per column.
@@ -494,7 +498,7 @@ pub(super) type Interleaved = Avx2;
 
 /// Whether [`Interleaved`] takes weights of type `t`.
 pub(super) fn takes_interleaved(t: WType) -> bool {
-    matches!(t, WType::Q4_0 | WType::Q4_1) || (matches!(t, WType::Q8_0 | WType::Q8_1) && <Interleaved as GroupKernel>::Q8_0)
+    matches!(t, WType::Q4_0 | WType::Q4_1) || (matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16) && <Interleaved as GroupKernel>::Q8_0)
 }
 
 /// [`gemm_q`] over interleaved groups with the [`Interleaved`] kernel;
@@ -550,6 +554,7 @@ fn group_cols<const C: usize, F: Sink>(
             WType::Q4_0 => Interleaved::group::<C>(WType::Q4_0, w.as_ptr(), nb, &cols),
             WType::Q8_0 if <Interleaved as GroupKernel>::Q8_0 => Interleaved::group::<C>(WType::Q8_0, w.as_ptr(), nb, &cols),
             WType::Q8_1 if <Interleaved as GroupKernel>::Q8_0 => Interleaved::group::<C>(WType::Q8_1, w.as_ptr(), nb, &cols),
+            WType::Q8_16 if <Interleaved as GroupKernel>::Q8_0 => Interleaved::group::<C>(WType::Q8_16, w.as_ptr(), nb, &cols),
             _ => unreachable!("no interleaved kernel for {t:?}"),
         }
     };
@@ -560,8 +565,8 @@ fn group_cols<const C: usize, F: Sink>(
 
 /// The 256-bit kernel for interleaved groups, for builds without the
 /// AVX-512 VNNI one in `avx512` (which then takes every interleaved matrix):
-/// 4-bit types always, the 8-bit ones (Q8_0, Q8_1) where the build has
-/// AVX-VNNI. (Q8_0 is stored as `q + 128`, whose products would saturate
+/// 4-bit types always, the 8-bit ones (Q8_0, Q8_1, Q8_16) where the build
+/// has AVX-VNNI. (Q8_0 is stored as `q + 128`, whose products would saturate
 /// `maddubs`; packed 8-bit rows already stream at memory speed for one
 /// column without it.)
 #[cfg(not(all(target_feature = "avx512f", target_feature = "avx512vnni")))]
@@ -587,11 +592,14 @@ impl GroupKernel for Avx2 {
             let d = scales(32 * b);
             let m = match t {
                 WType::Q4_1 | WType::Q8_1 => scales(32 * (nb + b)),
-                WType::Q8_0 => d.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-128.0))),
+                WType::Q8_0 | WType::Q8_16 => d.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-128.0))),
                 _ => d.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-8.0))),
             };
             let mut s = [[_mm256_setzero_si256(); 2]; C];
-            if t == WType::Q8_0 || t == WType::Q8_1 {
+            // Q8_16: the second half block's sums (chunks 4-7), kept apart
+            // for their own scale.
+            let mut s1 = [[_mm256_setzero_si256(); 2]; C];
+            if matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16) {
                 // Eight chunks of 4 bytes × 16 rows per block; each half's
                 // sums stay in i32 (`vpdpbusd` widens as it adds).
                 #[cfg(target_feature = "avxvnni")]
@@ -599,7 +607,8 @@ impl GroupKernel for Avx2 {
                     for h in 0..2 {
                         let x = _mm256_loadu_si256(q.add(512 * b + 64 * j + 32 * h) as *const __m256i);
                         for c in 0..C {
-                            s[c][h] = _mm256_dpbusd_avx_epi32(s[c][h], x, bcast4(y.q[c].add(QK * b + 4 * j)));
+                            let sum = if t == WType::Q8_16 && j >= 4 { &mut s1[c][h] } else { &mut s[c][h] };
+                            *sum = _mm256_dpbusd_avx_epi32(*sum, x, bcast4(y.q[c].add(QK * b + 4 * j)));
                         }
                     }
                 }
@@ -624,6 +633,23 @@ impl GroupKernel for Avx2 {
                         }
                     }
                 }
+            }
+            if t == WType::Q8_16 {
+                // As the 512-bit kernel: -128·d1·s + (-128·(d0 - d1))·h.
+                let d1 = scales(32 * (nb + b));
+                let m1 = d1.map(|dh| _mm256_mul_ps(dh, _mm256_set1_ps(-128.0)));
+                for c in 0..C {
+                    let dy = _mm256_set1_ps(*y.d[c].add(b));
+                    let (sy, hy) = (_mm256_set1_ps(*y.s[c].add(b)), _mm256_set1_ps(*y.h[c].add(b)));
+                    for h in 0..2 {
+                        let first = _mm256_mul_ps(_mm256_cvtepi32_ps(s[c][h]), d[h]);
+                        let halves = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[c][h]), d1[h], first);
+                        acc[c][h] = _mm256_fmadd_ps(halves, dy, acc[c][h]);
+                        acc[c][h] = _mm256_fmadd_ps(m1[h], sy, acc[c][h]);
+                        acc[c][h] = _mm256_fmadd_ps(_mm256_sub_ps(m[h], m1[h]), hy, acc[c][h]);
+                    }
+                }
+                continue;
             }
             for c in 0..C {
                 let (dy, sy) = (_mm256_set1_ps(*y.d[c].add(b)), _mm256_set1_ps(*y.s[c].add(b)));

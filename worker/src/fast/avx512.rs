@@ -56,21 +56,26 @@ unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) 
     for b in 0..nb {
         prefetch_ahead(t, w, nb, b);
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(2 * RG * b) as *const __m256i));
-        let m = match t {
-            WType::Q4_1 | WType::Q8_1 => _mm512_cvtph_ps(_mm256_loadu_si256(w.add(2 * RG * (nb + b)) as *const __m256i)),
-            WType::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
-            _ => _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
+        // The second scale slot: a minimum, or Q8_16's second half's scale.
+        let second = || _mm512_cvtph_ps(_mm256_loadu_si256(w.add(2 * RG * (nb + b)) as *const __m256i));
+        let (d1, m) = match t {
+            WType::Q4_1 | WType::Q8_1 => (d, second()),
+            WType::Q4_0 => (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0))),
+            WType::Q8_16 => (second(), _mm512_mul_ps(d, _mm512_set1_ps(-128.0))),
+            _ => (d, _mm512_mul_ps(d, _mm512_set1_ps(-128.0))),
         };
         // Two independent chains per column, so consecutive `vpdpbusd`s do
-        // not wait on each other.
+        // not wait on each other; for Q8_16 one per half block (chunks 0-3
+        // are elements 0-15), taken in turns.
         let mut s = [[_mm512_setzero_si512(); 2]; C];
-        let eight_bit = t == WType::Q8_0 || t == WType::Q8_1;
+        let eight_bit = matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16);
         if eight_bit {
             let qb = q.add(512 * b);
-            for j in 0..8 {
+            for i in 0..8 {
+                let (j, chain) = if t == WType::Q8_16 { (i / 2 + 4 * (i % 2), i % 2) } else { (i, i % 2) };
                 let x = _mm512_loadu_si512(qb.add(64 * j) as *const _);
                 for c in 0..C {
-                    s[c][j % 2] = _mm512_dpbusd_epi32(s[c][j % 2], x, bcast4(y.q[c].add(QK * b + 4 * j)));
+                    s[c][chain] = _mm512_dpbusd_epi32(s[c][chain], x, bcast4(y.q[c].add(QK * b + 4 * j)));
                 }
             }
         } else {
@@ -86,6 +91,20 @@ unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) 
                     s[c][1] = _mm512_dpbusd_epi32(s[c][1], hi, bcast4(y.q[c].add(QK * b + 16 + 4 * j)));
                 }
             }
+        }
+        if t == WType::Q8_16 {
+            // Offsets -128·d0 on the first half's sum `h`, -128·d1 on the
+            // second's `s - h`: -128·d1·s + (-128·(d0 - d1))·h.
+            let m1 = _mm512_mul_ps(d1, _mm512_set1_ps(-128.0));
+            let dm = _mm512_sub_ps(m, m1);
+            for c in 0..C {
+                let dy = _mm512_set1_ps(*y.d[c].add(b));
+                let halves = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[c][1]), d1, _mm512_mul_ps(_mm512_cvtepi32_ps(s[c][0]), d));
+                acc[c] = _mm512_fmadd_ps(halves, dy, acc[c]);
+                acc[c] = _mm512_fmadd_ps(m1, _mm512_set1_ps(*y.s[c].add(b)), acc[c]);
+                acc[c] = _mm512_fmadd_ps(dm, _mm512_set1_ps(*y.h[c].add(b)), acc[c]);
+            }
+            continue;
         }
         for c in 0..C {
             let sum = if eight_bit {

@@ -19,7 +19,7 @@
 //! Where the build has AVX2, Q4_0 and Q4_1 matrices are then
 //! [`interleave`]d, 16 packed rows at a time, so that one 512-bit vector
 //! (two 256-bit ones) holds the same elements of 16 rows ([`Layout`]); with
-//! AVX-512 VNNI (or AVX-VNNI), Q8_0 and Q8_1 matrices too.
+//! AVX-512 VNNI (or AVX-VNNI), the 8-bit ones (Q8_0, Q8_1, Q8_16) too.
 //!
 //! # 5-bit types
 //! Q5_0, Q5_1 and Q5_K keep one value per byte (Q8_0 and Q8_1 blocks): no
@@ -178,11 +178,16 @@ impl Src {
 /// `s` deliberately sums the *quantized* values: the exact `Σ x` looks more
 /// precise but is measurably worse, because then the offset no longer cancels
 /// against the quantization error of the centred part of the weights.
+///
+/// `h[i]` is the same sum over the block's first 16 values only: Q8_16
+/// weights have a scale, so an offset, per half block (`s[i] - h[i]` is the
+/// second half's).
 #[derive(Clone, Debug, Default)]
 pub struct Q8Buf {
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    pub h: Vec<f32>,
 }
 
 impl Q8Buf {
@@ -192,12 +197,13 @@ impl Q8Buf {
             self.qs.resize(blocks * QK, 0);
             self.d.resize(blocks, 0.0);
             self.s.resize(blocks, 0.0);
+            self.h.resize(blocks, 0.0);
         }
     }
 
     /// The first `blocks` blocks.
     pub fn view(&self, blocks: usize) -> Q8View<'_> {
-        Q8View { qs: &self.qs[..blocks * QK], d: &self.d[..blocks], s: &self.s[..blocks] }
+        Q8View { qs: &self.qs[..blocks * QK], d: &self.d[..blocks], s: &self.s[..blocks], h: &self.h[..blocks] }
     }
 }
 
@@ -207,6 +213,7 @@ pub struct Q8View<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub h: &'a [f32],
 }
 
 impl<'a> Q8View<'a> {
@@ -215,7 +222,12 @@ impl<'a> Q8View<'a> {
     }
     /// Blocks `b0..b0 + n`.
     pub fn range(&self, b0: usize, n: usize) -> Q8View<'a> {
-        Q8View { qs: &self.qs[b0 * QK..(b0 + n) * QK], d: &self.d[b0..b0 + n], s: &self.s[b0..b0 + n] }
+        Q8View {
+            qs: &self.qs[b0 * QK..(b0 + n) * QK],
+            d: &self.d[b0..b0 + n],
+            s: &self.s[b0..b0 + n],
+            h: &self.h[b0..b0 + n],
+        }
     }
 }
 
@@ -231,14 +243,15 @@ pub fn quantize_q8_scalar(x: &[f32], out: &mut Q8Buf) {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in out.qs[i * QK..(i + 1) * QK].iter_mut().zip(xb) {
+        let mut sum = [0i32; 2];
+        for (j, (q, &v)) in out.qs[i * QK..(i + 1) * QK].iter_mut().zip(xb).enumerate() {
             // Ties to even, like the AVX2 path (`_mm256_round_ps` nearest).
             *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
+            sum[j / 16] += *q as i32;
         }
         out.d[i] = d;
-        out.s[i] = d * sum as f32;
+        out.s[i] = d * (sum[0] + sum[1]) as f32;
+        out.h[i] = d * sum[0] as f32;
     }
 }
 
@@ -379,10 +392,10 @@ pub enum Layout {
 /// Rows of one row-interleaved group (see [`interleave`]).
 pub const RG: usize = 16;
 
-/// Whether [`interleave`] takes a `rows`-row matrix of type `t`: 4- and
-/// 8-bit types with one scale per block, whole groups of [`RG`] rows.
+/// Whether [`interleave`] takes a `rows`-row matrix of type `t`: any
+/// quantized type, whole groups of [`RG`] rows.
 pub fn interleavable(t: WType, rows: usize) -> bool {
-    matches!(t, WType::Q4_0 | WType::Q4_1 | WType::Q8_0 | WType::Q8_1) && rows > 0 && rows.is_multiple_of(RG)
+    !matches!(t, WType::F32 | WType::F16) && rows > 0 && rows.is_multiple_of(RG)
 }
 
 /// Rewrites packed rows, [`RG`] at a time, so that one 64-byte vector holds
@@ -392,14 +405,16 @@ pub fn interleavable(t: WType, rows: usize) -> bool {
 ///
 /// A group of 16 rows with `nb` blocks each:
 /// - `d`: `nb × 16` f16, block after block (16 rows' scales in 32 bytes);
-/// - Q4_1 and Q8_1: `m`, the same shape;
+///   Q8_16: the scale of each block's first half;
+/// - Q4_1 and Q8_1: `m`, the same shape; Q8_16: the second half's scale;
 /// - quants, block after block, 64-byte chunks; lane `i` (bytes `4i..4i+4`)
 ///   of a chunk belongs to row `i`:
 ///   - 4-bit, 4 chunks per block: chunk `c`'s low nibbles are elements
 ///     `4c..4c+4` of the block, its high nibbles elements `16+4c..16+4c+4`;
 ///   - 8-bit, 8 chunks per block: chunk `c` is elements `4c..4c+4`; Q8_0's
-///     as `q + 128` (unsigned, as `vpdpbusd` reads it; the `-128 · d` offset
-///     is folded in like Q4_0's `-8 · d`), Q8_1's as they are (`0..=127`).
+///     and Q8_16's as `q + 128` (unsigned, as `vpdpbusd` reads it; the
+///     `-128 · d` offset is folded in like Q4_0's `-8 · d`, per half block
+///     for Q8_16 with [`Q8Buf`]'s `h`), Q8_1's as they are (`0..=127`).
 ///
 /// `rows` must be [`interleavable`]; `data` is `rows` packed rows.
 pub fn interleave(t: WType, rows: usize, cols: usize, data: &mut [u8]) {
@@ -465,15 +480,21 @@ fn interleave_group(t: WType, nb: usize, rows16: &[u8], group: &mut [u8]) {
         let q = &row[qa..];
         for b in 0..nb {
             let at = 2 * (RG * b + i);
-            group[at..at + 2].copy_from_slice(&row[2 * b..2 * b + 2]);
-            if t == WType::Q4_1 || t == WType::Q8_1 {
-                let (m, n) = (2 * RG * nb + at, 2 * nb + 2 * b);
-                group[m..m + 2].copy_from_slice(&row[n..n + 2]);
+            // The second scale slot: Q4_1's and Q8_1's minimum, Q8_16's
+            // second half's scale (a packed Q8_16 row has both at 4b).
+            let (d, m) = match t {
+                WType::Q8_16 => (4 * b, Some(4 * b + 2)),
+                WType::Q4_1 | WType::Q8_1 => (2 * b, Some(2 * nb + 2 * b)),
+                _ => (2 * b, None),
+            };
+            group[at..at + 2].copy_from_slice(&row[d..d + 2]);
+            if let Some(m) = m {
+                group[2 * RG * nb + at..2 * RG * nb + at + 2].copy_from_slice(&row[m..m + 2]);
             }
             match t {
-                WType::Q8_0 | WType::Q8_1 => {
+                WType::Q8_0 | WType::Q8_1 | WType::Q8_16 => {
                     for c in 0..8 {
-                        let flip = if t == WType::Q8_0 { 0x8080_8080 } else { 0 };
+                        let flip = if t == WType::Q8_1 { 0 } else { 0x8080_8080 };
                         put(group, qg + 512 * b + 64 * c + 4 * i, word(q, 32 * b + 4 * c) ^ flip);
                     }
                 }
@@ -505,11 +526,11 @@ fn put(dst: &mut [u8], at: usize, v: u32) {
 }
 
 /// Element `j` (0..32) of block `b` of row `i` of an interleaved group, as
-/// stored: a nibble (4-bit types), `q + 128` (Q8_0) or `q` (Q8_1).
+/// stored: a nibble (4-bit types), `q + 128` (Q8_0, Q8_16) or `q` (Q8_1).
 #[inline]
 fn interleaved_q(t: WType, group: &[u8], nb: usize, (i, b, j): (usize, usize, usize)) -> u8 {
     let qg = RG * t.quants_at(nb);
-    if t == WType::Q8_0 || t == WType::Q8_1 {
+    if matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16) {
         group[qg + 512 * b + 64 * (j / 4) + 4 * i + j % 4]
     } else {
         let byte = group[qg + 256 * b + 64 * (j % 16 / 4) + 4 * i + j % 4];
@@ -521,13 +542,15 @@ fn interleaved_q(t: WType, group: &[u8], nb: usize, (i, b, j): (usize, usize, us
     }
 }
 
-/// Scale and offset of block `b` of row `i` of an interleaved group:
-/// the weight is `d · q + m` for `q` as [`interleaved_q`] gives it.
+/// Scale and offset of half `h` (elements `16h..16h+16`) of block `b` of
+/// row `i` of an interleaved group: the weight is `d · q + m` for `q` as
+/// [`interleaved_q`] gives it. Only Q8_16's halves differ.
 #[inline]
-fn interleaved_dm(t: WType, group: &[u8], nb: usize, i: usize, b: usize) -> (f32, f32) {
-    let d = f16_at(group, 2 * (RG * b + i));
+fn interleaved_dm(t: WType, group: &[u8], nb: usize, (i, b): (usize, usize), h: usize) -> (f32, f32) {
+    let second = 2 * RG * nb + 2 * (RG * b + i);
+    let d = if t == WType::Q8_16 && h == 1 { f16_at(group, second) } else { f16_at(group, 2 * (RG * b + i)) };
     let m = match t {
-        WType::Q4_1 | WType::Q8_1 => f16_at(group, RG * 2 * nb + 2 * (RG * b + i)),
+        WType::Q4_1 | WType::Q8_1 => f16_at(group, second),
         WType::Q4_0 => -8.0 * d,
         _ => -128.0 * d,
     };
@@ -538,8 +561,8 @@ fn interleaved_dm(t: WType, group: &[u8], nb: usize, i: usize, b: usize) -> (f32
 pub fn dequantize_interleaved(t: WType, group: &[u8], i: usize, out: &mut [f32]) {
     let nb = out.len() / QK;
     for (b, ob) in out.chunks_exact_mut(QK).enumerate() {
-        let (d, m) = interleaved_dm(t, group, nb, i, b);
         for (j, o) in ob.iter_mut().enumerate() {
+            let (d, m) = interleaved_dm(t, group, nb, (i, b), j / 16);
             *o = d * interleaved_q(t, group, nb, (i, b, j)) as f32 + m;
         }
     }
@@ -550,10 +573,16 @@ pub fn dot_interleaved_scalar(t: WType, group: &[u8], i: usize, y: Q8View<'_>) -
     let nb = y.blocks();
     let mut total = 0f32;
     for b in 0..nb {
-        let (d, m) = interleaved_dm(t, group, nb, i, b);
         let yq = &y.qs[b * QK..(b + 1) * QK];
-        let sum: i32 = (0..QK).map(|j| interleaved_q(t, group, nb, (i, b, j)) as i32 * yq[j] as i32).sum();
-        total += d * y.d[b] * sum as f32 + m * y.s[b];
+        let dot = |js: std::ops::Range<usize>| -> f32 { js.map(|j| interleaved_q(t, group, nb, (i, b, j)) as i32 * yq[j] as i32).sum::<i32>() as f32 };
+        if t == WType::Q8_16 {
+            // Each half with its own scale and offset (`h`: the first half's sum).
+            let ((d0, m0), (d1, m1)) = (interleaved_dm(t, group, nb, (i, b), 0), interleaved_dm(t, group, nb, (i, b), 1));
+            total += y.d[b] * (d0 * dot(0..16) + d1 * dot(16..QK)) + m0 * y.h[b] + m1 * (y.s[b] - y.h[b]);
+        } else {
+            let (d, m) = interleaved_dm(t, group, nb, (i, b), 0);
+            total += d * y.d[b] * dot(0..QK) + m * y.s[b];
+        }
     }
     total
 }
@@ -755,13 +784,32 @@ pub(crate) mod testing {
         out
     }
 
-    /// A random `rows × cols` matrix of GGUF type `src` (Q4_0, Q4_1, Q8_0 or
-    /// a 5-bit type), as GGUF bytes.
+    /// A random `rows × cols` matrix of GGUF type `src` (Q4_0, Q4_1, Q8_0,
+    /// a 5-bit type or Q6_K), as GGUF bytes.
     pub fn random_gguf(src: Src, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
         match src {
             Src::Q5_0 | Src::Q5_1 | Src::Q5K => random_5_bit(src, rows, cols, rng),
+            Src::Q6K => {
+                // Any 6-bit values and i8 scales, then a small finite `d`.
+                let mut out = Vec::with_capacity(src.row_bytes(cols) * rows);
+                for _ in 0..rows * cols / src.block_elems() {
+                    out.extend((0..208).map(|_| rng.next_u32() as u8));
+                    out.extend_from_slice(&f16::from_f32(rng.f32() * 0.01).to_le_bytes());
+                }
+                out
+            }
             _ => random_weights(src.packed(), rows, cols, rng),
         }
+    }
+
+    /// Random packed Q8_16 rows of any block count (Q6_K files only have
+    /// multiples of 8): scales, then int8 values in Q6_K's range.
+    pub fn random_q8_16_rows(rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+        let (nb, rb) = (cols / QK, WType::Q8_16.row_bytes(cols));
+        let mut w = random_weights(WType::Q8_0, rows, cols, rng);
+        w.resize(rows * rb, 0);
+        w.iter_mut().enumerate().for_each(|(i, b)| *b = if i % rb < 4 * nb { *b & 0x2F } else { (*b as i8 / 4) as u8 });
+        w
     }
 
     /// A random `rows × cols` matrix of a 5-bit type (Q5_0, Q5_1, Q5_K), as
@@ -855,16 +903,16 @@ mod tests {
     /// Interleaving keeps every weight of every row (odd and even block
     /// counts), and its scalar dot product agrees with the packed row's;
     /// also for rows packed from 5-bit types (Q5_0 into Q8_0, Q5_1 and Q5_K
-    /// into Q8_1).
+    /// into Q8_1) and from Q6_K (into Q8_16, a scale per half block).
     #[test]
     fn interleaved_groups_hold_the_same_weights_and_dot_products() {
         let mut rng = Rng(13);
-        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q5_0, Src::Q5_1, Src::Q5K] {
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q5_0, Src::Q5_1, Src::Q5K, Src::Q6K] {
             let t = src.packed();
             for nb in [1, 2, 3, 8, 9, 16, 18] {
                 let k = nb * QK;
                 if !k.is_multiple_of(src.block_elems()) {
-                    continue; // Q5_K rows come in 256-element super-blocks
+                    continue; // K-quant rows come in 256-element super-blocks
                 }
                 let (rows, rb) = (2 * RG, t.row_bytes(k));
                 let packed = pack(src, &random_gguf(src, rows, k, &mut rng), rows, k);
@@ -885,7 +933,7 @@ mod tests {
                 }
             }
         }
-        assert!(!interleavable(WType::Q4_1, 40) && !interleavable(WType::Q8_16, 32) && interleavable(WType::Q8_1, 32));
+        assert!(!interleavable(WType::Q4_1, 40) && !interleavable(WType::F16, 32) && interleavable(WType::Q8_16, 32));
     }
 
     /// Interleaving while packing (straight from GGUF blocks, or through
@@ -894,7 +942,7 @@ mod tests {
     fn packing_interleaved_equals_packing_then_interleaving() {
         let mut rng = Rng(23);
         let rows = 3 * RG;
-        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q4K, Src::Q5_0, Src::Q5_1, Src::Q5K] {
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q4K, Src::Q5_0, Src::Q5_1, Src::Q5K, Src::Q6K] {
             for cols in [256, 512, 768] {
                 // Any bytes are blocks of these types; only where they go is compared.
                 let gguf: Vec<u8> = (0..rows * src.row_bytes(cols)).map(|_| rng.next_u32() as u8).collect();

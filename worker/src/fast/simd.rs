@@ -47,9 +47,8 @@ pub fn quantize_q8(x: &[f32], out: &mut Q8Buf) {
         for (i, xb) in x.chunks_exact(QK).enumerate() {
             let qs = &mut out.qs[i * QK..(i + 1) * QK];
             // SAFETY: `xb` and `qs` are exactly 32 long (chunks_exact, slicing).
-            let (d, s) = unsafe { super::avx2::quantize_block(xb.as_ptr(), qs.as_mut_ptr()) };
-            out.d[i] = d;
-            out.s[i] = s;
+            let (d, s, h) = unsafe { super::avx2::quantize_block(xb.as_ptr(), qs.as_mut_ptr()) };
+            (out.d[i], out.s[i], out.h[i]) = (d, s, h);
         }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
@@ -336,7 +335,7 @@ pub fn silu_mul(g: &[f32], up: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::super::quant::testing::*;
-    use super::super::quant::{dot_row_scalar, pack, quantize_q8_scalar, Src};
+    use super::super::quant::{dequantize_row, dot_row_scalar, pack, quantize_q8_scalar, Src};
     use super::*;
 
     #[test]
@@ -348,7 +347,7 @@ mod tests {
         quantize_q8(&x, &mut a);
         quantize_q8_scalar(&x, &mut b);
         assert_eq!(a.d, b.d);
-        for (p, q) in a.s.iter().zip(&b.s) {
+        for (p, q) in a.s.iter().zip(&b.s).chain(a.h.iter().zip(&b.h)) {
             assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{p} vs {q}");
         }
         let diff = a.qs.iter().zip(&b.qs).filter(|(u, v)| u != v).count();
@@ -357,7 +356,9 @@ mod tests {
 
     /// `gemm_q` over `w` (`rows` rows of `nb` blocks) against `reference(row,
     /// column)` for column counts 1..=11 (all tile shapes and remainders).
-    fn check_gemm(t: WType, layout: Layout, (w, rows, nb): (&[u8], usize, usize), reference: &dyn Fn(usize, Q8View<'_>) -> f32, rng: &mut Rng) {
+    /// `weights(row)` is the row dequantized: float sums may differ by a
+    /// small part of `Σ |w_i · y_i|`, however much the terms cancel.
+    fn check_gemm(t: WType, layout: Layout, (w, rows, nb): (&[u8], usize, usize), (reference, weights): Reference<'_>, rng: &mut Rng) {
         for ncols in [1, 2, 3, 4, 5, 7, 8, 11] {
             let mut y = Q8Buf::default();
             quantize_q8(&rng.vec(ncols * nb * QK), &mut y);
@@ -365,14 +366,21 @@ mod tests {
             let mut got = vec![f32::NAN; rows * ncols];
             gemm_q(t, layout, w, t.row_bytes(nb * QK), rows, (yv, ncols), &mut |r, c, v| got[r * ncols + c] = v);
             for r in 0..rows {
+                let wr = weights(r);
                 for c in 0..ncols {
-                    let want = reference(r, yv.range(c * nb, nb));
+                    let yc = yv.range(c * nb, nb);
+                    let want = reference(r, yc);
+                    let terms: f32 = wr.iter().enumerate().map(|(i, wi)| (wi * yc.d[i / QK] * yc.qs[i] as f32).abs()).sum();
                     let g = got[r * ncols + c];
-                    assert!((want - g).abs() <= 1e-4 * (1.0 + want.abs()), "{t:?} {layout:?} nb{nb} r{r} c{c}: {want} vs {g}");
+                    let tol = 1e-4 * (1.0 + want.abs()) + 1e-6 * terms;
+                    assert!((want - g).abs() <= tol, "{t:?} {layout:?} nb{nb} r{r} c{c}: {want} vs {g}");
                 }
             }
         }
     }
+
+    /// A scalar reference for [`check_gemm`], and row `r` dequantized.
+    type Reference<'a> = (&'a dyn Fn(usize, Q8View<'_>) -> f32, &'a dyn Fn(usize) -> Vec<f32>);
 
     /// Every quantized type, column counts 1..=11 (all tile shapes and
     /// remainders), rows not a multiple of any tile height, and block counts
@@ -385,21 +393,22 @@ mod tests {
             let t = src.packed();
             for nb in [1, 8, 9, 18, 48] {
                 let k = nb * QK;
-                if !k.is_multiple_of(src.block_elems()) {
-                    continue; // Q5_K rows come in 256-element super-blocks
-                }
                 let rb = t.row_bytes(k);
                 let w = if src == Src::Q6K {
-                    // Random Q8_16 rows: scales, then int8 values in Q6_K's range.
-                    let mut w = random_weights(WType::Q8_0, rows, k, &mut rng);
-                    w.resize(rows * rb, 0);
-                    w.iter_mut().enumerate().for_each(|(i, b)| *b = if i % rb < 4 * nb { *b & 0x2F } else { (*b as i8 / 4) as u8 });
-                    w
-                } else {
+                    // Any block count, for Q8_16's partial scale groups.
+                    random_q8_16_rows(rows, k, &mut rng)
+                } else if k.is_multiple_of(src.block_elems()) {
                     pack(src, &random_gguf(src, rows, k, &mut rng), rows, k)
+                } else {
+                    continue; // Q5_K rows come in 256-element super-blocks
                 };
                 let reference = |r: usize, y: Q8View<'_>| dot_row_scalar(t, &w[r * rb..(r + 1) * rb], y);
-                check_gemm(t, Layout::Rows, (&w, rows, nb), &reference, &mut rng);
+                let weights = |r: usize| {
+                    let mut out = vec![0f32; k];
+                    dequantize_row(t, &w[r * rb..(r + 1) * rb], &mut out);
+                    out
+                };
+                check_gemm(t, Layout::Rows, (&w, rows, nb), (&reference, &weights), &mut rng);
             }
         }
     }
@@ -411,19 +420,27 @@ mod tests {
     fn interleaved_gemm_matches_scalar_reference() {
         let mut rng = Rng(19);
         let rows = 2 * quant::RG;
-        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q5_0, Src::Q5_1, Src::Q5K] {
+        for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q5_0, Src::Q5_1, Src::Q5K, Src::Q6K] {
             let t = src.packed();
             for nb in [1, 8, 9, 18, 48] {
                 let k = nb * QK;
-                if !k.is_multiple_of(src.block_elems()) {
-                    continue; // Q5_K rows come in 256-element super-blocks
-                }
                 let rb = t.row_bytes(k);
-                let mut w = pack(src, &random_gguf(src, rows, k, &mut rng), rows, k);
+                let mut w = if src == Src::Q6K {
+                    random_q8_16_rows(rows, k, &mut rng)
+                } else if k.is_multiple_of(src.block_elems()) {
+                    pack(src, &random_gguf(src, rows, k, &mut rng), rows, k)
+                } else {
+                    continue; // Q5_K rows come in 256-element super-blocks
+                };
                 quant::interleave(t, rows, k, &mut w);
                 let group = |r: usize| &w[r / quant::RG * quant::RG * rb..][..quant::RG * rb];
                 let reference = |r: usize, y: Q8View<'_>| quant::dot_interleaved_scalar(t, group(r), r % quant::RG, y);
-                check_gemm(t, Layout::Interleaved, (&w, rows, nb), &reference, &mut rng);
+                let weights = |r: usize| {
+                    let mut out = vec![0f32; k];
+                    quant::dequantize_interleaved(t, group(r), r % quant::RG, &mut out);
+                    out
+                };
+                check_gemm(t, Layout::Interleaved, (&w, rows, nb), (&reference, &weights), &mut rng);
             }
         }
     }
