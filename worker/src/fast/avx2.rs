@@ -597,7 +597,8 @@ impl GroupKernel for Avx2 {
             };
             let mut s = [[_mm256_setzero_si256(); 2]; C];
             // Q8_16: the second half block's sums (chunks 4-7), kept apart
-            // for their own scale.
+            // for their own scale (written only where the build has AVX-VNNI).
+            #[cfg_attr(not(target_feature = "avxvnni"), allow(unused_mut))]
             let mut s1 = [[_mm256_setzero_si256(); 2]; C];
             if matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16) {
                 // Eight chunks of 4 bytes × 16 rows per block; each half's
