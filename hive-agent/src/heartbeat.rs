@@ -96,6 +96,7 @@ impl Heartbeat {
             .unwrap_or_default()
             .into_iter()
             .map(|e| ModelSummary {
+                memory: self.pool.memory_for(&e),
                 present: e.path.is_file(),
                 key: e.key,
                 source: e.source,

@@ -122,6 +122,12 @@ pub struct ModelSummary {
     /// False when the catalog entry's file has vanished.
     #[serde(default = "yes")]
     pub present: bool,
+    /// Memory a worker for it is estimated to need on this hive, as the
+    /// hive's placement counts it: the weights as its workers hold them,
+    /// and a KV cache per slot at the longest context. 0: not known (a hive
+    /// from before this field).
+    #[serde(default)]
+    pub memory: u64,
 }
 
 impl ModelSummary {
@@ -193,6 +199,7 @@ mod tests {
                 quantization: "q4_1".into(),
                 size: 5,
                 present: true,
+                memory: 9,
             }],
         };
         assert_eq!(info.memory_available(), 1 << 30);
@@ -216,6 +223,10 @@ mod tests {
         for enc in [Encoding::Json, Encoding::Msgpack] {
             assert_eq!(enc.decode::<HiveInfo>(&enc.encode(&info)).unwrap(), info);
         }
+        // A model as a hive before `memory` listed it: not known.
+        let old = r#"{"key":"m","source":"s","format":"gguf","size":5}"#;
+        let m = Encoding::Json.decode::<ModelSummary>(old.as_bytes()).unwrap();
+        assert_eq!((m.memory, m.present), (0, true));
     }
 
     #[test]

@@ -179,6 +179,15 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     let row = listed.as_array().unwrap().iter().find(|r| r["model"]["key"] == "tiny").expect("tiny listed");
     assert_eq!(row["hive"], hive.id.as_str());
     assert_eq!(row["model"]["size"], size);
+    // What a worker for it needs here, as placement counts it: the weights
+    // (Q4_1 is held as it is), a tenth for activations, 64 MiB for the
+    // process, and its one slot's KV cache at 4,096 tokens of 23,040 bytes.
+    let needs = size + size / 10 + (64 << 20) + 4096 * 23_040;
+    assert_eq!(row["model"]["memory"], needs);
+    let table = cli(&broker.url(), &["models", "list"]).await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    let line = text.lines().find(|l| l.starts_with("tiny")).expect("tiny in the table");
+    assert!(text.contains("NEEDS") && line.contains(&format!("{:.0} MiB", needs as f64 / f64::from(1u32 << 20))), "{text}");
     let events = infer(&client, "tiny", short(4)).await;
     assert!(matches!(events.last().unwrap().body, EventBody::Done(_)), "{events:?}");
 

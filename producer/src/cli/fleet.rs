@@ -130,6 +130,18 @@ fn gib(bytes: u64) -> String {
     }
 }
 
+/// What a worker for one model needs on the hives that list it (each hive
+/// estimates for its own backend and slots): one figure, or the range; "-"
+/// where no hive says.
+fn needs(memory: impl Iterator<Item = u64>) -> String {
+    let known: Vec<u64> = memory.filter(|&m| m > 0).collect();
+    match (known.iter().min(), known.iter().max()) {
+        (Some(&lo), Some(&hi)) if gib(lo) != gib(hi) => format!("{}-{}", gib(lo), gib(hi)),
+        (Some(&lo), _) => gib(lo),
+        _ => "-".to_owned(),
+    }
+}
+
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -285,9 +297,12 @@ pub async fn models(client: &Client, cmd: ModelsCommand) -> anyhow::Result<ExitC
             }
             let rows: Vec<Vec<String>> = merged
                 .iter()
-                .map(|(k, (hs, m))| vec![k.clone(), gib(m.size), m.format.clone(), m.quantization.clone(), m.architecture.clone(), hs.join(", ")])
+                .map(|(k, (hs, m))| {
+                    let needs = needs(hives.iter().flat_map(|h| h.models.iter().filter(|hm| hm.key == *k).map(|hm| hm.memory)));
+                    vec![k.clone(), gib(m.size), needs, m.format.clone(), m.quantization.clone(), m.architecture.clone(), hs.join(", ")]
+                })
                 .collect();
-            println!("{}", table(&["MODEL", "SIZE", "FORMAT", "QUANT", "ARCH", "HIVES"], &rows));
+            println!("{}", table(&["MODEL", "SIZE", "NEEDS", "FORMAT", "QUANT", "ARCH", "HIVES"], &rows));
             Ok(ExitCode::SUCCESS)
         }
         ModelsCommand::Get { model, json } => {
@@ -317,6 +332,7 @@ pub async fn models(client: &Client, cmd: ModelsCommand) -> anyhow::Result<ExitC
                     println!("  {k:<13} {}", field(m, k));
                 }
                 println!("  {:<13} {}", "size", gib(m["size"].as_u64().unwrap_or(0)));
+                println!("  {:<13} {}", "needs", gib(m["memory"].as_u64().unwrap_or(0)));
                 println!("  {:<13} {}", "present", m["present"]);
             }
             Ok(ExitCode::SUCCESS)
@@ -544,5 +560,17 @@ impl WorkersCommand {
 impl HivesCommand {
     pub fn list(json: bool) -> Self {
         HivesCommand::List { json }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn needs_is_one_figure_a_range_or_unknown() {
+        assert_eq!(needs([300 << 20, 0, 300 << 20].into_iter()), "300 MiB", "older hives (0) do not count");
+        assert_eq!(needs([300 << 20, 2 << 30].into_iter()), "300 MiB-2.0 GiB");
+        assert_eq!(needs([0].into_iter()), "-");
     }
 }
