@@ -104,6 +104,7 @@ impl Heartbeat {
                 architecture: e.architecture,
                 quantization: e.quantization,
                 size: e.size,
+                sha256: e.sha256,
             })
             .collect();
         HiveInfo {

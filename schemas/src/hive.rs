@@ -119,6 +119,10 @@ pub struct ModelSummary {
     #[serde(default)]
     pub quantization: String,
     pub size: u64,
+    /// The file's sha256 (hex), as the catalog recorded it ("" from hives
+    /// before this field).
+    #[serde(default)]
+    pub sha256: String,
     /// False when the catalog entry's file has vanished.
     #[serde(default = "yes")]
     pub present: bool,
@@ -198,6 +202,7 @@ mod tests {
                 architecture: "llama".into(),
                 quantization: "q4_1".into(),
                 size: 5,
+                sha256: "ab".repeat(32),
                 present: true,
                 memory: 9,
             }],
@@ -226,7 +231,7 @@ mod tests {
         // A model as a hive before `memory` listed it: not known.
         let old = r#"{"key":"m","source":"s","format":"gguf","size":5}"#;
         let m = Encoding::Json.decode::<ModelSummary>(old.as_bytes()).unwrap();
-        assert_eq!((m.memory, m.present), (0, true));
+        assert_eq!((m.memory, m.present, m.sha256.as_str()), (0, true, ""));
     }
 
     #[test]

@@ -184,6 +184,7 @@ async fn a_download_resumes_after_an_interruption_is_verified_registered_and_run
     // process, and its one slot's KV cache at 4,096 tokens of 23,040 bytes.
     let needs = size + size / 10 + (64 << 20) + 4096 * 23_040;
     assert_eq!(row["model"]["memory"], needs);
+    assert_eq!(row["model"]["sha256"], DEMO_SHA);
     let table = cli(&broker.url(), &["models", "list"]).await;
     let text = String::from_utf8_lossy(&table.stdout);
     let line = text.lines().find(|l| l.starts_with("tiny")).expect("tiny in the table");
