@@ -8,7 +8,8 @@
 use std::time::Instant;
 
 use rbee_worker::fast::arena::Arena;
-use rbee_worker::fast::quant::{interleave, pack, Layout, Q8Buf, Src, WType, QK};
+use rbee_worker::fast::interleave::{interleave, Layout};
+use rbee_worker::fast::quant::{pack, Q8Buf, Src, WType, QK};
 use rbee_worker::fast::simd::{self, gemm_q, quantize_q8};
 
 fn main() {

@@ -11,7 +11,8 @@
 
 use std::arch::x86_64::*;
 
-use super::quant::{Q8View, WType, QK, RG};
+use super::interleave::RG;
+use super::quant::{Q8View, WType, QK};
 use super::simd::Sink;
 
 /// Blocks whose scales one vector holds.
@@ -478,7 +479,7 @@ pub(super) unsafe fn prefetch_ahead(t: WType, w: *const u8, nb: usize, b: usize)
     }
 }
 
-/// A kernel for interleaved groups (see [`super::quant::interleave`]).
+/// A kernel for interleaved groups (see [`super::interleave::interleave`]).
 pub(super) trait GroupKernel {
     /// Whether it takes the 8-bit types, Q8_0, Q8_1 and Q8_16 (all kernels
     /// take Q4_0 and Q4_1).

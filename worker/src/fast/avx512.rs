@@ -1,5 +1,5 @@
 //! AVX-512 VNNI kernels for row-interleaved weights (see
-//! [`super::quant::interleave`]): 16 rows per 512-bit lane set, so each
+//! [`super::interleave::interleave`]): 16 rows per 512-bit lane set, so each
 //! `vpdpbusd` multiplies 4 elements of 16 rows by 4 activation bytes
 //! broadcast from one column, and a block ends with one convert and two FMAs
 //! per column for all 16 rows. Nothing is summed across lanes.
@@ -19,7 +19,8 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{exp_poly, prefetch_ahead, Cols, GroupKernel};
-use super::quant::{WType, QK, RG};
+use super::interleave::RG;
+use super::quant::{WType, QK};
 use super::simd::LANES;
 
 /// Four activation bytes at `p`, in every 32-bit lane.

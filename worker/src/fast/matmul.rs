@@ -10,7 +10,8 @@
 
 use super::arena::Bytes;
 use super::pool::Pool;
-use super::quant::{self, pack_into, Layout, Q8View, Src, WType, QK, RG};
+use super::interleave::{self, Layout, RG};
+use super::quant::{self, pack_into, Q8View, Src, WType, QK};
 use super::simd::{self, Offset, Sink};
 
 /// One weight matrix: `rows` output features × `cols` input features, each row
@@ -64,7 +65,7 @@ impl Matrix {
             Layout::Rows => quant::dequantize_row(self.t, &self.data[r * self.row_bytes..(r + 1) * self.row_bytes], out),
             Layout::Interleaved => {
                 let g = r / RG * RG * self.row_bytes;
-                quant::dequantize_interleaved(self.t, &self.data[g..g + RG * self.row_bytes], r % RG, out)
+                interleave::dequantize_interleaved(self.t, &self.data[g..g + RG * self.row_bytes], r % RG, out)
             }
         }
     }
@@ -75,7 +76,7 @@ impl Matrix {
 pub fn pack_matrix(src: Src, gguf: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
     match simd::layout(src.packed(), rows) {
         Layout::Rows => pack_into(src, gguf, rows, cols, out),
-        Layout::Interleaved => quant::pack_interleaved_into(src, gguf, rows, cols, out),
+        Layout::Interleaved => interleave::pack_interleaved_into(src, gguf, rows, cols, out),
     }
 }
 

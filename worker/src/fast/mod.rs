@@ -9,7 +9,9 @@
 //! of each step.
 //!
 //! - [`load`]: GGUF → weights, repacked once into one [`arena`] (huge pages).
-//! - [`quant`]: block formats, the packed row layout, scalar kernels.
+//! - [`quant`]: block formats, the packed row layout, scalar kernels;
+//!   [`interleave`]: the interleaved layout (16 rows at a time) and its
+//!   scalar reference.
 //! - [`simd`]: the kernels' safe API; `avx2` (x86-64 only): their SIMD code,
 //!   with 256-bit kernels for interleaved 4-bit rows; `avx512` (AVX-512 VNNI
 //!   builds only): 512-bit kernels for interleaved rows, which replace those.
@@ -26,6 +28,7 @@ mod avx2;
 // AVX-512F implies AVX2, FMA and F16C, so `avx2` is compiled in too.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f", target_feature = "avx512vnni"))]
 mod avx512;
+pub mod interleave;
 pub mod load;
 pub mod matmul;
 pub mod model;

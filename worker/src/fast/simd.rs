@@ -10,7 +10,8 @@
 
 use half::f16;
 
-use super::quant::{self, Layout, Q8Buf, Q8View, WType, QK};
+use super::interleave::{self, Layout};
+use super::quant::{self, Q8Buf, Q8View, WType, QK};
 
 /// Whether the SIMD kernels are compiled in (else the scalar fallback runs).
 pub const SIMD: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"));
@@ -29,9 +30,9 @@ fn interleaved_kernel(t: WType) -> bool {
 
 /// The layout a `rows`-row matrix of type `t` is kept in: interleaved where
 /// the build has a kernel for it and the matrix is
-/// [`quant::interleavable`], else packed rows.
+/// [`interleave::interleavable`], else packed rows.
 pub fn layout(t: WType, rows: usize) -> Layout {
-    if interleaved_kernel(t) && quant::interleavable(t, rows) {
+    if interleaved_kernel(t) && interleave::interleavable(t, rows) {
         Layout::Interleaved
     } else {
         Layout::Rows
@@ -115,15 +116,15 @@ pub fn gemm_q<F: Sink>(
     assert!(w.len() >= rows * row_bytes, "gemm_q: weights shorter than {rows} rows");
     assert!(y.blocks() >= ncols * nb, "gemm_q: activations shorter than {ncols} columns");
     if layout == Layout::Interleaved {
-        assert!(quant::interleavable(t, rows), "gemm_q: {rows} rows of {t:?} are not whole interleaved groups");
+        assert!(interleave::interleavable(t, rows), "gemm_q: {rows} rows of {t:?} are not whole interleaved groups");
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
         if interleaved_kernel(t) {
             return super::avx2::gemm_interleaved(t, w, row_bytes, rows, nb, (y, ncols), store);
         }
-        for (g, group) in w[..rows * row_bytes].chunks_exact(quant::RG * row_bytes).enumerate() {
+        for (g, group) in w[..rows * row_bytes].chunks_exact(interleave::RG * row_bytes).enumerate() {
             for c in 0..ncols {
-                for i in 0..quant::RG {
-                    store.one(quant::RG * g + i, c, quant::dot_interleaved_scalar(t, group, i, y.range(c * nb, nb)));
+                for i in 0..interleave::RG {
+                    store.one(interleave::RG * g + i, c, interleave::dot_interleaved_scalar(t, group, i, y.range(c * nb, nb)));
                 }
             }
         }
@@ -419,7 +420,7 @@ mod tests {
     #[test]
     fn interleaved_gemm_matches_scalar_reference() {
         let mut rng = Rng(19);
-        let rows = 2 * quant::RG;
+        let rows = 2 * interleave::RG;
         for src in [Src::Q4_0, Src::Q4_1, Src::Q8_0, Src::Q5_0, Src::Q5_1, Src::Q5K, Src::Q6K] {
             let t = src.packed();
             for nb in [1, 8, 9, 18, 48] {
@@ -432,12 +433,12 @@ mod tests {
                 } else {
                     continue; // Q5_K rows come in 256-element super-blocks
                 };
-                quant::interleave(t, rows, k, &mut w);
-                let group = |r: usize| &w[r / quant::RG * quant::RG * rb..][..quant::RG * rb];
-                let reference = |r: usize, y: Q8View<'_>| quant::dot_interleaved_scalar(t, group(r), r % quant::RG, y);
+                interleave::interleave(t, rows, k, &mut w);
+                let group = |r: usize| &w[r / interleave::RG * interleave::RG * rb..][..interleave::RG * rb];
+                let reference = |r: usize, y: Q8View<'_>| interleave::dot_interleaved_scalar(t, group(r), r % interleave::RG, y);
                 let weights = |r: usize| {
                     let mut out = vec![0f32; k];
-                    quant::dequantize_interleaved(t, group(r), r % quant::RG, &mut out);
+                    interleave::dequantize_interleaved(t, group(r), r % interleave::RG, &mut out);
                     out
                 };
                 check_gemm(t, Layout::Interleaved, (&w, rows, nb), (&reference, &weights), &mut rng);
