@@ -7,6 +7,7 @@
 //! RBEE_TEST_MODELS_DIR overrides where it is looked for).
 
 mod cli;
+mod downloads;
 mod engine;
 mod faults;
 mod fleet;
@@ -14,4 +15,5 @@ mod harness;
 mod hub;
 mod infer;
 mod jobs;
+mod memory;
 mod python;
