@@ -324,17 +324,33 @@ fn insufficient(ctx: &JobCtx, entry: &ModelEntry, need: u64, short: Shortfall, b
     } else {
         String::new()
     };
+    let candle = candle_hint(ctx.pool.memory_on_candle(entry), short.here + short.idle);
     JobError::new(
         ErrorCode::InsufficientMemory,
         format!(
             "model {} needs about {} of memory; hive {} has {}{on_gpu} available{limit}{held}, and no other hive has more. \
-             Free memory, raise --memory-limit, or use a smaller quantization",
+             Free memory, raise --memory-limit, or use a smaller quantization{candle}",
             entry.key,
             human(need),
             ctx.hive_id,
             human(short.here + short.idle),
         ),
     )
+}
+
+/// The end of an `INSUFFICIENT_MEMORY` message where the candle engine
+/// would fit a model that the fast engine's widened weights do not: `lean`
+/// is what a candle worker needs ([`Pool::memory_on_candle`]), `room` what
+/// the hive could free. Empty otherwise.
+fn candle_hint(lean: Option<u64>, room: u64) -> String {
+    match lean {
+        Some(lean) if lean <= room => format!(
+            "; or start the hive with --worker-engine candle (RBEE_ENGINE=candle): candle keeps this model's weights \
+             as the file stores them and needs about {} here, but runs several times slower",
+            human(lean)
+        ),
+        _ => String::new(),
+    }
 }
 
 /// A job for `entry`, which `hive` serves: left for it, after starting a
@@ -356,6 +372,14 @@ async fn left_for(ctx: &JobCtx, entry: ModelEntry, hive: &str, queued: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insufficient_memory_names_the_candle_engine_only_where_it_would_fit() {
+        let hint = candle_hint(Some(300 << 20), 400 << 20);
+        assert!(hint.contains("--worker-engine candle") && hint.contains("300.0 MiB"), "{hint}");
+        assert_eq!(candle_hint(Some(500 << 20), 400 << 20), "", "candle would not fit either");
+        assert_eq!(candle_hint(None, 400 << 20), "", "no smaller figure (not widened, GPU, or already candle)");
+    }
 
     #[test]
     fn only_a_job_that_waited_asks_for_the_scale_out_lease_and_not_again_soon() {

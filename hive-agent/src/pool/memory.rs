@@ -155,8 +155,22 @@ impl Pool {
     /// Before the worker says how many jobs it runs at once: a GPU worker
     /// (candle) runs one, a CPU worker up to `--worker-slots`.
     pub(super) fn memory_on(&self, model: &ModelEntry, backend: &str) -> u64 {
+        self.memory_with(model, backend, &self.config.engine)
+    }
+
+    fn memory_with(&self, model: &ModelEntry, backend: &str, engine: &str) -> u64 {
         let slots = if backend == "cpu" { self.config.worker_slots } else { 1 };
-        crate::system::worker_memory(model, slots, backend, &self.config.engine)
+        crate::system::worker_memory(model, slots, backend, engine)
+    }
+
+    /// What a worker for `model` would need here on the candle engine,
+    /// where that is less than [`Self::memory_for`]: a CPU hive whose workers
+    /// run the fast engine, which widens some weight types (Q4_K, the 5-bit
+    /// types, Q6_K) when it loads them, and candle does not.
+    pub fn memory_on_candle(&self, model: &ModelEntry) -> Option<u64> {
+        let backend = &self.config.backend;
+        let lean = self.memory_with(model, backend, "candle");
+        (lean < self.memory_on(model, backend)).then_some(lean)
     }
 
     pub fn committed(&self) -> Committed {
@@ -321,11 +335,15 @@ mod tests {
     use super::*;
 
     fn pool() -> Arc<Pool> {
+        pool_on("cpu", "auto")
+    }
+
+    fn pool_on(backend: &str, engine: &str) -> Arc<Pool> {
         Pool::new(PoolConfig {
             hive_id: "h".into(),
             worker_bin: PathBuf::new(),
-            backend: "cpu".into(),
-            engine: "auto".into(),
+            backend: backend.into(),
+            engine: engine.into(),
             device: 0,
             threads: None,
             load_timeout: Duration::from_secs(1),
@@ -334,6 +352,36 @@ mod tests {
             worker_slots: 1,
             min_turn: Duration::from_secs(5),
         })
+    }
+
+    /// The candle engine's smaller figure exists where the fast engine
+    /// would widen the model's weights: a CPU hive not already on candle.
+    #[test]
+    fn a_candle_worker_needs_less_only_where_the_fast_engine_widens() {
+        let k = crate::catalog::KNOWN_MODELS[0];
+        let demo = ModelEntry {
+            key: k.alias.into(),
+            source: k.hf.into(),
+            path: k.file.into(),
+            format: "gguf".into(),
+            architecture: k.architecture.into(),
+            quantization: k.quantization.into(),
+            size: k.size,
+            sha256: k.sha256.into(),
+            added_at_ms: 0,
+            last_used_ms: 0,
+            kv_bytes_per_token: k.kv_bytes_per_token,
+            context_length: k.context_length,
+            weight_bytes: k.size,
+        };
+        let widened = ModelEntry { weight_bytes: k.size * 8 / 5, ..demo.clone() };
+        let auto = pool();
+        let lean = auto.memory_on_candle(&widened).expect("smaller on candle");
+        let (wide, file) = (widened.weight_bytes, k.size);
+        assert_eq!(auto.memory_for(&widened) - lean, (wide + wide / 10) - (file + file / 10), "the widening and its tenth");
+        assert_eq!(auto.memory_on_candle(&demo), None, "Q4_1 is held as it is");
+        assert_eq!(pool_on("cpu", "candle").memory_on_candle(&widened), None, "already candle");
+        assert_eq!(pool_on("cuda", "auto").memory_on_candle(&widened), None, "candle on a GPU keeps the file's blocks");
     }
 
     #[test]
