@@ -12,7 +12,7 @@ use candle_core::quantized::gguf_file::Content;
 /// merge is one), a syscall apiece on the bare file. And positioned: candle
 /// asks for the stream position before each string, which a `BufReader`
 /// answers with an `lseek` on the file (80,574 for the demo model, which
-/// took its header from ~20 to ~9 ms); [`Positioned`] answers from a counter.
+/// took its header from ~20 to ~9 ms); `Positioned` answers from a counter.
 pub fn read_header(file: &mut File) -> candle_core::Result<Content> {
     let pos = file.stream_position()?;
     Content::read(&mut Positioned { inner: BufReader::with_capacity(1 << 20, file), pos })

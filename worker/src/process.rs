@@ -1,7 +1,7 @@
 //! The worker process: command line, protocol pipe and job loop.
 //!
 //! Two threads: the job loop, which reads the hive's frames itself between
-//! steps ([`HiveInbox`]), and a watcher that only waits for the hive's end
+//! steps (`HiveInbox`), and a watcher that only waits for the hive's end
 //! of stdin to close and then exits the process at once, even mid-step.
 
 use std::fs::File;

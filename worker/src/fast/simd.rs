@@ -2,7 +2,7 @@
 //! packed-weight × activation tiles, and the f32/f16 vector ops attention needs.
 //!
 //! Each function checks its slice lengths, then picks its implementation at
-//! compile time: [`super::avx2`] when the build targets AVX2 + FMA + F16C (the
+//! compile time: `avx2` when the build targets AVX2 + FMA + F16C (the
 //! workspace builds with `target-cpu=native`), else the portable scalar code
 //! in [`super::quant`]. The only `unsafe` here is those checked calls. Pure
 //! functions; callers parallelise by handing disjoint rows to threads.
