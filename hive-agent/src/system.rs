@@ -88,21 +88,7 @@ mod tests {
             assert!(total > 0 && free > 0 && free <= total);
         }
         let mut m = crate::catalog::KNOWN_MODELS[0];
-        let entry = |k: &crate::catalog::KnownModel| ModelEntry {
-            key: k.alias.into(),
-            source: k.hf.into(),
-            path: k.file.into(),
-            format: "gguf".into(),
-            architecture: k.architecture.into(),
-            quantization: k.quantization.into(),
-            size: k.size,
-            sha256: k.sha256.into(),
-            added_at_ms: 0,
-            last_used_ms: 0,
-            kv_bytes_per_token: k.kv_bytes_per_token,
-            context_length: k.context_length,
-            weight_bytes: 0,
-        };
+        let entry = |k: &crate::catalog::KnownModel| k.entry(k.file.into(), 0);
         // The demo model: 98 MB of weights, 4,096 tokens (the cap, below its
         // 8,192) of 23,040 bytes per slot.
         let one = model_memory(&entry(&m), 1, true);

@@ -359,21 +359,7 @@ mod tests {
     #[test]
     fn a_candle_worker_needs_less_only_where_the_fast_engine_widens() {
         let k = crate::catalog::KNOWN_MODELS[0];
-        let demo = ModelEntry {
-            key: k.alias.into(),
-            source: k.hf.into(),
-            path: k.file.into(),
-            format: "gguf".into(),
-            architecture: k.architecture.into(),
-            quantization: k.quantization.into(),
-            size: k.size,
-            sha256: k.sha256.into(),
-            added_at_ms: 0,
-            last_used_ms: 0,
-            kv_bytes_per_token: k.kv_bytes_per_token,
-            context_length: k.context_length,
-            weight_bytes: k.size,
-        };
+        let demo = k.entry(k.file.into(), 0);
         let widened = ModelEntry { weight_bytes: k.size * 8 / 5, ..demo.clone() };
         let auto = pool();
         let lean = auto.memory_on_candle(&widened).expect("smaller on candle");
