@@ -499,7 +499,7 @@ pub(super) type Interleaved = Avx2;
 
 /// Whether [`Interleaved`] takes weights of type `t`.
 pub(super) fn takes_interleaved(t: WType) -> bool {
-    matches!(t, WType::Q4_0 | WType::Q4_1) || (matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16) && <Interleaved as GroupKernel>::Q8_0)
+    matches!(t, WType::Q4_0 | WType::Q4_1) || (t.is_8_bit() && <Interleaved as GroupKernel>::Q8_0)
 }
 
 /// [`gemm_q`] over interleaved groups with the [`Interleaved`] kernel;
@@ -601,7 +601,7 @@ impl GroupKernel for Avx2 {
             // for their own scale (written only where the build has AVX-VNNI).
             #[cfg_attr(not(target_feature = "avxvnni"), allow(unused_mut))]
             let mut s1 = [[_mm256_setzero_si256(); 2]; C];
-            if matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16) {
+            if t.is_8_bit() {
                 // Eight chunks of 4 bytes × 16 rows per block; each half's
                 // sums stay in i32 (`vpdpbusd` widens as it adds).
                 #[cfg(target_feature = "avxvnni")]

@@ -69,7 +69,7 @@ unsafe fn group<const C: usize>(t: WType, w: *const u8, nb: usize, y: &Cols<C>) 
         // not wait on each other; for Q8_16 one per half block (chunks 0-3
         // are elements 0-15), taken in turns.
         let mut s = [[_mm512_setzero_si512(); 2]; C];
-        let eight_bit = matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16);
+        let eight_bit = t.is_8_bit();
         if eight_bit {
             let qb = q.add(512 * b);
             for i in 0..8 {

@@ -158,7 +158,7 @@ fn put(dst: &mut [u8], at: usize, v: u32) {
 #[inline]
 fn interleaved_q(t: WType, group: &[u8], nb: usize, (i, b, j): (usize, usize, usize)) -> u8 {
     let qg = RG * t.quants_at(nb);
-    if matches!(t, WType::Q8_0 | WType::Q8_1 | WType::Q8_16) {
+    if t.is_8_bit() {
         group[qg + 512 * b + 64 * (j / 4) + 4 * i + j % 4]
     } else {
         let byte = group[qg + 256 * b + 64 * (j % 16 / 4) + 4 * i + j % 4];

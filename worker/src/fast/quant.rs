@@ -71,6 +71,12 @@ impl WType {
         }
     }
 
+    /// Whether a block holds one byte per value (Q8_0, Q8_1, Q8_16): the
+    /// 8-bit kernel paths, as against the 4-bit ones.
+    pub fn is_8_bit(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q8_1 | Self::Q8_16)
+    }
+
     /// Bytes one row of `n` elements takes (`n` must be a multiple of the block size).
     pub fn row_bytes(self, n: usize) -> usize {
         n / self.block_elems() * self.block_bytes()
