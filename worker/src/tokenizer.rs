@@ -1,10 +1,16 @@
 //! The tokenizer, built from a GGUF file's own metadata (no tokenizer.json).
 //!
 //! Supported: `tokenizer.ggml.model = gpt2` (byte-level BPE), with the
-//! pre-tokenizers `smollm` (single digits, then the GPT-2 split), `gpt2` and
-//! `default`; an unknown `tokenizer.ggml.pre` falls back to the GPT-2 split with
-//! a warning. Control and user-defined tokens become special tokens, so chat
-//! markers such as `<|im_start|>` encode as one id.
+//! pre-tokenizers (`tokenizer.ggml.pre`, see [`PreSplit`]) of SmolLM, Llama 3,
+//! Qwen 2 and 3, Mistral's Tekken and GPT-2; an unknown one falls back to the
+//! GPT-2 split with a warning. Control and user-defined tokens become special
+//! tokens, so chat markers such as `<|im_start|>` encode as one id.
+//!
+//! Generation stops at the EOS token, at `eot_token_id` / `eom_token_id` when
+//! the file names them, and at the end-of-turn markers llama.cpp recognises by
+//! their text (`<|eot_id|>`, `<|im_end|>`, ...): older Llama 3 conversions name
+//! `<|end_of_text|>` as EOS while the instruct model ends its turn with
+//! `<|eot_id|>`.
 //!
 //! [`GgufTokenizer::build`] checks what it built against the metadata: the EOS
 //! and BOS ids must name control tokens, every special token must encode to its
@@ -16,11 +22,95 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Llama 3's split (tiktoken's cl100k pattern): contractions in any case, a
+/// word with one leading non-letter, numbers in runs of up to three digits.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen 2's: Llama 3's with single digits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Mistral's Tekken: words split at case changes (`Camel` `Case`), single
+/// digits, no contractions.
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Texts of end-of-turn tokens that stop generation wherever the file does
+/// not name them (llama.cpp's list).
+const END_OF_TURN: &[&str] = &[
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "<｜end▁of▁sentence｜>",
+];
+
+/// How text is cut into words before BPE, for one `tokenizer.ggml.pre`, as
+/// llama.cpp and the models' own `tokenizer.json` cut it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PreSplit {
+    /// GPT-2's split (`gpt2`, `default`, and unknown names).
+    Gpt2,
+    /// Every digit alone, then GPT-2's split (`smollm`).
+    SmolLm,
+    /// `llama-bpe` and its aliases; also `dbrx`, `smaug-bpe`.
+    Llama3,
+    /// `qwen2` and its aliases.
+    Qwen2,
+    /// `tekken`.
+    Tekken,
+}
+
+impl PreSplit {
+    /// The split for `pre`; `None` for a name this tokenizer does not know.
+    pub fn named(pre: &str) -> Option<Self> {
+        Some(match pre {
+            "gpt2" | "gpt-2" | "default" => Self::Gpt2,
+            "smollm" => Self::SmolLm,
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "dbrx" | "smaug-bpe" => {
+                Self::Llama3
+            }
+            "qwen2" | "deepseek-r1-qwen" | "megrez" => Self::Qwen2,
+            "tekken" => Self::Tekken,
+            _ => return None,
+        })
+    }
+
+    /// Whether a word that is itself in the vocabulary is taken whole, without
+    /// merging (Hugging Face's `ignore_merges`).
+    fn ignore_merges(self) -> bool {
+        matches!(self, Self::Llama3 | Self::Tekken)
+    }
+
+    /// Whether a BOS token starts every prompt when the file does not say
+    /// (`tokenizer.ggml.add_bos_token`).
+    fn adds_bos(self) -> bool {
+        matches!(self, Self::Llama3 | Self::Tekken)
+    }
+
+    fn pre_tokenizer(self) -> Result<PreTokenizerWrapper, String> {
+        let regex = |pattern: &str| -> Result<PreTokenizerWrapper, String> {
+            let split = Split::new(SplitPattern::Regex(pattern.to_owned()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| format!("pre-tokenizer pattern: {e}"))?;
+            Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+        };
+        let gpt2 = ByteLevel::new(false, true, true);
+        match self {
+            Self::Gpt2 => Ok(gpt2.into()),
+            Self::SmolLm => Ok(Sequence::new(vec![Digits::new(true).into(), gpt2.into()]).into()),
+            Self::Llama3 => regex(LLAMA3_SPLIT),
+            Self::Qwen2 => regex(QWEN2_SPLIT),
+            Self::Tekken => regex(TEKKEN_SPLIT),
+        }
+    }
+}
 
 /// A tokenizer plus the special ids generation needs.
 #[derive(Debug)]
@@ -97,21 +187,21 @@ impl GgufTokenizer {
                     .ok_or_else(|| format!("malformed merge {m:?}"))
             })
             .collect::<Result<_, _>>()?;
+        let split = PreSplit::named(&pre).unwrap_or_else(|| {
+            tracing::warn!(
+                pre = pre.as_str(),
+                "unknown tokenizer.ggml.pre: using the GPT-2 split; prompts may tokenize differently from what \
+                 the model was trained on"
+            );
+            PreSplit::Gpt2
+        });
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(split.ignore_merges())
             .build()
             .map_err(|e| format!("building BPE: {e}"))?;
         let mut inner = Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-            "gpt2" | "default" => byte_level.into(),
-            other => {
-                tracing::warn!(pre = other, "unknown tokenizer.ggml.pre; using the GPT-2 split");
-                byte_level.into()
-            }
-        };
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_pre_tokenizer(Some(split.pre_tokenizer()?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
 
         let specials: Vec<AddedToken> = tokens
@@ -126,15 +216,21 @@ impl GgufTokenizer {
         let eos = id_of("tokenizer.ggml.eos_token_id").ok_or("GGUF metadata has no tokenizer.ggml.eos_token_id")?;
         let mut eos_ids = vec![eos];
         // Chat models often end a turn with a different token than EOS.
-        if let Some(eot) = id_of("tokenizer.ggml.eot_token_id") {
-            eos_ids.push(eot);
+        let named = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].map(id_of);
+        let by_text = tokens.iter().zip(&types).enumerate().filter(|(_, (text, kind))| {
+            (**kind == TOKEN_TYPE_CONTROL || **kind == TOKEN_TYPE_USER_DEFINED) && END_OF_TURN.contains(&text.as_str())
+        });
+        for id in named.into_iter().flatten().chain(by_text.map(|(id, _)| id as u32)) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
         }
         let bos_id = id_of("tokenizer.ggml.bos_token_id");
         let add_bos = ct
             .metadata
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+            .unwrap_or(split.adds_bos() && bos_id.is_some());
         let text_of = |id: u32| tokens.get(id as usize).cloned().unwrap_or_default();
         let tok = GgufTokenizer {
             eos_text: text_of(eos),
@@ -188,17 +284,157 @@ impl GgufTokenizer {
         self.inner.decode(ids, true).map_err(|e| format!("detokenizing: {e}"))
     }
 
-    /// The ids a prompt is run with: BOS first when the model asks for it.
+    /// The ids a prompt is run with: BOS first when the model asks for it,
+    /// once (chat templates such as Llama 3's write it themselves).
     pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>, String> {
         let mut ids = Vec::with_capacity(text.len() / 3 + 2);
-        if self.add_bos {
+        let body = self.encode(text)?;
+        if self.add_bos && body.first() != self.bos_id.as_ref() {
             ids.extend(self.bos_id);
         }
-        ids.extend(self.encode(text)?);
+        ids.extend(body);
         Ok(ids)
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_ids.contains(&id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::VersionedMagic;
+    use std::collections::HashMap;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    /// `text` cut by `split`, as pieces of the original text.
+    fn pieces(split: PreSplit, text: &str) -> Vec<String> {
+        let mut pts = PreTokenizedString::from(text);
+        split.pre_tokenizer().expect("pre-tokenizer").pre_tokenize(&mut pts).expect("pre-tokenize");
+        pts.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(_, (a, b), _)| text[a..b].to_owned())
+            .collect()
+    }
+
+    /// The expected pieces come from Python's `regex` module running the
+    /// patterns of the models' own `tokenizer.json` files.
+    #[test]
+    fn each_pre_split_cuts_words_the_way_its_models_were_trained() {
+        let text = "I'M sure it's 12345 (hello)\n\n  world!!!\n";
+        let cases: [(PreSplit, &[&str]); 4] = [
+            (
+                PreSplit::Llama3,
+                &["I", "'M", " sure", " it", "'s", " ", "123", "45", " (", "hello", ")\n\n", " ", " world", "!!!\n"],
+            ),
+            (
+                PreSplit::Qwen2,
+                &[
+                    "I", "'M", " sure", " it", "'s", " ", "1", "2", "3", "4", "5", " (", "hello", ")\n\n", " ", " world",
+                    "!!!\n",
+                ],
+            ),
+            (
+                PreSplit::Tekken,
+                &[
+                    "I", "'M", " sure", " it", "'s", " ", "1", "2", "3", "4", "5", " (", "hello", ")\n\n", " ", " world",
+                    "!!!\n",
+                ],
+            ),
+            (
+                PreSplit::Gpt2,
+                &["I", "'", "M", " sure", " it", "'s", " 12345", " (", "hello", ")", "\n\n ", " world", "!!!", "\n"],
+            ),
+        ];
+        for (split, want) in cases {
+            assert_eq!(pieces(split, text), want, "{split:?}");
+        }
+        // Where Tekken differs from the other two: a case change inside a word.
+        let text = "HTTPServer says: CamelCase/path 7";
+        assert_eq!(pieces(PreSplit::Llama3, text), ["HTTPServer", " says", ":", " CamelCase", "/path", " ", "7"]);
+        assert_eq!(
+            pieces(PreSplit::Tekken, text),
+            ["HTTPServer", " says", ":", " Camel", "Case", "/path", " ", "7"]
+        );
+        assert_eq!(PreSplit::named("llama-bpe"), Some(PreSplit::Llama3));
+        assert_eq!(PreSplit::named("qwen2"), Some(PreSplit::Qwen2));
+        assert_eq!(PreSplit::named("no-such-split"), None);
+    }
+
+    /// GPT-2's byte → character table, which byte-level vocabularies are written in.
+    fn byte_chars() -> Vec<char> {
+        let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let mut extra = 256;
+        (0..256u32)
+            .map(|b| {
+                if printable(b) {
+                    char::from_u32(b).expect("char")
+                } else {
+                    extra += 1;
+                    char::from_u32(extra - 1).expect("char")
+                }
+            })
+            .collect()
+    }
+
+    /// A Llama-3-like vocabulary: every byte, the special tokens and one
+    /// whole word, with no merges at all; `extra` metadata on top.
+    fn llama3_like(extra: &[(&str, Value)]) -> Content {
+        let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+        let mut types = vec![1i32; tokens.len()];
+        for special in ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"] {
+            tokens.push(special.to_owned());
+            types.push(TOKEN_TYPE_CONTROL);
+        }
+        tokens.push("Ġhello".to_owned());
+        types.push(1);
+        let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+        let mut metadata: HashMap<String, Value> = [
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre", Value::String("llama-bpe".into())),
+            ("tokenizer.ggml.tokens", strings(tokens)),
+            ("tokenizer.ggml.merges", strings(Vec::new())),
+            ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
+            ("tokenizer.ggml.bos_token_id", Value::U32(256)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(257)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        metadata.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Content { magic: VersionedMagic::GgufV3, metadata, tensor_infos: HashMap::new(), tensor_data_offset: 0 }
+    }
+
+    #[test]
+    fn a_llama3_vocabulary_stops_at_eot_takes_whole_words_and_adds_bos_once() {
+        let tok = GgufTokenizer::build(&llama3_like(&[])).expect("tokenizer");
+        // EOS names <|end_of_text|>; the instruct model ends its turn with <|eot_id|>.
+        assert_eq!(tok.eos_ids, [257, 258]);
+        assert!(tok.is_eos(258));
+        // `ignore_merges`: " hello" is in the vocabulary, so it is one token
+        // although no merges build it.
+        assert_eq!(tok.encode(" hello").expect("encode"), [259]);
+        // Llama 3 adds BOS unless the file says otherwise, and not twice when
+        // the chat template already wrote it.
+        assert!(tok.add_bos);
+        let h = byte_chars()[b'h' as usize] as u32;
+        assert_eq!(tok.prompt_ids("h").expect("ids"), [256, h]);
+        assert_eq!(tok.prompt_ids("<|begin_of_text|>h").expect("ids"), [256, h]);
+
+        let told = GgufTokenizer::build(&llama3_like(&[
+            ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+            ("tokenizer.ggml.eot_token_id", Value::U32(258)),
+        ]))
+        .expect("tokenizer");
+        assert!(!told.add_bos);
+        assert_eq!(told.eos_ids, [257, 258]);
+        assert_eq!(told.prompt_ids("h").expect("ids"), [h]);
+
+        // With GPT-2's split only merges join bytes: " hello" stays six.
+        let gpt2 = GgufTokenizer::build(&llama3_like(&[("tokenizer.ggml.pre", Value::String("gpt2".into()))]))
+            .expect("tokenizer");
+        assert_eq!(gpt2.encode(" hello").expect("encode").len(), 6);
+        assert!(!gpt2.add_bos);
     }
 }
