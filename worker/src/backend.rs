@@ -129,6 +129,13 @@ impl Backend {
             fast_cpu_support()
         };
         let candle = |ct: Content, file: &mut File| -> Result<Self, String> {
+            if ct.tensor_infos.contains_key(crate::fast::load::ROPE_FACTORS) {
+                tracing::warn!(
+                    "candle's llama does not apply this model's RoPE scaling ({}, Llama 3.1 and later): its answers \
+                     will drift from the model's, more so in long contexts; the fast engine (CPU) applies it",
+                    crate::fast::load::ROPE_FACTORS
+                );
+            }
             let model = ModelWeights::from_gguf(ct, file, device).map_err(|e| e.to_string())?;
             Ok(Backend::Candle { model: Box::new(model), device: device.clone() })
         };

@@ -73,6 +73,9 @@ pub struct Weights {
     pub norm: Vec<f32>,
     /// `None`: the output head is tied to `embd` (no `output.weight`).
     pub output: Option<Matrix>,
+    /// `rope_freqs.weight`, one divisor per rotary frequency (Llama 3.1+
+    /// RoPE scaling, written out by the converter); `None` when absent.
+    pub rope_factors: Option<Vec<f32>>,
 }
 
 impl Weights {
@@ -245,7 +248,22 @@ pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String
     let output = if tied { None } else { Some(next()?) };
     let embd = next()?;
     let norm = vector(ct, file, "output_norm.weight", d)?;
-    Ok(Weights { cfg, embd, layers, norm, output })
+    let rope_factors = match ct.tensor_infos.contains_key(ROPE_FACTORS) {
+        true => Some(rope_factors(ct, file, cfg.head_dim / 2)?),
+        false => None,
+    };
+    Ok(Weights { cfg, embd, layers, norm, output, rope_factors })
+}
+
+/// The tensor llama.cpp's converter writes for Llama 3.1+ RoPE scaling.
+pub const ROPE_FACTORS: &str = "rope_freqs.weight";
+
+fn rope_factors(ct: &Content, file: &File, len: usize) -> Result<Vec<f32>, String> {
+    let f = vector(ct, file, ROPE_FACTORS, len)?;
+    match f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+        Some(bad) => Err(format!("{ROPE_FACTORS} holds {bad}: every factor must be a positive number")),
+        None => Ok(f),
+    }
 }
 
 /// Reads and repacks every slot's matrix into its part of `arena`, each part

@@ -161,7 +161,7 @@ impl FastModel {
 
     fn from_weights(w: Arc<Weights>, config: FastConfig) -> Result<Self, String> {
         let hd = w.cfg.head_dim;
-        let inv_freq = (0..hd).step_by(2).map(|i| 1f32 / w.cfg.rope_base.powf(i as f32 / hd as f32)).collect();
+        let inv_freq = inv_freq(w.cfg.rope_base, hd, w.rope_factors.as_deref());
         Ok(Self { w, pool: Pool::new(config.threads, config.pool)?, s: Scratch::default(), inv_freq })
     }
 
@@ -442,6 +442,14 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], dim: usize) {
     for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
         rms_norm_row(xr, w, eps, or);
     }
+}
+
+/// Each rotary pair's angle per position: `base^(−2j/hd)`, divided by the
+/// file's factor for pair `j` where it has them (as ggml's `rope` does).
+fn inv_freq(base: f32, hd: usize, factors: Option<&[f32]>) -> Vec<f32> {
+    (0..hd / 2)
+        .map(|j| 1f32 / base.powf((2 * j) as f32 / hd as f32) / factors.map_or(1.0, |f| f[j]))
+        .collect()
 }
 
 /// candle's `rope_i`: in each head, pair `(2j, 2j+1)` rotates by angle `j`.

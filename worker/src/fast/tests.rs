@@ -248,7 +248,8 @@ fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
     let rope = |v: &mut Vec<f32>, pos: usize| {
         for head in v.chunks_mut(hd) {
             for (j, p) in head.chunks_mut(2).enumerate() {
-                let a = pos as f32 * (1f32 / c.rope_base.powf((2 * j) as f32 / hd as f32));
+                let factor = w.rope_factors.as_ref().map_or(1.0, |f| f[j]);
+                let a = pos as f32 * (1f32 / c.rope_base.powf((2 * j) as f32 / hd as f32) / factor);
                 let (s, co) = a.sin_cos();
                 let (x0, x1) = (p[0], p[1]);
                 p[0] = x0 * co - x1 * s;
@@ -343,6 +344,48 @@ fn fast_and_candle_are_equally_close_to_an_f32_reference() {
     fast_kl /= fst.len() as f64;
     candle_kl /= fst.len() as f64;
     assert!(fast_kl <= 2.0 * candle_kl + 0.002, "mean KL(f32 ‖ ·): fast {fast_kl} vs candle {candle_kl}");
+}
+
+/// A file with `rope_freqs.weight` (Llama 3.1+ RoPE scaling) runs with its
+/// factors: the fast path follows the f32 reference that divides each pair's
+/// frequency by them, and that reference is far from the one without.
+#[test]
+fn rope_frequency_factors_are_applied() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let (ct, mut file) = open_demo();
+    let pairs = ct.metadata["llama.rope.dimension_count"].to_u32().expect("rope dims") as usize / 2;
+    // Steeper than Llama 3's (1 for fast pairs, up to 32 for slow ones), so
+    // that a 15-token prompt feels them.
+    let factors: Vec<f32> = (0..pairs).map(|j| 1.0 + j as f32).collect();
+    let mut tensors: Vec<(String, QTensor)> = ct
+        .tensor_infos
+        .keys()
+        .map(|name| (name.clone(), ct.tensor(&mut file, name, &Device::Cpu).expect("tensor")))
+        .collect();
+    let t = Tensor::new(factors.as_slice(), &Device::Cpu).expect("factors");
+    tensors.push((super::load::ROPE_FACTORS.to_owned(), QTensor::quantize(&t, GgmlDType::F32).expect("f32")));
+    let path = std::env::temp_dir().join(format!("rbee-fast-rope-{}.gguf", std::process::id()));
+    let meta: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).expect("temp file"), &meta, &ts).expect("write GGUF");
+    let mut f = std::fs::File::open(&path).expect("open");
+    let ct = gguf_file::Content::read(&mut f).expect("gguf");
+    std::fs::remove_file(&path).ok();
+
+    let weights = super::load::load(&ct, &f, 2).expect("weights");
+    assert_eq!(weights.rope_factors.as_deref(), Some(factors.as_slice()));
+    let scaled = reference_logits(&weights, &PROMPT);
+    let mut plain = weights;
+    plain.rope_factors = None;
+    let unscaled = reference_logits(&plain, &PROMPT);
+    let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
+    let mut seq = model.new_sequence(64);
+    let got = model.forward(&mut seq, &PROMPT).expect("prefill");
+    let (with, without) = (kl(&scaled[PROMPT.len() - 1], &got), kl(&unscaled[PROMPT.len() - 1], &got));
+    eprintln!("KL to the reference with the factors {with:.5}, without {without:.5}");
+    assert!(with <= 0.05, "KL(f32 with factors ‖ fast) {with}");
+    assert!(without >= 20.0 * with.max(0.005), "the factors changed too little to test: {without} vs {with}");
+    assert_same_top1("with rope factors", &got, &scaled[PROMPT.len() - 1]);
 }
 
 #[test]
