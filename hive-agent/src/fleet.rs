@@ -238,7 +238,7 @@ impl Fleet {
     /// Keeps the leases of the models this hive serves alive (`ready`
     /// workers), and of those it took the lease for and is still starting a
     /// worker for (a load may outlast the lease's 15 s TTL); gives up those it
-    /// took but has had no worker for since [`UNUSED_LEASE`] (a worker that
+    /// took but has had no worker for since `UNUSED_LEASE` (a worker that
     /// failed to load, or exited). A worker starting without the lease (a
     /// scale-out, an explicit spawn) does not take it: until it is ready the
     /// model's jobs go to the hive that serves it, and if it fails to start

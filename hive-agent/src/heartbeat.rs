@@ -30,7 +30,7 @@ const ID_TAKEOVER_WAIT: Duration = Duration::from_secs(2 * HEARTBEAT_INTERVAL_SE
 ///
 /// A hive that stops cleanly deletes its key. One that was killed leaves it
 /// until the bucket's TTL (15 s) removes it; its heartbeat no longer changes,
-/// so a hive restarted under the same id waits up to [`ID_TAKEOVER_WAIT`]
+/// so a hive restarted under the same id waits up to `ID_TAKEOVER_WAIT`
 /// to see, then takes the id over. A heartbeat from this very host and pid
 /// is a previous run of this process slot (a restarted container): no wait.
 /// Returns the heartbeat of the killed hive whose id this one takes over.

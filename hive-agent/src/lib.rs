@@ -64,7 +64,7 @@ pub struct HiveArgs {
     /// Data directory: catalog and models (default: $RBEE_HOME, else ~/.local/share/rbee).
     #[arg(long, env = "RBEE_HOME")]
     pub data_dir: Option<PathBuf>,
-    /// Where model files live (default: <data dir>/models).
+    /// Where model files live (default: the data directory's models/).
     #[arg(long, env = "RBEE_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
     /// Jobs this hive runs at once. A worker on the fast engine steps its

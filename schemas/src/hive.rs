@@ -137,7 +137,7 @@ pub struct ModelSummary {
 impl ModelSummary {
     /// Whether `model` (`key`, its canonical spelling) names this one: the
     /// catalog key, or the source it was registered from
-    /// ([`ModelRef::matches_source`]), as the hive's own catalog finds it.
+    /// ([`ModelRef::matches_source`](crate::model::ModelRef::matches_source)), as the hive's own catalog finds it.
     pub fn is_named_by(&self, model: &crate::model::ModelRef, key: &str) -> bool {
         self.key == key || model.matches_source(&self.source)
     }

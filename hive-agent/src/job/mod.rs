@@ -2,7 +2,7 @@
 //!
 //! The rules (docs/architecture.md has the whole table):
 //! - The job record decides. The hive first claims the job in its record
-//!   (compare-and-set, [`claim`]): a job that already ended is not run again
+//!   (compare-and-set, `claim`): a job that already ended is not run again
 //!   (its terminal event is sent once more), a second message with the id of a
 //!   running job is dropped as a duplicate, a cancelled job ends unstarted.
 //! - A job that cannot run as sent (malformed, invalid, unknown model, wrong
@@ -13,7 +13,7 @@
 //!   still ends the job exactly once.
 //! - While it waits for a worker or generates, the hive sends in-progress acks
 //!   every third of `ack_wait`; it stops a job at its deadline or on a cancel
-//!   request within about one token ([`run`]).
+//!   request within about one token (`run`).
 //! - If the worker dies, the job gets `restarted` and is handed back (nak,
 //!   with backoff) carrying the tokens generated so far, so the next attempt
 //!   continues the text; after `max_attempts` it is dead: `WORKER_CRASHED`,

@@ -49,7 +49,7 @@ const TURN_PER_LOAD: u64 = 4;
 
 /// Whether a worker that became ready at `ready_ms` after loading for
 /// `load_ms` has had its turn by `now_ms`: it was up at least `min_turn`
-/// (`--min-turn`) and [`TURN_PER_LOAD`] times its load time. When two
+/// (`--min-turn`) and `TURN_PER_LOAD` times its load time. When two
 /// models' jobs both wait for each other's room, each then gets a turn
 /// instead of one job per model load, and a model that takes a minute to
 /// load keeps its worker for minutes, not seconds.
@@ -254,14 +254,14 @@ impl Pool {
 
     /// A job for another model has waited too long for room that busy
     /// workers hold: marks the least recently used busy workers that may be
-    /// stopped for room (see [`evictable`]) as draining, until they hold
+    /// stopped for room (see `evictable`) as draining, until they hold
     /// `short_by` bytes (those draining already count), among those whose
     /// turn is over ([`turn_is_over`]). A draining worker
     /// takes no new jobs, finishes those it runs, and is stopped once idle;
     /// its model's jobs wait in the queue meanwhile. So two models that do
     /// not fit together take turns instead of one starving the other.
     ///
-    /// The room, `need` bytes, is promised to `for_model` for [`PROMISE_FOR`]
+    /// The room, `need` bytes, is promised to `for_model` for `PROMISE_FOR`
     /// (renewed by each call), so other models' jobs cannot take it while
     /// the job waits to come back.
     pub fn drain_for(&self, for_model: &str, short_by: u64, need: u64) {
@@ -295,7 +295,7 @@ impl Pool {
     }
 
     /// Stops the least recently used idle worker that may be stopped for
-    /// room (see [`evictable`]) and waits for its process to exit, so its
+    /// room (see `evictable`) and waits for its process to exit, so its
     /// memory is free when this returns. `None` when there is no such worker.
     pub async fn evict_one(&self, for_model: &str) -> Option<Arc<Worker>> {
         let (w, permit) = {

@@ -37,6 +37,8 @@ pub enum ModelsCommand {
         json: bool,
     },
     /// Download a model (hf:org/repo[@revision][:file.gguf], or a known alias).
+    // The brackets are the syntax `--help` shows, not links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     Download {
         model: String,
         /// Register it under this alias.

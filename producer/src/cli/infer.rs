@@ -25,6 +25,8 @@ pub struct InferArgs {
     /// The prompt; `-` reads it from stdin.
     pub prompt: String,
     /// Model alias or hf:org/repo[@revision]:file reference.
+    // The brackets are the syntax `--help` shows, not links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, short, env = "RBEE_MODEL", default_value = "smollm2-135m")]
     pub model: String,
     /// Most tokens to generate.

@@ -1,4 +1,4 @@
-//! The `rbee` command line. One function per subcommand ([`infer`], [`jobs`]).
+//! The `rbee` command line. One function per subcommand (`infer`, `jobs`).
 //!
 //! Exit codes: 0 success, 1 the job or command failed (its code and message
 //! on stderr), 2 usage errors, 130 interrupted.
