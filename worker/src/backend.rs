@@ -1,8 +1,8 @@
-//! The compute behind an [`Engine`](crate::Engine): candle's quantized llama
-//! (any device) or the fast CPU path ([`crate::fast`]), picked once at load
-//! time, and the per-sequence state each keeps.
+//! The compute behind an [`Engine`](crate::Engine): candle's quantized llama,
+//! qwen2 or qwen3 (any device) or the fast CPU path ([`crate::fast`]), picked
+//! once at load time, and the per-sequence state each keeps.
 //!
-//! `auto` takes the fast path when the model is a llama GGUF it can run
+//! `auto` takes the fast path when the model is a GGUF it can run
 //! (weight types F32/F16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, see
 //! [`crate::fast::load`]),
 //! the device is the CPU and the CPU has AVX2, FMA and F16C (the fast kernels
@@ -18,7 +18,7 @@ use std::fs::File;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
 use rbee_schemas::error::JobError;
 
 use crate::fast::{FastModel, Sequence};
@@ -31,7 +31,7 @@ pub enum EngineChoice {
     Auto,
     /// The fast CPU path; loading fails if it cannot run this model.
     Fast,
-    /// candle's quantized llama (CPU, CUDA or Metal).
+    /// candle's quantized models (CPU, CUDA or Metal).
     Candle,
 }
 
@@ -79,10 +79,55 @@ pub fn fast_cpu_support() -> Result<(), String> {
     Ok(())
 }
 
+/// candle's model of the file's architecture.
+pub enum CandleModel {
+    Llama(quantized_llama::ModelWeights),
+    Qwen2(quantized_qwen2::ModelWeights),
+    Qwen3(quantized_qwen3::ModelWeights),
+}
+
+impl std::fmt::Debug for CandleModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CandleModel::Llama(_) => "CandleModel::Llama",
+            CandleModel::Qwen2(_) => "CandleModel::Qwen2",
+            CandleModel::Qwen3(_) => "CandleModel::Qwen3",
+        })
+    }
+}
+
+impl CandleModel {
+    fn load(ct: Content, file: &mut File, device: &Device) -> Result<Self, String> {
+        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        let model = match arch.as_deref() {
+            Some("llama") => quantized_llama::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Llama),
+            Some("qwen2") => quantized_qwen2::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen2),
+            Some("qwen3") => quantized_qwen3::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen3),
+            other => return Err(format!("architecture {other:?}: candle runs llama, qwen2 and qwen3 here")),
+        };
+        model.map_err(|e| e.to_string())
+    }
+
+    /// The logits after the last of `input`'s tokens, which start at `pos`
+    /// (0 starts the model's cache afresh).
+    fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            CandleModel::Llama(m) => m.forward(input, pos),
+            CandleModel::Qwen2(m) => m.forward(input, pos),
+            CandleModel::Qwen3(m) => {
+                if pos == 0 {
+                    m.clear_kv_cache();
+                }
+                m.forward(input, pos)
+            }
+        }
+    }
+}
+
 /// A loaded model on one of the engines.
 #[derive(Debug)]
 pub enum Backend {
-    Candle { model: Box<ModelWeights>, device: Device },
+    Candle { model: Box<CandleModel>, device: Device },
     Fast(Box<FastModel>),
 }
 
@@ -136,7 +181,7 @@ impl Backend {
                     crate::fast::load::ROPE_FACTORS
                 );
             }
-            let model = ModelWeights::from_gguf(ct, file, device).map_err(|e| e.to_string())?;
+            let model = CandleModel::load(ct, file, device)?;
             Ok(Backend::Candle { model: Box::new(model), device: device.clone() })
         };
         match choice {

@@ -1,7 +1,7 @@
-//! The inference engine: one GGUF llama-architecture model, its tokenizer
+//! The inference engine: one GGUF model (llama, qwen2 or qwen3), its tokenizer
 //! from the same file, and the generation loop for one job.
 //!
-//! The model runs on the fast CPU path or on candle's quantized llama
+//! The model runs on the fast CPU path or on candle's quantized models
 //! ([`crate::backend`], `--engine auto|fast|candle`); the per-job logic
 //! (sampling, stop strings, resume) is [`crate::generation`], shared with the
 //! worker's batch loop. Synchronous and single-threaded from the caller's side
@@ -131,15 +131,15 @@ impl Engine {
             .map_err(|e| load_failed(path, format!("not a GGUF file ({e})")))?;
         let meta_str = |k: &str| content.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
         let architecture = meta_str("general.architecture").unwrap_or_default();
-        if architecture != "llama" {
+        if crate::fast::load::Arch::named(&architecture).is_none() {
             return Err(load_failed(
                 path,
-                format!("architecture {architecture:?} is not supported yet (supported: llama)"),
+                format!("architecture {architecture:?} is not supported yet (supported: llama, qwen2, qwen3)"),
             ));
         }
         let context_length = content
             .metadata
-            .get("llama.context_length")
+            .get(&format!("{architecture}.context_length"))
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(MAX_SEQ_LEN as u32);
         let vocab_size = content

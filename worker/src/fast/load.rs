@@ -1,11 +1,13 @@
-//! Reading a llama-architecture GGUF into the fast path's weights: the
-//! hyper-parameters from the metadata (parsed by candle) and each tensor's raw
-//! bytes, read straight from the file at the offsets candle's parser found and
-//! repacked into one [`Arena`] in reading order.
+//! Reading a llama-, qwen2- or qwen3-architecture GGUF into the fast path's
+//! weights: the hyper-parameters from the metadata (parsed by candle) and each
+//! tensor's raw bytes, read straight from the file at the offsets candle's
+//! parser found and repacked into one [`Arena`] in reading order.
 //!
-//! Anything the fast path cannot run exactly like candle's `quantized_llama`
-//! (another architecture, mixture of experts, an unsupported weight type, odd
-//! shapes) is an `Err` naming the reason, so the caller can fall back to candle.
+//! The three differ only in small parts of attention (see [`Arch`]). Anything
+//! the fast path cannot run exactly like candle's `quantized_llama`,
+//! `quantized_qwen2` or `quantized_qwen3` (another architecture, mixture of
+//! experts, an unsupported weight type, odd shapes) is an `Err` naming the
+//! reason, so the caller can fall back to candle.
 //! Runs once, on the caller's thread and as many loader threads as the model
 //! will compute on: most of a load is the kernel zeroing the arena's fresh
 //! pages as they are first written, then the copy and the repacking, and each
@@ -21,9 +23,52 @@ use super::arena::{Arena, Bytes};
 use super::matmul::{pack_matrix, Matrix};
 use super::quant::{dequantize_gguf_row, Src, QK};
 
-/// The model's shape and numerics, as candle's `quantized_llama` reads them.
+/// The transformer families the fast path runs. They share the block
+/// (RMSNorm, grouped-query attention with RoPE, SwiGLU); they differ in
+/// attention's details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama 2-3, SmolLM, Mistral: RoPE on interleaved pairs (the converter
+    /// permutes the query and key rows for it).
+    Llama,
+    /// Qwen 2 and 2.5: biases on the query, key and value projections; RoPE
+    /// on the two halves of each head (GPT-NeoX's).
+    Qwen2,
+    /// Qwen 3: no biases; an RMSNorm over each query and key head before
+    /// RoPE; NeoX RoPE; heads may be wider than `dim / heads`.
+    Qwen3,
+}
+
+impl Arch {
+    /// The architecture `general.architecture` names, if the fast path runs it.
+    pub fn named(name: &str) -> Option<Self> {
+        Some(match name {
+            "llama" => Self::Llama,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            _ => return None,
+        })
+    }
+
+    /// GGUF metadata keys start with it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+
+    /// Whether RoPE rotates `(j, j + hd/2)` in each head rather than `(2j, 2j + 1)`.
+    pub fn neox_rope(self) -> bool {
+        !matches!(self, Self::Llama)
+    }
+}
+
+/// The model's shape and numerics, as candle's quantized models read them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    pub arch: Arch,
     pub n_layer: usize,
     pub dim: usize,
     pub n_head: usize,
@@ -33,7 +78,7 @@ pub struct Config {
     pub vocab: usize,
     pub eps: f32,
     pub rope_base: f32,
-    /// `llama.context_length` (0 if absent).
+    /// `<arch>.context_length` (0 if absent).
     pub context: usize,
 }
 
@@ -62,6 +107,10 @@ pub struct Layer {
     pub gate: Matrix,
     pub up: Matrix,
     pub down: Matrix,
+    /// Biases added to the query, key and value projections (Qwen 2).
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Weights of the RMSNorm over each query and each key head (Qwen 3).
+    pub qk_norm: Option<[Vec<f32>; 2]>,
 }
 
 /// All weights, read-only after loading (shared between threads and models).
@@ -101,23 +150,36 @@ fn meta_usize(ct: &Content, key: &str) -> Result<usize, String> {
 }
 
 fn config(ct: &Content) -> Result<Config, String> {
-    let arch = meta(ct, "general.architecture")?.to_string().map_err(|e| e.to_string())?;
-    if arch != "llama" {
-        return Err(format!("architecture {arch:?}: the fast path runs llama only"));
-    }
-    if meta_usize(ct, "llama.expert_count").unwrap_or(0) > 1 {
+    let name = meta(ct, "general.architecture")?.to_string().map_err(|e| e.to_string())?;
+    let arch =
+        Arch::named(name).ok_or_else(|| format!("architecture {name:?}: the fast path runs llama, qwen2 and qwen3"))?;
+    let key = |k: &str| format!("{}.{k}", arch.key());
+    if meta_usize(ct, &key("expert_count")).unwrap_or(0) > 1 {
         return Err("mixture-of-experts models are not supported by the fast path".to_owned());
     }
-    let n_head = meta_usize(ct, "llama.attention.head_count")?;
-    let n_kv_head = meta_usize(ct, "llama.attention.head_count_kv")?;
-    let dim = meta_usize(ct, "llama.embedding_length")?;
-    let rope_dim = meta_usize(ct, "llama.rope.dimension_count")?;
-    let eps = meta(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32().map_err(|e| e.to_string())?;
-    let rope_base = ct.metadata.get("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
-    if n_head == 0 || n_kv_head == 0 || dim % n_head != 0 || n_head % n_kv_head != 0 {
+    let n_head = meta_usize(ct, &key("attention.head_count"))?;
+    let n_kv_head = meta_usize(ct, &key("attention.head_count_kv"))?;
+    let dim = meta_usize(ct, &key("embedding_length"))?;
+    let eps = meta(ct, &key("attention.layer_norm_rms_epsilon"))?.to_f32().map_err(|e| e.to_string())?;
+    let rope_base = ct.metadata.get(&key("rope.freq_base")).and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
+    // Qwen 3 says how wide a head is; the others have `dim / heads`.
+    let head_dim = match ct.metadata.get(&key("attention.key_length")) {
+        Some(_) => meta_usize(ct, &key("attention.key_length"))?,
+        None if n_head > 0 && dim % n_head == 0 => dim / n_head,
+        None => 0,
+    };
+    if n_head == 0 || n_kv_head == 0 || head_dim == 0 || n_head % n_kv_head != 0 {
         return Err(format!("inconsistent head counts: dim {dim}, {n_head} heads, {n_kv_head} kv heads"));
     }
-    let head_dim = dim / n_head;
+    if let Some(v) = ct.metadata.get(&key("attention.value_length")) {
+        if v.to_u32().ok() != Some(head_dim as u32) {
+            return Err("value heads narrower or wider than key heads are not supported".to_owned());
+        }
+    }
+    let rope_dim = match ct.metadata.get(&key("rope.dimension_count")) {
+        Some(_) => meta_usize(ct, &key("rope.dimension_count"))?,
+        None => head_dim,
+    };
     if rope_dim != head_dim {
         return Err(format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"));
     }
@@ -128,10 +190,11 @@ fn config(ct: &Content) -> Result<Config, String> {
     let vocab = embd.shape.dims().first().copied().unwrap_or(0);
     let ffn = match ct.tensor_infos.get("blk.0.ffn_gate.weight") {
         Some(t) => t.shape.dims().first().copied().unwrap_or(0),
-        None => meta_usize(ct, "llama.feed_forward_length")?,
+        None => meta_usize(ct, &key("feed_forward_length"))?,
     };
     Ok(Config {
-        n_layer: meta_usize(ct, "llama.block_count")?,
+        arch,
+        n_layer: meta_usize(ct, &key("block_count"))?,
         dim,
         n_head,
         n_kv_head,
@@ -140,7 +203,7 @@ fn config(ct: &Content) -> Result<Config, String> {
         vocab,
         eps,
         rope_base,
-        context: meta_usize(ct, "llama.context_length").unwrap_or(0),
+        context: meta_usize(ct, &key("context_length")).unwrap_or(0),
     })
 }
 
@@ -186,12 +249,12 @@ struct Slot {
     len: usize,
 }
 
-/// Reads every weight the llama forward pass uses: the matrices, repacked,
+/// Reads every weight the forward pass uses: the matrices, repacked,
 /// into one arena in the order a forward step reads them, on `threads`
 /// threads in all (the caller's included); the norms as f32.
 pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String> {
     let cfg = config(ct)?;
-    let (d, f, kv, qd) = (cfg.dim, cfg.ffn, cfg.kv_dim(), cfg.q_dim());
+    let (d, f, kv, qd, hd) = (cfg.dim, cfg.ffn, cfg.kv_dim(), cfg.q_dim(), cfg.head_dim);
     if d % QK != 0 || f % QK != 0 {
         return Err(format!("embedding {d} or feed-forward {f} size is not a multiple of {QK}"));
     }
@@ -243,6 +306,21 @@ pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String
             gate,
             up,
             down,
+            qkv_bias: match cfg.arch {
+                Arch::Qwen2 => Some([
+                    vector(ct, file, &format!("{p}.attn_q.bias"), qd)?,
+                    vector(ct, file, &format!("{p}.attn_k.bias"), kv)?,
+                    vector(ct, file, &format!("{p}.attn_v.bias"), kv)?,
+                ]),
+                _ => None,
+            },
+            qk_norm: match cfg.arch {
+                Arch::Qwen3 => Some([
+                    vector(ct, file, &format!("{p}.attn_q_norm.weight"), hd)?,
+                    vector(ct, file, &format!("{p}.attn_k_norm.weight"), hd)?,
+                ]),
+                _ => None,
+            },
         });
     }
     let output = if tied { None } else { Some(next()?) };

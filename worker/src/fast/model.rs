@@ -1,4 +1,4 @@
-//! The llama forward pass over any mix of sequences: a prompt (many tokens of
+//! The forward pass (llama, qwen2, qwen3) over any mix of sequences: a prompt (many tokens of
 //! one sequence), a decode step of many sequences (one token each), or both.
 //!
 //! Every token in a step is one "row"; all rows go through each weight matrix
@@ -133,18 +133,18 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     &mut v[..n]
 }
 
-/// A llama model on the fast CPU path.
+/// A model on the fast CPU path.
 #[derive(Debug)]
 pub struct FastModel {
     w: Arc<Weights>,
     pool: Pool,
     s: Scratch,
-    /// `1 / base^(2i / head_dim)`, as candle computes it.
+    /// `1 / base^(2i / head_dim)`, as candle computes it (over the file's RoPE factors, if any).
     inv_freq: Vec<f32>,
 }
 
 impl FastModel {
-    /// Reads a llama GGUF (`ct` parsed from `file`) for the fast path, with the
+    /// Reads a GGUF (`ct` parsed from `file`) for the fast path, with the
     /// default threads. `Err` says why this model cannot use it.
     pub fn load(ct: &candle_core::quantized::gguf_file::Content, file: &std::fs::File) -> Result<Self, String> {
         Self::load_with(ct, file, FastConfig::default())
@@ -307,10 +307,20 @@ impl FastModel {
             quantize_q8(xn, xq);
             let xa = Acts { f: xn, q: xq.view(n * dim / QK), n, k: dim };
             matmul(pool, plan, &[&l.wq, &l.wk, &l.wv], &mut [&mut *q, &mut *k, &mut *v], xa);
+            if let Some([bq, bk, bv]) = &l.qkv_bias {
+                add_rows(q, bq);
+                add_rows(k, bk);
+                add_rows(v, bv);
+            }
+            if let Some([nq, nk]) = &l.qk_norm {
+                norm_heads(q, nq, cfg.eps);
+                norm_heads(k, nk, cfg.eps);
+            }
+            let rotate = if cfg.arch.neox_rope() { rope_neox } else { rope_i };
             for i in 0..n {
                 let cs = &rope[i * hd / 2..(i + 1) * hd / 2];
-                rope_i(&mut q[i * qd..(i + 1) * qd], cs, hd);
-                rope_i(&mut k[i * kvd..(i + 1) * kvd], cs, hd);
+                rotate(&mut q[i * qd..(i + 1) * qd], cs, hd);
+                rotate(&mut k[i * kvd..(i + 1) * kvd], cs, hd);
             }
             for (i, r) in rows.iter().enumerate() {
                 let sq = &mut *seqs[r.seq];
@@ -450,6 +460,31 @@ fn inv_freq(base: f32, hd: usize, factors: Option<&[f32]>) -> Vec<f32> {
     (0..hd / 2)
         .map(|j| 1f32 / base.powf((2 * j) as f32 / hd as f32) / factors.map_or(1.0, |f| f[j]))
         .collect()
+}
+
+/// Adds `b` to each row of `x` (rows of `b.len()`).
+fn add_rows(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_exact_mut(b.len()) {
+        row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// RMSNorm over each head of `x` (heads of `w.len()`), in place.
+fn norm_heads(x: &mut [f32], w: &[f32], eps: f32) {
+    for head in x.chunks_exact_mut(w.len()) {
+        let inv = 1.0 / (sum_squares(head) / w.len() as f32 + eps).sqrt();
+        head.iter_mut().zip(w).for_each(|(a, g)| *a *= inv * g);
+    }
+}
+
+/// candle's `rope` (GPT-NeoX's): in each head, pair `(j, j + hd/2)` rotates by angle `j`.
+fn rope_neox(v: &mut [f32], cs: &[(f32, f32)], hd: usize) {
+    for head in v.chunks_exact_mut(hd) {
+        let (lo, hi) = head.split_at_mut(hd / 2);
+        for ((a, b), &(c, s)) in lo.iter_mut().zip(hi).zip(cs) {
+            (*a, *b) = (*a * c - *b * s, *a * s + *b * c);
+        }
+    }
 }
 
 /// candle's `rope_i`: in each head, pair `(2j, 2j+1)` rotates by angle `j`.

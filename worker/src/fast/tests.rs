@@ -217,7 +217,7 @@ fn thread_counts_and_pools_agree() {
     }
 }
 
-/// The llama forward pass in plain f32 over dequantized weights, all
+/// The forward pass (llama, qwen2 or qwen3) in plain f32 over dequantized weights, all
 /// positions at once: `logits[i]` follows `tokens[..=i]`. The "exact" answer
 /// both quantized-activation paths approximate.
 fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
@@ -247,13 +247,15 @@ fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
     let hd = c.head_dim;
     let rope = |v: &mut Vec<f32>, pos: usize| {
         for head in v.chunks_mut(hd) {
-            for (j, p) in head.chunks_mut(2).enumerate() {
+            for j in 0..hd / 2 {
                 let factor = w.rope_factors.as_ref().map_or(1.0, |f| f[j]);
                 let a = pos as f32 * (1f32 / c.rope_base.powf((2 * j) as f32 / hd as f32) / factor);
                 let (s, co) = a.sin_cos();
-                let (x0, x1) = (p[0], p[1]);
-                p[0] = x0 * co - x1 * s;
-                p[1] = x0 * s + x1 * co;
+                // The pair: interleaved (llama) or the head's two halves (NeoX).
+                let (i0, i1) = if c.arch.neox_rope() { (j, j + hd / 2) } else { (2 * j, 2 * j + 1) };
+                let (x0, x1) = (head[i0], head[i1]);
+                head[i0] = x0 * co - x1 * s;
+                head[i1] = x0 * s + x1 * co;
             }
         }
     };
@@ -267,7 +269,20 @@ fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
         .collect();
     for l in &w.layers {
         let xn = norm(&x, &l.attn_norm);
-        let (mut q, mut k, v) = (mm(&l.wq, &xn), mm(&l.wk, &xn), mm(&l.wv, &xn));
+        let (mut q, mut k, mut v) = (mm(&l.wq, &xn), mm(&l.wk, &xn), mm(&l.wv, &xn));
+        if let Some([bq, bk, bv]) = &l.qkv_bias {
+            for (xs, b) in [(&mut q, bq), (&mut k, bk), (&mut v, bv)] {
+                xs.iter_mut().for_each(|x| x.iter_mut().zip(b.iter()).for_each(|(a, b)| *a += b));
+            }
+        }
+        if let Some([nq, nk]) = &l.qk_norm {
+            for (xs, g) in [(&mut q, nq), (&mut k, nk)] {
+                for x in xs.iter_mut() {
+                    let heads: Vec<Vec<f32>> = x.chunks(hd).map(|h| h.to_vec()).collect();
+                    *x = norm(&heads, g).concat();
+                }
+            }
+        }
         for i in 0..n {
             rope(&mut q[i], i);
             rope(&mut k[i], i);
@@ -476,6 +491,129 @@ fn requantized_matches_candle(kinds: &[candle_core::quantized::GgmlDType], tag: 
         assert_same_top1(&format!("{tag} step {step}"), &got, &want);
         eprintln!("{tag} step {step}: KL {:.5}, centred max |Δ| {:?}", kl(&want, &got), diff(&got, &want));
         next = argmax(&want) as u32;
+    }
+}
+
+/// The demo model's weights written as a `qwen2` or `qwen3` file: its
+/// metadata under the new architecture's keys, plus the tensors the family
+/// adds (Qwen 2's projection biases, Qwen 3's per-head norms), filled with
+/// fixed pseudo-random values. Not a model that says anything sensible, but
+/// every number the family's extra steps see is a real one.
+pub(crate) fn demo_as(arch: &str) -> std::path::PathBuf {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let (ct, mut file) = open_demo();
+    let mut meta: Vec<(String, gguf_file::Value)> = ct
+        .metadata
+        .iter()
+        .map(|(k, v)| match k.strip_prefix("llama.") {
+            Some(rest) => (format!("{arch}.{rest}"), v.clone()),
+            None => (k.clone(), v.clone()),
+        })
+        .collect();
+    meta.retain(|(k, _)| k != "general.architecture");
+    meta.push(("general.architecture".into(), gguf_file::Value::String(arch.into())));
+    let hd = (ct.metadata["llama.embedding_length"].to_u32().expect("dim")
+        / ct.metadata["llama.attention.head_count"].to_u32().expect("heads")) as usize;
+    if arch == "qwen3" {
+        meta.push(("qwen3.attention.key_length".into(), gguf_file::Value::U32(hd as u32)));
+        // candle's qwen3 computes in f16 unless told f32.
+        meta.push(("general.dtype".into(), gguf_file::Value::U32(0)));
+    }
+    let mut tensors: Vec<(String, QTensor)> = ct
+        .tensor_infos
+        .keys()
+        .map(|name| (name.clone(), ct.tensor(&mut file, name, &Device::Cpu).expect("tensor")))
+        .collect();
+    let mut seed = 0x9e37_79b9u32;
+    let mut noise = |len: usize, centre: f32, spread: f32| -> QTensor {
+        let v: Vec<f32> = (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                centre + spread * ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+            })
+            .collect();
+        QTensor::quantize(&Tensor::new(v.as_slice(), &Device::Cpu).expect("tensor"), GgmlDType::F32).expect("f32")
+    };
+    let layers = ct.metadata["llama.block_count"].to_u32().expect("layers");
+    for i in 0..layers {
+        let width = |n: &str| ct.tensor_infos[&format!("blk.{i}.attn_{n}.weight")].shape.dims()[0];
+        match arch {
+            "qwen2" => {
+                for n in ["q", "k", "v"] {
+                    tensors.push((format!("blk.{i}.attn_{n}.bias"), noise(width(n), 0.0, 1.0)));
+                }
+            }
+            _ => {
+                for n in ["q", "k"] {
+                    tensors.push((format!("blk.{i}.attn_{n}_norm.weight"), noise(hd, 1.0, 0.5)));
+                }
+            }
+        }
+    }
+    let path = std::env::temp_dir().join(format!("rbee-fast-{arch}-{}.gguf", std::process::id()));
+    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).expect("temp file"), &meta, &ts).expect("write GGUF");
+    path
+}
+
+/// Qwen 2 and Qwen 3 (biases, per-head norms, NeoX RoPE) on the fast path
+/// against candle's `quantized_qwen2` / `quantized_qwen3` on the same file
+/// and against the f32 reference: a prompt, then five greedy steps.
+#[test]
+fn qwen2_and_qwen3_match_candle_and_the_f32_reference() {
+    for arch in ["qwen2", "qwen3"] {
+        let path = demo_as(arch);
+        let load = || {
+            let mut f = std::fs::File::open(&path).expect("open");
+            (gguf_file::Content::read(&mut f).expect("gguf"), f)
+        };
+        let (ct, mut f) = load();
+        type Forward = Box<dyn FnMut(&[u32], usize) -> Vec<f32>>;
+        let mut reference: Forward = match arch {
+            "qwen2" => {
+                let mut m = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
+                    .expect("candle qwen2");
+                Box::new(move |t, pos| {
+                    let input = Tensor::new(t, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+                    m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle")
+                })
+            }
+            _ => {
+                let mut m = candle_transformers::models::quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
+                    .expect("candle qwen3");
+                Box::new(move |t, pos| {
+                    let input = Tensor::new(t, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+                    m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle")
+                })
+            }
+        };
+        let (ct, f) = load();
+        std::fs::remove_file(&path).ok();
+        let weights = super::load::load(&ct, &f, 2).expect("weights");
+        assert_eq!(weights.cfg.arch.key(), arch);
+        let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
+        let mut seq = model.new_sequence(64);
+        let mut tokens = PROMPT.to_vec();
+        let want = reference(&PROMPT, 0);
+        let got = model.forward(&mut seq, &PROMPT).expect("prefill");
+        let mut steps = vec![(want, got)];
+        for step in 0..5 {
+            let next = argmax(&steps.last().expect("step").0) as u32;
+            tokens.push(next);
+            let want = reference(&[next], PROMPT.len() + step);
+            let got = model.forward(&mut seq, &[next]).expect("decode");
+            steps.push((want, got));
+        }
+        let exact = reference_logits(&weights, &tokens);
+        for (i, (want, got)) in steps.iter().enumerate() {
+            let what = format!("{arch} position {}", PROMPT.len() - 1 + i);
+            let e = &exact[PROMPT.len() - 1 + i];
+            eprintln!("{what}: KL(candle ‖ fast) {:.5}, KL(f32 ‖ fast) {:.5}", kl(want, got), kl(e, got));
+            assert_close(&format!("{what} vs candle"), got, want, REL_TOL);
+            assert_same_top1(&format!("{what} vs candle"), got, want);
+            assert!(kl(e, got) <= 0.05, "{what}: KL(f32 ‖ fast) {}", kl(e, got));
+        }
     }
 }
 

@@ -106,3 +106,40 @@ fn logits_continue_a_sequence_and_refuse_gaps() {
     assert!(gap < 0.05, "one prompt vs token by token: {gap}");
     assert!(e.logits(&[1], prompt.len() + 5).is_err(), "a gap in positions is refused");
 }
+
+/// A qwen2 and a qwen3 file (the demo's weights under those architectures,
+/// `fast::tests::demo_as`) load on both engines, which agree on the
+/// logits; each engine starts a second sequence afresh (candle's qwen3 keeps
+/// its cache inside and must be told).
+#[test]
+fn qwen_files_run_on_both_engines() {
+    for arch in ["qwen2", "qwen3"] {
+        let path = crate::fast::tests::demo_as(arch);
+        let mut fast = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Auto).expect("auto");
+        let mut candle = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Candle).expect("candle");
+        std::fs::remove_file(&path).ok();
+        if crate::backend::fast_cpu_support().is_ok() {
+            assert_eq!(fast.kind(), EngineKind::Fast, "{arch}: {:?}", fast.fallback_reason());
+        }
+        assert_eq!(candle.kind(), EngineKind::Candle);
+        assert_eq!(fast.info().architecture, arch);
+        let prompt = fast.tokenizer().prompt_ids("The bee flew over the meadow").expect("tokenize");
+        let n = prompt.len();
+        let max_gap = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        for e in [&mut fast, &mut candle] {
+            // The prompt and one more token; another sequence; the same again.
+            let first = [e.logits(&prompt, 0).expect("prompt"), e.logits(&[7], n).expect("a step")];
+            let other = [e.logits(&prompt[..3], 0).expect("afresh"), e.logits(&[9], 3).expect("a step")];
+            let again = [e.logits(&prompt, 0).expect("afresh"), e.logits(&[7], n).expect("a step")];
+            for i in 0..2 {
+                let gap = max_gap(&first[i], &again[i]);
+                assert!(gap < 1e-3, "{arch} on {}: the same tokens twice differ by {gap} at {i}", e.kind());
+                assert!(max_gap(&first[i], &other[i]) > 0.1, "{arch}: the sequences differ");
+            }
+        }
+        let (f, c) = (fast.logits(&prompt, 0).expect("fast"), candle.logits(&prompt, 0).expect("candle"));
+        let top = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b });
+        let (tf, tc) = (top(&f), top(&c));
+        assert!(tf == tc || c[tc] - c[tf] < TIE, "{arch}: top-1 {tf} (fast) vs {tc} (candle)");
+    }
+}
