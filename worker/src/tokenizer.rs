@@ -2,9 +2,11 @@
 //!
 //! Supported: `tokenizer.ggml.model = gpt2` (byte-level BPE), with the
 //! pre-tokenizers (`tokenizer.ggml.pre`, see [`PreSplit`]) of SmolLM, Llama 3,
-//! Qwen 2 and 3, Mistral's Tekken and GPT-2; an unknown one falls back to the
-//! GPT-2 split with a warning. Control and user-defined tokens become special
-//! tokens, so chat markers such as `<|im_start|>` encode as one id.
+//! Qwen 2 and 3, Mistral's Tekken and GPT-2 (an unknown one falls back to the
+//! GPT-2 split with a warning); and `llama`, SentencePiece's BPE with byte
+//! fallback (Llama 2, Mistral 7B, TinyLlama; see `sentencepiece_bpe`).
+//! Control and user-defined tokens become special tokens, so chat markers
+//! such as `<|im_start|>` encode as one id.
 //!
 //! Generation stops at the EOS token, at `eot_token_id` / `eom_token_id` when
 //! the file names them, and at the end-of-turn markers llama.cpp recognises by
@@ -17,8 +19,14 @@
 //! own id, and ordinary text must survive an encode/decode round trip.
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -26,6 +34,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_NORMAL: i32 = 1;
+const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
@@ -150,18 +160,117 @@ fn int_of(v: &Value) -> Option<i64> {
     }
 }
 
+/// A byte-level BPE (`gpt2`) from the file's vocabulary and merges, with the
+/// word split its `tokenizer.ggml.pre` names; and whether that family adds
+/// BOS where the file does not say.
+fn byte_level_bpe(ct: &Content, tokens: &[String]) -> Result<(Tokenizer, bool), String> {
+    let merges = string_array(md(ct, "tokenizer.ggml.merges")?, "tokenizer.ggml.merges")?;
+    let pre = ct
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| "default".to_owned());
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| format!("malformed merge {m:?}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let split = PreSplit::named(&pre).unwrap_or_else(|| {
+        tracing::warn!(
+            pre = pre.as_str(),
+            "unknown tokenizer.ggml.pre: using the GPT-2 split; prompts may tokenize differently from what \
+             the model was trained on"
+        );
+        PreSplit::Gpt2
+    });
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(split.ignore_merges())
+        .build()
+        .map_err(|e| format!("building BPE: {e}"))?;
+    let mut inner = Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(split.pre_tokenizer()?));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok((inner, split.adds_bos()))
+}
+
+/// SentencePiece's BPE (`llama`: Llama 2, Mistral 7B, TinyLlama) as
+/// llama.cpp runs it: spaces become `▁`, one is put before the text (and
+/// after each special token) unless `tokenizer.ggml.add_space_prefix` is
+/// false, then neighbouring pieces are joined highest score first while the
+/// joined piece is in the vocabulary, and a piece that is not falls back to
+/// its bytes (`<0x..>` tokens).
+///
+/// The file has scores, not merges; Hugging Face's BPE runs the same
+/// algorithm given every two-piece split of every piece as a merge, ranked
+/// by the joined piece's score (its converter does the same).
+fn sentencepiece_bpe(ct: &Content, tokens: &[String], types: &[i32]) -> Result<Tokenizer, String> {
+    let scores: Vec<f32> = md(ct, "tokenizer.ggml.scores")?
+        .to_vec()
+        .map_err(|_| "tokenizer.ggml.scores is not an array".to_owned())?
+        .iter()
+        .map(|v| v.to_f32().map_err(|_| "tokenizer.ggml.scores holds a non-number".to_owned()))
+        .collect::<Result<_, _>>()?;
+    if scores.len() != tokens.len() {
+        return Err(format!("{} scores for {} tokens", scores.len(), tokens.len()));
+    }
+    let kind = |i: usize| types.get(i).copied().unwrap_or(TOKEN_TYPE_NORMAL);
+    let pieces: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().filter(|(i, _)| kind(*i) == TOKEN_TYPE_NORMAL).map(|(i, t)| (t.as_str(), i)).collect();
+    let mut ranked: Vec<(f32, usize, usize)> = Vec::new();
+    for (&piece, &id) in &pieces {
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(cut);
+            if pieces.contains_key(a) && pieces.contains_key(b) {
+                ranked.push((scores[id], id, cut));
+            }
+        }
+    }
+    // Highest score first; the id, then the cut, only make the order total.
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let merges =
+        ranked.into_iter().map(|(_, id, cut)| (tokens[id][..cut].to_owned(), tokens[id][cut..].to_owned())).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let unk = tokens.iter().enumerate().find(|(i, _)| kind(*i) == TOKEN_TYPE_UNKNOWN).map(|(_, t)| t.clone());
+    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = unk {
+        bpe = bpe.unk_token(unk);
+    }
+    let bpe = bpe.build().map_err(|e| format!("building BPE: {e}"))?;
+    let mut inner = Tokenizer::new(bpe);
+    let space_prefix =
+        ct.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+    let spaces = Replace::new(" ", "▁").map_err(|e| format!("normalizer: {e}"))?;
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![Replace::new("▁", " ").map_err(|e| format!("decoder: {e}"))?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    let normalizer: NormalizerWrapper = if space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+        NormalizerSequence::new(vec![Prepend::new("▁".to_owned()).into(), spaces.into()]).into()
+    } else {
+        spaces.into()
+    };
+    inner.with_normalizer(Some(normalizer)).map_err(|e| format!("normalizer: {e}"))?;
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
+}
+
 impl GgufTokenizer {
     /// Builds and checks the tokenizer described by `ct`'s metadata.
     pub fn build(ct: &Content) -> Result<Self, String> {
         let model = md(ct, "tokenizer.ggml.model")?.to_string().map_err(|e| e.to_string())?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(format!(
-                "tokenizer model {model:?} is not supported yet (supported: gpt2, the byte-level BPE of \
-                 SmolLM, Llama 3, Qwen and GPT-2 style models)"
+                "tokenizer model {model:?} is not supported yet (supported: gpt2, the byte-level BPE of SmolLM, \
+                 Llama 3, Qwen and GPT-2 style models; llama, the SentencePiece BPE of Llama 2, Mistral 7B and \
+                 TinyLlama)"
             ));
         }
         let tokens = string_array(md(ct, "tokenizer.ggml.tokens")?, "tokenizer.ggml.tokens")?;
-        let merges = string_array(md(ct, "tokenizer.ggml.merges")?, "tokenizer.ggml.merges")?;
         let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()
@@ -171,38 +280,10 @@ impl GgufTokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let pre = ct
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "default".to_owned());
-
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| format!("malformed merge {m:?}"))
-            })
-            .collect::<Result<_, _>>()?;
-        let split = PreSplit::named(&pre).unwrap_or_else(|| {
-            tracing::warn!(
-                pre = pre.as_str(),
-                "unknown tokenizer.ggml.pre: using the GPT-2 split; prompts may tokenize differently from what \
-                 the model was trained on"
-            );
-            PreSplit::Gpt2
-        });
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(split.ignore_merges())
-            .build()
-            .map_err(|e| format!("building BPE: {e}"))?;
-        let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(split.pre_tokenizer()?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let (mut inner, adds_bos) = match model.as_str() {
+            "gpt2" => byte_level_bpe(ct, &tokens)?,
+            _ => (sentencepiece_bpe(ct, &tokens, &types)?, true),
+        };
 
         let specials: Vec<AddedToken> = tokens
             .iter()
@@ -230,7 +311,7 @@ impl GgufTokenizer {
             .metadata
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(split.adds_bos() && bos_id.is_some());
+            .unwrap_or(adds_bos && bos_id.is_some());
         let text_of = |id: u32| tokens.get(id as usize).cloned().unwrap_or_default();
         let tok = GgufTokenizer {
             eos_text: text_of(eos),
@@ -404,6 +485,127 @@ mod tests {
         .collect();
         metadata.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         Content { magic: VersionedMagic::GgufV3, metadata, tensor_infos: HashMap::new(), tensor_data_offset: 0 }
+    }
+
+    /// A SentencePiece (`llama`) vocabulary: `<unk>`, `<s>`, `</s>`, the 256
+    /// byte tokens, then `pieces` with their scores.
+    fn sentencepiece_like(pieces: &[(&str, f32)], extra: &[(&str, Value)]) -> Content {
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+        let mut types = vec![TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
+        let mut scores = vec![0f32; 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+            scores.push(0.0);
+        }
+        for (p, score) in pieces {
+            tokens.push((*p).to_owned());
+            types.push(TOKEN_TYPE_NORMAL);
+            scores.push(*score);
+        }
+        let mut metadata: HashMap<String, Value> = [
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect())),
+            ("tokenizer.ggml.scores", Value::Array(scores.into_iter().map(Value::F32).collect())),
+            ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+            ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        metadata.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Content { magic: VersionedMagic::GgufV3, metadata, tensor_infos: HashMap::new(), tensor_data_offset: 0 }
+    }
+
+    /// llama.cpp's SentencePiece tokenizer, written plainly: join the
+    /// neighbouring pair whose join is a piece with the highest score
+    /// (leftmost on ties) until none is; pieces not in the vocabulary become
+    /// their bytes.
+    fn spm_reference(text: &str, pieces: &[(&str, f32)]) -> Vec<u32> {
+        let id = |p: &str| pieces.iter().position(|(q, _)| *q == p).map(|i| (i + 3 + 256) as u32);
+        let score = |p: &str| pieces.iter().find(|(q, _)| *q == p).map(|(_, s)| *s);
+        let text = format!(" {text}").replace(' ', "▁");
+        let mut syms: Vec<String> = text.chars().map(String::from).collect();
+        loop {
+            let best = (0..syms.len().saturating_sub(1))
+                .filter_map(|i| score(&(syms[i].clone() + &syms[i + 1])).map(|s| (i, s)))
+                .fold(None, |b: Option<(usize, f32)>, (i, s)| if b.is_none_or(|(_, bs)| s > bs) { Some((i, s)) } else { b });
+            let Some((i, _)) = best else { break };
+            let right = syms.remove(i + 1);
+            syms[i].push_str(&right);
+        }
+        syms.iter()
+            .flat_map(|s| match id(s) {
+                Some(id) => vec![id],
+                None => s.bytes().map(|b| b as u32 + 3).collect(),
+            })
+            .collect()
+    }
+
+    /// The Hugging Face BPE built from scores tokenizes as llama.cpp's
+    /// algorithm does, over random vocabularies and texts.
+    #[test]
+    fn sentencepiece_scores_tokenize_as_llama_cpp_does() {
+        let mut seed = 12345u64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let alphabet = ['▁', 'a', 'b', 'c', 'd'];
+        for round in 0..20 {
+            let mut pieces: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+            while pieces.len() < 60 {
+                let len = 2 + next(4) as usize;
+                let p: String = (0..len).map(|_| alphabet[next(5) as usize]).collect();
+                if !pieces.contains(&p) {
+                    pieces.push(p);
+                }
+            }
+            // Distinct scores (SentencePiece's BPE scores are merge ranks).
+            let mut order: Vec<usize> = (0..pieces.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, next(i as u64 + 1) as usize);
+            }
+            let scored: Vec<(&str, f32)> = pieces.iter().zip(&order).map(|(p, &o)| (p.as_str(), -(o as f32))).collect();
+            let tok = GgufTokenizer::build(&sentencepiece_like(&scored, &[])).expect("tokenizer");
+            for _ in 0..20 {
+                let len = 1 + next(24) as usize;
+                let text: String = (0..len).map(|_| ['a', 'b', 'c', 'd', ' ', 'é'][next(6) as usize]).collect();
+                let want = spm_reference(&text, &scored);
+                assert_eq!(tok.encode(&text).expect("encode"), want, "round {round}, text {text:?}");
+                assert_eq!(tok.decode(&want).expect("decode"), text, "round {round}: decoding {text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sentencepiece_vocabulary_adds_bos_prefixes_a_space_and_falls_back_to_bytes() {
+        let pieces = [("▁", -1.0), ("H", -2.0), ("i", -3.0), ("▁H", -4.0), ("▁Hi", -5.0), ("!", -6.0)];
+        let tok = GgufTokenizer::build(&sentencepiece_like(&pieces, &[])).expect("tokenizer");
+        let id = |p: &str| pieces.iter().position(|(q, _)| *q == p).map(|i| (i + 259) as u32).expect("piece");
+        assert!(tok.add_bos, "SentencePiece vocabularies add BOS unless the file says not to");
+        assert_eq!(tok.prompt_ids("Hi!").expect("ids"), [1, id("▁Hi"), id("!")]);
+        // After a special token the text gets its own space prefix, as in llama.cpp.
+        assert_eq!(tok.prompt_ids("<s>Hi</s>Hi").expect("ids"), [1, id("▁Hi"), 2, id("▁Hi")]);
+        // A character outside the vocabulary is its UTF-8 bytes; decoding puts it back.
+        let ids = tok.encode("Hi é").expect("encode");
+        assert_eq!(ids, [id("▁Hi"), id("▁"), 0xC3 + 3, 0xA9 + 3]);
+        assert_eq!(tok.decode(&ids).expect("decode"), "Hi é");
+        // Streamed a token at a time, as generation does: the two bytes of é
+        // come out together, once both are there.
+        let mut stream = tok.inner.decode_stream(true);
+        let parts: Vec<Option<String>> = ids.iter().map(|&i| stream.step(i).expect("step")).collect();
+        assert_eq!(parts, [Some("Hi".into()), Some(" ".into()), None, Some("é".into())]);
+        assert!(tok.is_eos(2));
+
+        let bare = GgufTokenizer::build(&sentencepiece_like(
+            &pieces,
+            &[("tokenizer.ggml.add_space_prefix", Value::Bool(false)), ("tokenizer.ggml.add_bos_token", Value::Bool(false))],
+        ))
+        .expect("tokenizer");
+        assert_eq!(bare.prompt_ids("Hi").expect("ids"), [id("H"), id("i")]);
     }
 
     #[test]

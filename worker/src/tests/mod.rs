@@ -73,8 +73,9 @@ fn a_model_that_cannot_load_says_why() {
     assert!(fails(&path).contains("architecture \"mamba\" is not supported yet"));
 
     // A tokenizer rbee does not build (and no weights either): the tokenizer's reason.
-    let path = gguf("spm.gguf", &[("general.architecture", &llama), ("tokenizer.ggml.model", &llama)]);
-    assert!(fails(&path).contains("tokenizer model \"llama\" is not supported yet"));
+    let bert = Value::String("bert".into());
+    let path = gguf("wordpiece.gguf", &[("general.architecture", &llama), ("tokenizer.ggml.model", &bert)]);
+    assert!(fails(&path).contains("tokenizer model \"bert\" is not supported yet"));
 
     // The demo model's metadata, tokenizer included, and no weights: the weights' reason.
     let mut f = std::fs::File::open(crate::fast::tests::demo_model()).expect("the demo model");
