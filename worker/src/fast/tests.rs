@@ -617,6 +617,156 @@ fn qwen2_and_qwen3_match_candle_and_the_f32_reference() {
     }
 }
 
+/// The shape of a made-up model for [`random_model`].
+struct Shape {
+    arch: &'static str,
+    dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// A two-layer model of `shape` with random Q8_0 weights (f32 norms and
+/// biases), written to a temporary GGUF: for the head shapes and groups the
+/// demo model does not have.
+fn random_model(shape: &Shape, tag: &str) -> std::path::PathBuf {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use gguf_file::Value;
+    let Shape { arch, dim, heads, kv_heads, head_dim } = *shape;
+    let (ffn, vocab, layers, qd, kvd) = (512usize, 512usize, 2u32, heads * head_dim, kv_heads * head_dim);
+    let mut seed = 0x2545_f491u32 ^ (dim * 31 + heads * 7 + head_dim) as u32;
+    let mut draw = |n: usize, centre: f32, spread: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                centre + spread * (seed as f32 / u32::MAX as f32 - 0.5)
+            })
+            .collect()
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut put = |name: String, dims: &[usize], v: Vec<f32>, q: GgmlDType| {
+        let t = Tensor::new(v.as_slice(), &Device::Cpu).and_then(|t| t.reshape(dims)).expect("tensor");
+        tensors.push((name, QTensor::quantize(&t, q).expect("quantize")));
+    };
+    let m = |_rows: usize, cols: usize| 2.0 * (3.0 / cols as f32).sqrt();
+    put("token_embd.weight".into(), &[vocab, dim], draw(vocab * dim, 0.0, 2.0), GgmlDType::Q8_0);
+    put("output_norm.weight".into(), &[dim], draw(dim, 1.0, 0.2), GgmlDType::F32);
+    put("output.weight".into(), &[vocab, dim], draw(vocab * dim, 0.0, 4.0 * m(vocab, dim)), GgmlDType::Q8_0);
+    for i in 0..layers {
+        let p = format!("blk.{i}");
+        // Queries and keys 3× an even spread, so attention is sharp and its
+        // details (RoPE, norms, which head sees which keys) show in the logits.
+        for (n, rows, cols, gain) in
+            [("attn_q", qd, dim, 3.0), ("attn_k", kvd, dim, 3.0), ("attn_v", kvd, dim, 1.0), ("attn_output", dim, qd, 1.0)]
+        {
+            put(format!("{p}.{n}.weight"), &[rows, cols], draw(rows * cols, 0.0, gain * m(rows, cols)), GgmlDType::Q8_0);
+        }
+        for (n, rows, cols) in [("ffn_gate", ffn, dim), ("ffn_up", ffn, dim), ("ffn_down", dim, ffn)] {
+            put(format!("{p}.{n}.weight"), &[rows, cols], draw(rows * cols, 0.0, m(rows, cols)), GgmlDType::Q8_0);
+        }
+        put(format!("{p}.attn_norm.weight"), &[dim], draw(dim, 1.0, 0.2), GgmlDType::F32);
+        put(format!("{p}.ffn_norm.weight"), &[dim], draw(dim, 1.0, 0.2), GgmlDType::F32);
+        if arch == "qwen2" {
+            for (n, len) in [("attn_q", qd), ("attn_k", kvd), ("attn_v", kvd)] {
+                put(format!("{p}.{n}.bias"), &[len], draw(len, 0.0, 1.0), GgmlDType::F32);
+            }
+        }
+        if arch == "qwen3" {
+            for n in ["attn_q_norm", "attn_k_norm"] {
+                put(format!("{p}.{n}.weight"), &[head_dim], draw(head_dim, 1.0, 1.5), GgmlDType::F32);
+            }
+        }
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.dtype".into(), Value::U32(0)),
+        (key("block_count"), Value::U32(layers)),
+        (key("embedding_length"), Value::U32(dim as u32)),
+        (key("feed_forward_length"), Value::U32(ffn as u32)),
+        (key("attention.head_count"), Value::U32(heads as u32)),
+        (key("attention.head_count_kv"), Value::U32(kv_heads as u32)),
+        (key("attention.key_length"), Value::U32(head_dim as u32)),
+        (key("attention.value_length"), Value::U32(head_dim as u32)),
+        (key("rope.dimension_count"), Value::U32(head_dim as u32)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        (key("rope.freq_base"), Value::F32(10_000.0)),
+        (key("context_length"), Value::U32(4096)),
+    ];
+    let path = std::env::temp_dir().join(format!("rbee-fast-random-{tag}-{}.gguf", std::process::id()));
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).expect("temp file"), &meta, &ts).expect("write GGUF");
+    path
+}
+
+/// The head shapes real models have and the demo does not (its group is 3,
+/// its heads 64 wide): MHA with 128-wide heads (Llama 2), groups of 7 (Qwen
+/// 2.5 0.5B) and 8 (TinyLlama), heads wider than `dim / heads` (Qwen 3).
+/// The fast path against candle on the same random file, a prompt and three
+/// steps, and against the f32 reference.
+#[test]
+fn other_head_shapes_match_candle() {
+    let shapes = [
+        ("mha-128", Shape { arch: "llama", dim: 512, heads: 4, kv_heads: 4, head_dim: 128 }),
+        ("group-8", Shape { arch: "llama", dim: 512, heads: 8, kv_heads: 1, head_dim: 64 }),
+        ("group-7", Shape { arch: "qwen2", dim: 896, heads: 14, kv_heads: 2, head_dim: 64 }),
+        ("wide-heads", Shape { arch: "qwen3", dim: 256, heads: 4, kv_heads: 2, head_dim: 128 }),
+    ];
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 512).collect();
+    for (tag, shape) in &shapes {
+        let path = random_model(shape, tag);
+        let open = || {
+            let mut f = std::fs::File::open(&path).expect("open");
+            (gguf_file::Content::read(&mut f).expect("gguf"), f)
+        };
+        type Forward = Box<dyn FnMut(&[u32], usize) -> Vec<f32>>;
+        let (ct, mut f) = open();
+        let mut reference: Forward = match shape.arch {
+            "llama" => {
+                let mut m = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("candle llama");
+                Box::new(move |t, pos| candle_logits(&mut m, t, pos))
+            }
+            "qwen2" => {
+                let mut m = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
+                    .expect("candle qwen2");
+                Box::new(move |t, pos| {
+                    let input = Tensor::new(t, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+                    m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle")
+                })
+            }
+            _ => {
+                let mut m = candle_transformers::models::quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
+                    .expect("candle qwen3");
+                Box::new(move |t, pos| {
+                    let input = Tensor::new(t, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+                    m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle")
+                })
+            }
+        };
+        let (ct, f) = open();
+        std::fs::remove_file(&path).ok();
+        let weights = super::load::load(&ct, &f, 2).expect("weights");
+        let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
+        let mut seq = model.new_sequence(64);
+        let (prompt, steps) = tokens.split_at(37);
+        let mut pairs = vec![(reference(prompt, 0), model.forward(&mut seq, prompt).expect("prefill"))];
+        for (i, &t) in steps.iter().enumerate() {
+            pairs.push((reference(&[t], prompt.len() + i), model.forward(&mut seq, &[t]).expect("decode")));
+        }
+        let exact = reference_logits(&weights, &tokens);
+        for (i, (want, got)) in pairs.iter().enumerate() {
+            let what = format!("{tag} position {}", prompt.len() - 1 + i);
+            let e = &exact[prompt.len() - 1 + i];
+            eprintln!("{what}: KL(candle ‖ fast) {:.5}, KL(f32 ‖ fast) {:.5}", kl(want, got), kl(e, got));
+            assert_close(&format!("{what} vs candle"), got, want, REL_TOL);
+            assert!(kl(e, got) <= 0.05, "{what}: KL(f32 ‖ fast) {}", kl(e, got));
+        }
+    }
+}
+
 #[test]
 fn models_and_sequences_can_move_between_threads() {
     fn send<T: Send>() {}
