@@ -97,7 +97,7 @@ impl std::fmt::Debug for CandleModel {
 }
 
 impl CandleModel {
-    fn load(ct: Content, file: &mut File, device: &Device) -> Result<Self, String> {
+    pub(crate) fn load(ct: Content, file: &mut File, device: &Device) -> Result<Self, String> {
         let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
         let model = match arch.as_deref() {
             Some("llama") => quantized_llama::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Llama),
@@ -110,7 +110,7 @@ impl CandleModel {
 
     /// The logits after the last of `input`'s tokens, which start at `pos`
     /// (0 starts the model's cache afresh).
-    fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
             CandleModel::Llama(m) => m.forward(input, pos),
             CandleModel::Qwen2(m) => m.forward(input, pos),

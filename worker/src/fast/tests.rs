@@ -86,6 +86,18 @@ fn candle_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
     out.to_vec1().expect("f32 logits")
 }
 
+/// candle's model of the file at `path`, picked by its architecture as the
+/// worker picks it, as a function from (tokens, first position) to logits.
+fn candle_of(path: &std::path::Path) -> impl FnMut(&[u32], usize) -> Vec<f32> {
+    let mut f = std::fs::File::open(path).expect("open");
+    let ct = gguf_file::Content::read(&mut f).expect("gguf");
+    let mut m = crate::backend::CandleModel::load(ct, &mut f, &Device::Cpu).expect("candle loads it");
+    move |tokens, pos| {
+        let input = Tensor::new(tokens, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+        m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle forward")
+    }
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b })
 }
@@ -568,26 +580,7 @@ fn qwen2_and_qwen3_match_candle_and_the_f32_reference() {
             let mut f = std::fs::File::open(&path).expect("open");
             (gguf_file::Content::read(&mut f).expect("gguf"), f)
         };
-        let (ct, mut f) = load();
-        type Forward = Box<dyn FnMut(&[u32], usize) -> Vec<f32>>;
-        let mut reference: Forward = match arch {
-            "qwen2" => {
-                let mut m = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
-                    .expect("candle qwen2");
-                Box::new(move |t, pos| {
-                    let input = Tensor::new(t, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
-                    m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle")
-                })
-            }
-            _ => {
-                let mut m = candle_transformers::models::quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
-                    .expect("candle qwen3");
-                Box::new(move |t, pos| {
-                    let input = Tensor::new(t, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
-                    m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle")
-                })
-            }
-        };
+        let mut reference = candle_of(&path);
         let (ct, f) = load();
         std::fs::remove_file(&path).ok();
         let weights = super::load::load(&ct, &f, 2).expect("weights");
@@ -722,30 +715,7 @@ fn other_head_shapes_match_candle() {
             let mut f = std::fs::File::open(&path).expect("open");
             (gguf_file::Content::read(&mut f).expect("gguf"), f)
         };
-        type Forward = Box<dyn FnMut(&[u32], usize) -> Vec<f32>>;
-        let (ct, mut f) = open();
-        let mut reference: Forward = match shape.arch {
-            "llama" => {
-                let mut m = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("candle llama");
-                Box::new(move |t, pos| candle_logits(&mut m, t, pos))
-            }
-            "qwen2" => {
-                let mut m = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
-                    .expect("candle qwen2");
-                Box::new(move |t, pos| {
-                    let input = Tensor::new(t, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
-                    m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle")
-                })
-            }
-            _ => {
-                let mut m = candle_transformers::models::quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)
-                    .expect("candle qwen3");
-                Box::new(move |t, pos| {
-                    let input = Tensor::new(t, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
-                    m.forward(&input, pos).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec1()).expect("candle")
-                })
-            }
-        };
+        let mut reference = candle_of(&path);
         let (ct, f) = open();
         std::fs::remove_file(&path).ok();
         let weights = super::load::load(&ct, &f, 2).expect("weights");
