@@ -1,5 +1,5 @@
 //! The compute behind an [`Engine`](crate::Engine): candle's quantized llama,
-//! qwen2 or qwen3 (any device) or the fast CPU path ([`crate::fast`]), picked
+//! qwen2, qwen3 or phi3 (any device) or the fast CPU path ([`crate::fast`]), picked
 //! once at load time, and the per-sequence state each keeps.
 //!
 //! `auto` takes the fast path when the model is a GGUF it can run
@@ -18,7 +18,7 @@ use std::fs::File;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
+use candle_transformers::models::{quantized_llama, quantized_phi3, quantized_qwen2, quantized_qwen3};
 use rbee_schemas::error::JobError;
 
 use crate::fast::{FastModel, Sequence};
@@ -84,6 +84,7 @@ pub enum CandleModel {
     Llama(quantized_llama::ModelWeights),
     Qwen2(quantized_qwen2::ModelWeights),
     Qwen3(quantized_qwen3::ModelWeights),
+    Phi3(quantized_phi3::ModelWeights),
 }
 
 impl std::fmt::Debug for CandleModel {
@@ -92,6 +93,7 @@ impl std::fmt::Debug for CandleModel {
             CandleModel::Llama(_) => "CandleModel::Llama",
             CandleModel::Qwen2(_) => "CandleModel::Qwen2",
             CandleModel::Qwen3(_) => "CandleModel::Qwen3",
+            CandleModel::Phi3(_) => "CandleModel::Phi3",
         })
     }
 }
@@ -99,11 +101,16 @@ impl std::fmt::Debug for CandleModel {
 impl CandleModel {
     pub(crate) fn load(ct: Content, file: &mut File, device: &Device) -> Result<Self, String> {
         let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        if let Some(long) = crate::fast::load::LONG_ROPE.iter().find(|t| ct.tensor_infos.contains_key(**t)) {
+            return Err(format!("{long}: LongRoPE scaling (Phi 3 and 3.5 with 128k contexts) is not supported yet"));
+        }
         let model = match arch.as_deref() {
             Some("llama") => quantized_llama::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Llama),
             Some("qwen2") => quantized_qwen2::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen2),
             Some("qwen3") => quantized_qwen3::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen3),
-            other => return Err(format!("architecture {other:?}: candle runs llama, qwen2 and qwen3 here")),
+            // candle's phi3 takes a flash-attention switch: off (not built).
+            Some("phi3") => quantized_phi3::ModelWeights::from_gguf(false, ct, file, device).map(CandleModel::Phi3),
+            other => return Err(format!("architecture {other:?}: candle runs llama, qwen2, qwen3 and phi3 here")),
         };
         model.map_err(|e| e.to_string())
     }
@@ -114,6 +121,7 @@ impl CandleModel {
         match self {
             CandleModel::Llama(m) => m.forward(input, pos),
             CandleModel::Qwen2(m) => m.forward(input, pos),
+            CandleModel::Phi3(m) => m.forward(input, pos),
             CandleModel::Qwen3(m) => {
                 if pos == 0 {
                     m.clear_kv_cache();

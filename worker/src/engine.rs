@@ -1,4 +1,4 @@
-//! The inference engine: one GGUF model (llama, qwen2 or qwen3), its tokenizer
+//! The inference engine: one GGUF model (llama, qwen2, qwen3 or phi3), its tokenizer
 //! from the same file, and the generation loop for one job.
 //!
 //! The model runs on the fast CPU path or on candle's quantized models
@@ -134,7 +134,7 @@ impl Engine {
         if crate::fast::load::Arch::named(&architecture).is_none() {
             return Err(load_failed(
                 path,
-                format!("architecture {architecture:?} is not supported yet (supported: llama, qwen2, qwen3)"),
+                format!("architecture {architecture:?} is not supported yet (supported: llama, qwen2, qwen3, phi3)"),
             ));
         }
         let context_length = content

@@ -6,8 +6,8 @@
 //! talks to NATS; its hive publishes the events, so each job's event sequence
 //! has exactly one writer.
 //!
-//! Engines: the fast CPU path ([`fast`]) for the llama, qwen2 and qwen3 GGUFs
-//! it supports on AVX2 CPUs, else candle's quantized models of the same three
+//! Engines: the fast CPU path ([`fast`]) for the llama, qwen2, qwen3 and phi3
+//! GGUFs it supports on AVX2 CPUs, else candle's quantized models of the same four
 //! (`--engine auto|fast|candle`, see [`backend`]).
 //!
 //! Threads: the main thread loads the model and then runs the job loop

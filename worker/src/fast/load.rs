@@ -1,11 +1,11 @@
-//! Reading a llama-, qwen2- or qwen3-architecture GGUF into the fast path's
+//! Reading a llama-, qwen2-, qwen3- or phi3-architecture GGUF into the fast path's
 //! weights: the hyper-parameters from the metadata (parsed by candle) and each
 //! tensor's raw bytes, read straight from the file at the offsets candle's
 //! parser found and repacked into one [`Arena`] in reading order.
 //!
 //! The three differ only in small parts of attention (see [`Arch`]). Anything
 //! the fast path cannot run exactly like candle's `quantized_llama`,
-//! `quantized_qwen2` or `quantized_qwen3` (another architecture, mixture of
+//! `quantized_qwen2`, `quantized_qwen3` or `quantized_phi3` (another architecture, mixture of
 //! experts, an unsupported weight type, odd shapes) is an `Err` naming the
 //! reason, so the caller can fall back to candle.
 //! Runs once, on the caller's thread and as many loader threads as the model
@@ -25,7 +25,7 @@ use super::quant::{dequantize_gguf_row, Src, QK};
 
 /// The transformer families the fast path runs. They share the block
 /// (RMSNorm, grouped-query attention with RoPE, SwiGLU); they differ in
-/// attention's details.
+/// attention's details and in how the file lays the projections out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     /// Llama 2-3, SmolLM, Mistral: RoPE on interleaved pairs (the converter
@@ -37,6 +37,9 @@ pub enum Arch {
     /// Qwen 3: no biases; an RMSNorm over each query and key head before
     /// RoPE; NeoX RoPE; heads may be wider than `dim / heads`.
     Qwen3,
+    /// Phi 3: llama's block with the query, key and value projections in one
+    /// tensor and the gate and up projections in another; NeoX RoPE.
+    Phi3,
 }
 
 impl Arch {
@@ -46,6 +49,7 @@ impl Arch {
             "llama" => Self::Llama,
             "qwen2" => Self::Qwen2,
             "qwen3" => Self::Qwen3,
+            "phi3" => Self::Phi3,
             _ => return None,
         })
     }
@@ -56,6 +60,7 @@ impl Arch {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -151,9 +156,12 @@ fn meta_usize(ct: &Content, key: &str) -> Result<usize, String> {
 
 fn config(ct: &Content) -> Result<Config, String> {
     let name = meta(ct, "general.architecture")?.to_string().map_err(|e| e.to_string())?;
-    let arch =
-        Arch::named(name).ok_or_else(|| format!("architecture {name:?}: the fast path runs llama, qwen2 and qwen3"))?;
+    let arch = Arch::named(name)
+        .ok_or_else(|| format!("architecture {name:?}: the fast path runs llama, qwen2, qwen3 and phi3"))?;
     let key = |k: &str| format!("{}.{k}", arch.key());
+    if let Some(long) = LONG_ROPE.iter().find(|t| ct.tensor_infos.contains_key(**t)) {
+        return Err(format!("{long}: LongRoPE scaling (Phi 3 and 3.5 with 128k contexts) is not supported yet"));
+    }
     if meta_usize(ct, &key("expert_count")).unwrap_or(0) > 1 {
         return Err("mixture-of-experts models are not supported by the fast path".to_owned());
     }
@@ -258,26 +266,45 @@ pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String
     if d % QK != 0 || f % QK != 0 {
         return Err(format!("embedding {d} or feed-forward {f} size is not a multiple of {QK}"));
     }
-    let mut shapes: Vec<(String, usize, usize)> = Vec::new();
+    // Each matrix as (tensor, its first row, rows, columns, the tensor's
+    // rows): Phi 3 stores the query, key and value rows in one tensor, and the
+    // gate's rows then the up projection's in another.
+    let mut shapes: Vec<(String, usize, usize, usize, usize)> = Vec::new();
+    let whole = |name: String, rows: usize, cols: usize| (name, 0, rows, cols, rows);
     for i in 0..cfg.n_layer {
         let p = format!("blk.{i}");
-        shapes.push((format!("{p}.attn_q.weight"), qd, d));
-        shapes.push((format!("{p}.attn_k.weight"), kv, d));
-        shapes.push((format!("{p}.attn_v.weight"), kv, d));
-        shapes.push((format!("{p}.attn_output.weight"), d, qd));
-        shapes.push((format!("{p}.ffn_up.weight"), f, d));
-        shapes.push((format!("{p}.ffn_gate.weight"), f, d));
-        shapes.push((format!("{p}.ffn_down.weight"), d, f));
+        if cfg.arch == Arch::Phi3 {
+            let (qkv, all) = (format!("{p}.attn_qkv.weight"), qd + 2 * kv);
+            shapes.push((qkv.clone(), 0, qd, d, all));
+            shapes.push((qkv.clone(), qd, kv, d, all));
+            shapes.push((qkv, qd + kv, kv, d, all));
+        } else {
+            shapes.push(whole(format!("{p}.attn_q.weight"), qd, d));
+            shapes.push(whole(format!("{p}.attn_k.weight"), kv, d));
+            shapes.push(whole(format!("{p}.attn_v.weight"), kv, d));
+        }
+        shapes.push(whole(format!("{p}.attn_output.weight"), d, qd));
+        if cfg.arch == Arch::Phi3 {
+            let up = format!("{p}.ffn_up.weight");
+            shapes.push((up.clone(), f, f, d, 2 * f));
+            shapes.push((up, 0, f, d, 2 * f));
+        } else {
+            shapes.push(whole(format!("{p}.ffn_up.weight"), f, d));
+            shapes.push(whole(format!("{p}.ffn_gate.weight"), f, d));
+        }
+        shapes.push(whole(format!("{p}.ffn_down.weight"), d, f));
     }
     let tied = !ct.tensor_infos.contains_key("output.weight");
     if !tied {
-        shapes.push(("output.weight".to_owned(), cfg.vocab, d));
+        shapes.push(whole("output.weight".to_owned(), cfg.vocab, d));
     }
-    shapes.push(("token_embd.weight".to_owned(), cfg.vocab, d));
+    shapes.push(whole("token_embd.weight".to_owned(), cfg.vocab, d));
     let mut slots = Vec::with_capacity(shapes.len());
     let mut size = 0usize;
-    for (name, rows, cols) in shapes {
-        let (src, file_at, file_len) = locate(ct, &name, &[rows, cols])?;
+    for (name, first, rows, cols, all) in shapes {
+        let (src, at, bytes) = locate(ct, &name, &[all, cols])?;
+        let (file_at, file_len) = (at + (first * bytes / all) as u64, rows * bytes / all);
+        let name = if rows == all { name } else { format!("{name} rows {first}..{}", first + rows) };
         let len = rows * src.packed().row_bytes(cols);
         Matrix::check(src.packed(), rows, cols, len).map_err(|e| format!("{name}: {e}"))?;
         slots.push(Slot { name, rows, cols, src, file_at, file_len, arena_at: size, len });
@@ -335,6 +362,10 @@ pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String
 
 /// The tensor llama.cpp's converter writes for Llama 3.1+ RoPE scaling.
 pub const ROPE_FACTORS: &str = "rope_freqs.weight";
+
+/// The tensors of LongRoPE scaling (Phi 3's 128k-context models), which
+/// neither engine applies: such files fail to load rather than run wrong.
+pub const LONG_ROPE: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
 
 fn rope_factors(ct: &Content, file: &File, len: usize) -> Result<Vec<f32>, String> {
     let f = vector(ct, file, ROPE_FACTORS, len)?;

@@ -1,5 +1,5 @@
-//! The fast CPU inference path for llama-, qwen2- and qwen3-architecture GGUF
-//! models ([`load::Arch`]).
+//! The fast CPU inference path for llama-, qwen2-, qwen3- and phi3-architecture
+//! GGUF models ([`load::Arch`]).
 //!
 //! candle's `quantized_llama` is general but slow on CPU (scalar Q4_1 dot
 //! products, a tensor allocation per op). This module runs the same math with

@@ -1,4 +1,4 @@
-//! The forward pass (llama, qwen2, qwen3) over any mix of sequences: a prompt (many tokens of
+//! The forward pass (llama, qwen2, qwen3, phi3) over any mix of sequences: a prompt (many tokens of
 //! one sequence), a decode step of many sequences (one token each), or both.
 //!
 //! Every token in a step is one "row"; all rows go through each weight matrix

@@ -229,7 +229,7 @@ fn thread_counts_and_pools_agree() {
     }
 }
 
-/// The forward pass (llama, qwen2 or qwen3) in plain f32 over dequantized weights, all
+/// The forward pass (llama, qwen2, qwen3, phi3) in plain f32 over dequantized weights, all
 /// positions at once: `logits[i]` follows `tokens[..=i]`. The "exact" answer
 /// both quantized-activation paths approximate.
 fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
@@ -506,11 +506,13 @@ fn requantized_matches_candle(kinds: &[candle_core::quantized::GgmlDType], tag: 
     }
 }
 
-/// The demo model's weights written as a `qwen2` or `qwen3` file: its
-/// metadata under the new architecture's keys, plus the tensors the family
-/// adds (Qwen 2's projection biases, Qwen 3's per-head norms), filled with
-/// fixed pseudo-random values. Not a model that says anything sensible, but
-/// every number the family's extra steps see is a real one.
+/// The demo model's weights written as a `qwen2`, `qwen3` or `phi3` file:
+/// its metadata under the new architecture's keys, plus the tensors the
+/// family adds (Qwen 2's projection biases, Qwen 3's per-head norms), filled
+/// with fixed pseudo-random values, or (Phi 3) its projections fused as Phi 3
+/// stores them, in Q8_0, and an output head of its own. Not a model that
+/// says anything sensible, but every number the family's extra steps see is
+/// a real one.
 pub(crate) fn demo_as(arch: &str) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor};
     let (ct, mut file) = open_demo();
@@ -526,6 +528,11 @@ pub(crate) fn demo_as(arch: &str) -> std::path::PathBuf {
     meta.push(("general.architecture".into(), gguf_file::Value::String(arch.into())));
     let hd = (ct.metadata["llama.embedding_length"].to_u32().expect("dim")
         / ct.metadata["llama.attention.head_count"].to_u32().expect("heads")) as usize;
+    if arch == "phi3" {
+        // candle's phi3 uses 10,000 whatever the file says (as Phi 3's files say).
+        meta.retain(|(k, _)| k != "phi3.rope.freq_base");
+        meta.push(("phi3.rope.freq_base".into(), gguf_file::Value::F32(10_000.0)));
+    }
     if arch == "qwen3" {
         meta.push(("qwen3.attention.key_length".into(), gguf_file::Value::U32(hd as u32)));
         // candle's qwen3 computes in f16 unless told f32.
@@ -547,7 +554,26 @@ pub(crate) fn demo_as(arch: &str) -> std::path::PathBuf {
         QTensor::quantize(&Tensor::new(v.as_slice(), &Device::Cpu).expect("tensor"), GgmlDType::F32).expect("f32")
     };
     let layers = ct.metadata["llama.block_count"].to_u32().expect("layers");
-    for i in 0..layers {
+    if arch == "phi3" {
+        let mut take = |name: String| -> Tensor {
+            let at = tensors.iter().position(|(n, _)| *n == name).expect("tensor");
+            tensors.remove(at).1.dequantize(&Device::Cpu).expect("dequantize")
+        };
+        let mut fused = Vec::new();
+        for i in 0..layers {
+            let p = format!("blk.{i}");
+            let qkv = [take(format!("{p}.attn_q.weight")), take(format!("{p}.attn_k.weight")), take(format!("{p}.attn_v.weight"))];
+            let up = [take(format!("{p}.ffn_gate.weight")), take(format!("{p}.ffn_up.weight"))];
+            fused.push((format!("{p}.attn_qkv.weight"), Tensor::cat(&qkv, 0).expect("cat")));
+            fused.push((format!("{p}.ffn_up.weight"), Tensor::cat(&up, 0).expect("cat")));
+        }
+        let embd = ct.tensor(&mut file, "token_embd.weight", &Device::Cpu).expect("embd");
+        fused.push(("output.weight".into(), embd.dequantize(&Device::Cpu).expect("dequantize")));
+        for (name, t) in fused {
+            tensors.push((name, QTensor::quantize(&t, GgmlDType::Q8_0).expect("Q8_0")));
+        }
+    }
+    for i in (0..layers).filter(|_| arch != "phi3") {
         let width = |n: &str| ct.tensor_infos[&format!("blk.{i}.attn_{n}.weight")].shape.dims()[0];
         match arch {
             "qwen2" => {
@@ -562,19 +588,23 @@ pub(crate) fn demo_as(arch: &str) -> std::path::PathBuf {
             }
         }
     }
-    let path = std::env::temp_dir().join(format!("rbee-fast-{arch}-{}.gguf", std::process::id()));
+    // One file per call: tests run at once in one process.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("rbee-fast-{arch}-{}-{call}.gguf", std::process::id()));
     let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut std::fs::File::create(&path).expect("temp file"), &meta, &ts).expect("write GGUF");
     path
 }
 
-/// Qwen 2 and Qwen 3 (biases, per-head norms, NeoX RoPE) on the fast path
-/// against candle's `quantized_qwen2` / `quantized_qwen3` on the same file
-/// and against the f32 reference: a prompt, then five greedy steps.
+/// Qwen 2, Qwen 3 and Phi 3 (biases, per-head norms, fused projections,
+/// NeoX RoPE) on the fast path against candle's model of the same
+/// architecture on the same file and against the f32 reference: a prompt,
+/// then five greedy steps.
 #[test]
-fn qwen2_and_qwen3_match_candle_and_the_f32_reference() {
-    for arch in ["qwen2", "qwen3"] {
+fn qwen2_qwen3_and_phi3_match_candle_and_the_f32_reference() {
+    for arch in ["qwen2", "qwen3", "phi3"] {
         let path = demo_as(arch);
         let load = || {
             let mut f = std::fs::File::open(&path).expect("open");
@@ -651,14 +681,21 @@ fn random_model(shape: &Shape, tag: &str) -> std::path::PathBuf {
         let p = format!("blk.{i}");
         // Queries and keys 3× an even spread, so attention is sharp and its
         // details (RoPE, norms, which head sees which keys) show in the logits.
-        for (n, rows, cols, gain) in
-            [("attn_q", qd, dim, 3.0), ("attn_k", kvd, dim, 3.0), ("attn_v", kvd, dim, 1.0), ("attn_output", dim, qd, 1.0)]
-        {
-            put(format!("{p}.{n}.weight"), &[rows, cols], draw(rows * cols, 0.0, gain * m(rows, cols)), GgmlDType::Q8_0);
+        let [q, k, v] = [(qd, 3.0), (kvd, 3.0), (kvd, 1.0)].map(|(rows, gain)| draw(rows * dim, 0.0, gain * m(rows, dim)));
+        let [gate, up] = [0, 1].map(|_| draw(ffn * dim, 0.0, m(ffn, dim)));
+        if arch == "phi3" {
+            // Phi 3 keeps them fused: query, key, value rows; gate, up rows.
+            put(format!("{p}.attn_qkv.weight"), &[qd + 2 * kvd, dim], [q, k, v].concat(), GgmlDType::Q8_0);
+            put(format!("{p}.ffn_up.weight"), &[2 * ffn, dim], [gate, up].concat(), GgmlDType::Q8_0);
+        } else {
+            for (n, rows, w) in [("attn_q", qd, q), ("attn_k", kvd, k), ("attn_v", kvd, v)] {
+                put(format!("{p}.{n}.weight"), &[rows, dim], w, GgmlDType::Q8_0);
+            }
+            put(format!("{p}.ffn_gate.weight"), &[ffn, dim], gate, GgmlDType::Q8_0);
+            put(format!("{p}.ffn_up.weight"), &[ffn, dim], up, GgmlDType::Q8_0);
         }
-        for (n, rows, cols) in [("ffn_gate", ffn, dim), ("ffn_up", ffn, dim), ("ffn_down", dim, ffn)] {
-            put(format!("{p}.{n}.weight"), &[rows, cols], draw(rows * cols, 0.0, m(rows, cols)), GgmlDType::Q8_0);
-        }
+        put(format!("{p}.attn_output.weight"), &[dim, qd], draw(dim * qd, 0.0, m(dim, qd)), GgmlDType::Q8_0);
+        put(format!("{p}.ffn_down.weight"), &[dim, ffn], draw(dim * ffn, 0.0, m(dim, ffn)), GgmlDType::Q8_0);
         put(format!("{p}.attn_norm.weight"), &[dim], draw(dim, 1.0, 0.2), GgmlDType::F32);
         put(format!("{p}.ffn_norm.weight"), &[dim], draw(dim, 1.0, 0.2), GgmlDType::F32);
         if arch == "qwen2" {
@@ -697,7 +734,8 @@ fn random_model(shape: &Shape, tag: &str) -> std::path::PathBuf {
 
 /// The head shapes real models have and the demo does not (its group is 3,
 /// its heads 64 wide): MHA with 128-wide heads (Llama 2), groups of 7 (Qwen
-/// 2.5 0.5B) and 8 (TinyLlama), heads wider than `dim / heads` (Qwen 3).
+/// 2.5 0.5B) and 8 (TinyLlama), heads wider than `dim / heads` (Qwen 3),
+/// fused projections with 96-wide heads (Phi 3 mini).
 /// The fast path against candle on the same random file, a prompt and three
 /// steps, and against the f32 reference.
 #[test]
@@ -707,6 +745,7 @@ fn other_head_shapes_match_candle() {
         ("group-8", Shape { arch: "llama", dim: 512, heads: 8, kv_heads: 1, head_dim: 64 }),
         ("group-7", Shape { arch: "qwen2", dim: 896, heads: 14, kv_heads: 2, head_dim: 64 }),
         ("wide-heads", Shape { arch: "qwen3", dim: 256, heads: 4, kv_heads: 2, head_dim: 128 }),
+        ("phi3-96", Shape { arch: "phi3", dim: 384, heads: 4, kv_heads: 4, head_dim: 96 }),
     ];
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 512).collect();
     for (tag, shape) in &shapes {

@@ -107,13 +107,13 @@ fn logits_continue_a_sequence_and_refuse_gaps() {
     assert!(e.logits(&[1], prompt.len() + 5).is_err(), "a gap in positions is refused");
 }
 
-/// A qwen2 and a qwen3 file (the demo's weights under those architectures,
-/// `fast::tests::demo_as`) load on both engines, which agree on the
-/// logits; each engine starts a second sequence afresh (candle's qwen3 keeps
-/// its cache inside and must be told).
+/// A qwen2, a qwen3 and a phi3 file (the demo's weights under those
+/// architectures, `fast::tests::demo_as`) load on both engines, which agree
+/// on the logits; each engine starts a second sequence afresh (candle's qwen3
+/// keeps its cache inside and must be told).
 #[test]
-fn qwen_files_run_on_both_engines() {
-    for arch in ["qwen2", "qwen3"] {
+fn qwen_and_phi3_files_run_on_both_engines() {
+    for arch in ["qwen2", "qwen3", "phi3"] {
         let path = crate::fast::tests::demo_as(arch);
         let mut fast = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Auto).expect("auto");
         let mut candle = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Candle).expect("candle");

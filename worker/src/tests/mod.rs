@@ -84,6 +84,18 @@ fn a_model_that_cannot_load_says_why() {
     let message = fails(&gguf("no-weights.gguf", &meta));
     assert!(message.contains("cannot find tensor info for token_embd.weight"), "{message}");
 
+    // Phi 3's LongRoPE (128k contexts), which neither engine applies: refused,
+    // not run with the wrong positions.
+    let mut meta: Vec<(&str, &Value)> = meta.into_iter().filter(|(k, _)| *k != "general.architecture").collect();
+    let phi3 = Value::String("phi3".into());
+    meta.push(("general.architecture", &phi3));
+    let t = candle_core::Tensor::ones(32, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let factors = candle_core::quantized::QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap();
+    let path = dir.join("long-rope.gguf");
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[("rope_factors_long.weight", &factors)]).unwrap();
+    let message = fails(&path);
+    assert!(message.contains("LongRoPE scaling (Phi 3 and 3.5 with 128k contexts) is not supported yet"), "{message}");
+
     // The demo model cut short halfway: its tensor table promises weights the
     // file no longer holds. The fast path's loader threads say which one.
     let bytes = std::fs::read(crate::fast::tests::demo_model()).unwrap();
