@@ -4,7 +4,8 @@
 //! `raise_exception` for templates that validate their input, and Python's
 //! string and list methods (`startswith`, `split`, `strip`, ...), which
 //! templates written for transformers' Jinja call (Qwen 3's does on every
-//! message), through minijinja-contrib's `pycompat`.
+//! message), through minijinja-contrib's `pycompat`; and transformers'
+//! `strftime_now` (Llama 3.1+ put today's date in the system turn).
 
 use minijinja::{Environment, Error, ErrorKind};
 use rbee_schemas::job::ChatMessage;
@@ -21,10 +22,68 @@ fn raise_exception(msg: String) -> Result<String, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// transformers' `strftime_now(format)`: the current time (UTC here) in
+/// Python's `strftime` format.
+fn strftime_now(format: String) -> Result<String, Error> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    strftime(&format, now.as_secs() as i64)
+}
+
+const MONTHS: [&str; 12] =
+    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+
+/// `format` at `unix` seconds, UTC: the directives templates use (`%d %b %Y`,
+/// `%Y-%m-%d`, names of months and days, the time of day, `%%`).
+fn strftime(format: &str, unix: i64) -> Result<String, Error> {
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday.
+    let (mut out, mut chars) = (String::new(), format.chars());
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let month_name = MONTHS[month as usize - 1];
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('H') => out.push_str(&format!("{:02}", secs / 3_600)),
+            Some('M') => out.push_str(&format!("{:02}", secs / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", secs % 60)),
+            Some('%') => out.push('%'),
+            other => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: %{} is not supported", other.map(String::from).unwrap_or_default()),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, String> {
         let mut env = Environment::new();
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| format!("the model's chat template does not compile: {e}"))?;
@@ -91,6 +150,25 @@ mod tests {
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n\
              <|im_start|>user\n<tool_response>42</tool_response><|im_end|>\nlast user turn: 0"
         );
+    }
+
+    #[test]
+    fn strftime_formats_dates_as_python_does() {
+        // 2024-07-26 (a Friday) 13:25:09 UTC, and days either side of leap days.
+        assert_eq!(strftime("%d %b %Y", 1_722_000_309).unwrap(), "26 Jul 2024");
+        assert_eq!(strftime("%Y-%m-%d %H:%M:%S %A %a %B %y %%", 1_722_000_309).unwrap(), "2024-07-26 13:25:09 Friday Fri July 24 %");
+        assert_eq!(strftime("%Y-%m-%d", 951_782_400).unwrap(), "2000-02-29");
+        assert_eq!(strftime("%Y-%m-%d %A", 0).unwrap(), "1970-01-01 Thursday");
+        assert_eq!(strftime("%Y-%m-%d", 4_107_542_399).unwrap(), "2100-02-28");
+        assert!(strftime("%Q", 0).is_err());
+        // As Llama 3.2's template calls it.
+        let t = ChatTemplate::new(
+            "{%- if strftime_now is defined %}{%- set d = strftime_now('%d %b %Y') %}{%- else %}{%- set d = '26 Jul 2024' %}{%- endif %}Today Date: {{ d }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(t.render(&[]).unwrap(), format!("Today Date: {}", strftime_now("%d %b %Y".into()).unwrap()));
     }
 
     #[test]
