@@ -101,9 +101,7 @@ impl std::fmt::Debug for CandleModel {
 impl CandleModel {
     pub(crate) fn load(ct: Content, file: &mut File, device: &Device) -> Result<Self, String> {
         let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
-        if let Some(long) = crate::fast::load::LONG_ROPE.iter().find(|t| ct.tensor_infos.contains_key(**t)) {
-            return Err(format!("{long}: LongRoPE scaling (Phi 3 and 3.5 with 128k contexts) is not supported yet"));
-        }
+        crate::fast::load::refuse_long_rope(&ct)?;
         let model = match arch.as_deref() {
             Some("llama") => quantized_llama::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Llama),
             Some("qwen2") => quantized_qwen2::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen2),

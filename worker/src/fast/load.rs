@@ -3,7 +3,8 @@
 //! tensor's raw bytes, read straight from the file at the offsets candle's
 //! parser found and repacked into one [`Arena`] in reading order.
 //!
-//! The three differ only in small parts of attention (see [`Arch`]). Anything
+//! They differ only in small parts of attention and in how the file lays the
+//! projections out (see [`Arch`]). Anything
 //! the fast path cannot run exactly like candle's `quantized_llama`,
 //! `quantized_qwen2`, `quantized_qwen3` or `quantized_phi3` (another architecture, mixture of
 //! experts, an unsupported weight type, odd shapes) is an `Err` naming the
@@ -159,9 +160,7 @@ fn config(ct: &Content) -> Result<Config, String> {
     let arch = Arch::named(name)
         .ok_or_else(|| format!("architecture {name:?}: the fast path runs llama, qwen2, qwen3 and phi3"))?;
     let key = |k: &str| format!("{}.{k}", arch.key());
-    if let Some(long) = LONG_ROPE.iter().find(|t| ct.tensor_infos.contains_key(**t)) {
-        return Err(format!("{long}: LongRoPE scaling (Phi 3 and 3.5 with 128k contexts) is not supported yet"));
-    }
+    refuse_long_rope(ct)?;
     if meta_usize(ct, &key("expert_count")).unwrap_or(0) > 1 {
         return Err("mixture-of-experts models are not supported by the fast path".to_owned());
     }
@@ -363,9 +362,17 @@ pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String
 /// The tensor llama.cpp's converter writes for Llama 3.1+ RoPE scaling.
 pub const ROPE_FACTORS: &str = "rope_freqs.weight";
 
-/// The tensors of LongRoPE scaling (Phi 3's 128k-context models), which
-/// neither engine applies: such files fail to load rather than run wrong.
-pub const LONG_ROPE: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
+/// The tensors of LongRoPE scaling (Phi 3's 128k-context models).
+const LONG_ROPE: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
+
+/// `Err` for a file with LongRoPE scaling, which neither engine applies: such
+/// files fail to load rather than run with the wrong positions.
+pub fn refuse_long_rope(ct: &Content) -> Result<(), String> {
+    match LONG_ROPE.iter().find(|t| ct.tensor_infos.contains_key(**t)) {
+        Some(t) => Err(format!("{t}: LongRoPE scaling (Phi 3 and 3.5 with 128k contexts) is not supported yet")),
+        None => Ok(()),
+    }
+}
 
 fn rope_factors(ct: &Content, file: &File, len: usize) -> Result<Vec<f32>, String> {
     let f = vector(ct, file, ROPE_FACTORS, len)?;

@@ -86,11 +86,16 @@ fn candle_logits(m: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
     out.to_vec1().expect("f32 logits")
 }
 
+/// The header of the GGUF at `path`, and the file.
+fn open_gguf(path: &std::path::Path) -> (gguf_file::Content, std::fs::File) {
+    let mut f = std::fs::File::open(path).expect("open");
+    (gguf_file::Content::read(&mut f).expect("gguf"), f)
+}
+
 /// candle's model of the file at `path`, picked by its architecture as the
 /// worker picks it, as a function from (tokens, first position) to logits.
 fn candle_of(path: &std::path::Path) -> impl FnMut(&[u32], usize) -> Vec<f32> {
-    let mut f = std::fs::File::open(path).expect("open");
-    let ct = gguf_file::Content::read(&mut f).expect("gguf");
+    let (ct, mut f) = open_gguf(path);
     let mut m = crate::backend::CandleModel::load(ct, &mut f, &Device::Cpu).expect("candle loads it");
     move |tokens, pos| {
         let input = Tensor::new(tokens, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
@@ -395,8 +400,7 @@ fn rope_frequency_factors_are_applied() {
     let meta: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut std::fs::File::create(&path).expect("temp file"), &meta, &ts).expect("write GGUF");
-    let mut f = std::fs::File::open(&path).expect("open");
-    let ct = gguf_file::Content::read(&mut f).expect("gguf");
+    let (ct, f) = open_gguf(&path);
     std::fs::remove_file(&path).ok();
 
     let weights = super::load::load(&ct, &f, 2).expect("weights");
@@ -606,12 +610,8 @@ pub(crate) fn demo_as(arch: &str) -> std::path::PathBuf {
 fn qwen2_qwen3_and_phi3_match_candle_and_the_f32_reference() {
     for arch in ["qwen2", "qwen3", "phi3"] {
         let path = demo_as(arch);
-        let load = || {
-            let mut f = std::fs::File::open(&path).expect("open");
-            (gguf_file::Content::read(&mut f).expect("gguf"), f)
-        };
         let mut reference = candle_of(&path);
-        let (ct, f) = load();
+        let (ct, f) = open_gguf(&path);
         std::fs::remove_file(&path).ok();
         let weights = super::load::load(&ct, &f, 2).expect("weights");
         assert_eq!(weights.cfg.arch.key(), arch);
@@ -750,12 +750,8 @@ fn other_head_shapes_match_candle() {
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 512).collect();
     for (tag, shape) in &shapes {
         let path = random_model(shape, tag);
-        let open = || {
-            let mut f = std::fs::File::open(&path).expect("open");
-            (gguf_file::Content::read(&mut f).expect("gguf"), f)
-        };
         let mut reference = candle_of(&path);
-        let (ct, f) = open();
+        let (ct, f) = open_gguf(&path);
         std::fs::remove_file(&path).ok();
         let weights = super::load::load(&ct, &f, 2).expect("weights");
         let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
