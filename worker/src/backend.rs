@@ -100,15 +100,18 @@ impl std::fmt::Debug for CandleModel {
 
 impl CandleModel {
     pub(crate) fn load(ct: Content, file: &mut File, device: &Device) -> Result<Self, String> {
-        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        use crate::fast::load::Arch;
+        let name = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        let Some(arch) = name.as_deref().and_then(Arch::named) else {
+            return Err(format!("architecture {name:?}: candle runs {} here", Arch::names()));
+        };
         crate::fast::load::refuse_long_rope(&ct)?;
-        let model = match arch.as_deref() {
-            Some("llama") => quantized_llama::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Llama),
-            Some("qwen2") => quantized_qwen2::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen2),
-            Some("qwen3") => quantized_qwen3::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen3),
+        let model = match arch {
+            Arch::Llama => quantized_llama::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Llama),
+            Arch::Qwen2 => quantized_qwen2::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen2),
+            Arch::Qwen3 => quantized_qwen3::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen3),
             // candle's phi3 takes a flash-attention switch: off (not built).
-            Some("phi3") => quantized_phi3::ModelWeights::from_gguf(false, ct, file, device).map(CandleModel::Phi3),
-            other => return Err(format!("architecture {other:?}: candle runs llama, qwen2, qwen3 and phi3 here")),
+            Arch::Phi3 => quantized_phi3::ModelWeights::from_gguf(false, ct, file, device).map(CandleModel::Phi3),
         };
         model.map_err(|e| e.to_string())
     }

@@ -131,11 +131,10 @@ impl Engine {
             .map_err(|e| load_failed(path, format!("not a GGUF file ({e})")))?;
         let meta_str = |k: &str| content.metadata.get(k).and_then(|v| v.to_string().ok()).cloned();
         let architecture = meta_str("general.architecture").unwrap_or_default();
-        if crate::fast::load::Arch::named(&architecture).is_none() {
-            return Err(load_failed(
-                path,
-                format!("architecture {architecture:?} is not supported yet (supported: llama, qwen2, qwen3, phi3)"),
-            ));
+        use crate::fast::load::Arch;
+        if Arch::named(&architecture).is_none() {
+            let names = Arch::names();
+            return Err(load_failed(path, format!("architecture {architecture:?} is not supported yet (supported: {names})")));
         }
         let context_length = content
             .metadata

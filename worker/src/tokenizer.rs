@@ -39,6 +39,12 @@ const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// Whether a token of this GGUF type is a special token (matched whole in
+/// text, never merged).
+fn is_special(kind: i32) -> bool {
+    kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_USER_DEFINED
+}
+
 /// Llama 3's split (tiktoken's cl100k pattern): contractions in any case, a
 /// word with one leading non-letter, numbers in runs of up to three digits.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -288,7 +294,7 @@ impl GgufTokenizer {
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
-            .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_USER_DEFINED)
+            .filter(|(_, t)| is_special(**t))
             .map(|(s, _)| AddedToken::from(s.clone(), true))
             .collect();
         inner.add_special_tokens(specials).map_err(|e| format!("adding special tokens: {e}"))?;
@@ -299,7 +305,7 @@ impl GgufTokenizer {
         // Chat models often end a turn with a different token than EOS.
         let named = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].map(id_of);
         let by_text = tokens.iter().zip(&types).enumerate().filter(|(_, (text, kind))| {
-            (**kind == TOKEN_TYPE_CONTROL || **kind == TOKEN_TYPE_USER_DEFINED) && END_OF_TURN.contains(&text.as_str())
+            is_special(**kind) && END_OF_TURN.contains(&text.as_str())
         });
         for id in named.into_iter().flatten().chain(by_text.map(|(id, _)| id as u32)) {
             if !eos_ids.contains(&id) {
@@ -331,7 +337,7 @@ impl GgufTokenizer {
             let Some(kind) = types.get(id as usize) else {
                 return Err(format!("special token id {id} is outside the vocabulary of {}", tokens.len()));
             };
-            if *kind != TOKEN_TYPE_CONTROL && *kind != TOKEN_TYPE_USER_DEFINED {
+            if !is_special(*kind) {
                 return Err(format!("special token id {id} ({:?}) is not a control token", tokens[id as usize]));
             }
         }

@@ -44,18 +44,19 @@ pub enum Arch {
 }
 
 impl Arch {
-    /// The architecture `general.architecture` names, if the fast path runs it.
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3];
+
+    /// The architecture `general.architecture` names, if rbee runs it.
     pub fn named(name: &str) -> Option<Self> {
-        Some(match name {
-            "llama" => Self::Llama,
-            "qwen2" => Self::Qwen2,
-            "qwen3" => Self::Qwen3,
-            "phi3" => Self::Phi3,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|a| a.key() == name)
     }
 
-    /// GGUF metadata keys start with it.
+    /// The names of [`Self::ALL`], for messages: "llama, qwen2, ...".
+    pub fn names() -> String {
+        Self::ALL.map(Self::key).join(", ")
+    }
+
+    /// Its `general.architecture` name; GGUF metadata keys start with it.
     pub fn key(self) -> &'static str {
         match self {
             Self::Llama => "llama",
@@ -158,7 +159,7 @@ fn meta_usize(ct: &Content, key: &str) -> Result<usize, String> {
 fn config(ct: &Content) -> Result<Config, String> {
     let name = meta(ct, "general.architecture")?.to_string().map_err(|e| e.to_string())?;
     let arch = Arch::named(name)
-        .ok_or_else(|| format!("architecture {name:?}: the fast path runs llama, qwen2, qwen3 and phi3"))?;
+        .ok_or_else(|| format!("architecture {name:?}: the fast path runs {}", Arch::names()))?;
     let key = |k: &str| format!("{}.{k}", arch.key());
     refuse_long_rope(ct)?;
     if meta_usize(ct, &key("expert_count")).unwrap_or(0) > 1 {

@@ -426,9 +426,13 @@ fn append_f16(cache: &mut Vec<f16>, src: &[f32]) {
     cache[at..].convert_from_f32_slice(src);
 }
 
+/// `1 / √(mean(x²) + eps)`: what RMSNorm scales `x` by, before its weights.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (sum_squares(x) / x.len() as f32 + eps).sqrt()
+}
+
 fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = sum_squares(x) / x.len() as f32;
-    let inv = 1.0 / (ms + eps).sqrt();
+    let inv = inv_rms(x, eps);
     for ((o, &a), &b) in out.iter_mut().zip(x).zip(w) {
         *o = a * inv * b;
     }
@@ -472,7 +476,7 @@ fn add_rows(x: &mut [f32], b: &[f32]) {
 /// RMSNorm over each head of `x` (heads of `w.len()`), in place.
 fn norm_heads(x: &mut [f32], w: &[f32], eps: f32) {
     for head in x.chunks_exact_mut(w.len()) {
-        let inv = 1.0 / (sum_squares(head) / w.len() as f32 + eps).sqrt();
+        let inv = inv_rms(head, eps);
         head.iter_mut().zip(w).for_each(|(a, g)| *a *= inv * g);
     }
 }
