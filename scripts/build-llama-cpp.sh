@@ -9,7 +9,8 @@
 # Output: ${RBEE_LLAMA_CPP_DIR:-$HOME/.cache/rbee/llama.cpp}/bin/
 #   llama-bench, llama-tokenize, llama-completion (raw-prompt text generation,
 #   the old llama-cli; today's llama-cli is a chat UI built with the server),
-#   llama-simple
+#   llama-simple, and llama-cpp-greedy (scripts/llama-cpp-greedy.cpp: a
+#   greedy path as token ids and margins, which rbee's tests record)
 #
 # RBEE_LLAMA_CPP_CMAKE_ARGS: more cmake options for a new build directory,
 # after the ones below (a later -D wins). On a VM whose CPU lists AMX but
@@ -27,9 +28,12 @@ bin="$dir/bin"
 targets=(llama-bench llama-tokenize llama-completion llama-simple)
 jobs="${RBEE_LLAMA_CPP_JOBS:-2}"
 
+greedy_src="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/llama-cpp-greedy.cpp"
+
 have_all() {
   local t
   for t in "${targets[@]}"; do [ -x "$bin/$t" ] || return 1; done
+  [ "$bin/llama-cpp-greedy" -nt "$greedy_src" ] || return 1
   [ "$(cat "$bin/.llama-cpp-python-version" 2>/dev/null)" = "$version" ]
 }
 if have_all; then
@@ -118,5 +122,9 @@ mkdir -p "$bin"
 for t in "${targets[@]}"; do
   install -m 755 "$build/bin/$t" "$bin/$t"
 done
+# The greedy-path tool, against the static libraries those targets built.
+g++ -O2 -std=c++17 "$greedy_src" -I "$src/include" -I "$src/ggml/include" \
+  "$build/src/libllama.a" "$build/ggml/src/libggml.a" "$build/ggml/src/libggml-cpu.a" "$build/ggml/src/libggml-base.a" \
+  -fopenmp -lpthread -ldl -lm -o "$bin/llama-cpp-greedy"
 echo "$version" >"$bin/.llama-cpp-python-version"
 echo "$bin"
