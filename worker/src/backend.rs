@@ -1,6 +1,6 @@
 //! The compute behind an [`Engine`](crate::Engine): candle's quantized llama,
-//! qwen2, qwen3 or phi3 (any device) or the fast CPU path ([`crate::fast`]), picked
-//! once at load time, and the per-sequence state each keeps.
+//! qwen2, qwen3 or phi3 (any device) or the fast CPU path ([`crate::fast`], which
+//! also runs gemma3), picked once at load time, and the per-sequence state each keeps.
 //!
 //! `auto` takes the fast path when the model is a GGUF it can run
 //! (weight types F32/F16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, see
@@ -103,7 +103,7 @@ impl CandleModel {
         use crate::fast::load::Arch;
         let name = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
         let Some(arch) = name.as_deref().and_then(Arch::named) else {
-            return Err(format!("architecture {name:?}: candle runs {} here", Arch::names()));
+            return Err(format!("architecture {name:?}: candle runs {} here", Arch::candle_names()));
         };
         crate::fast::load::refuse_long_rope(&ct)?;
         let model = match arch {
@@ -112,6 +112,11 @@ impl CandleModel {
             Arch::Qwen3 => quantized_qwen3::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen3),
             // candle's phi3 takes a flash-attention switch: off (not built).
             Arch::Phi3 => quantized_phi3::ModelWeights::from_gguf(false, ct, file, device).map(CandleModel::Phi3),
+            Arch::Gemma3 => {
+                return Err("candle's gemma3 gates the feed-forward with SiLU where Gemma uses GELU, so its answers \
+                            would be wrong: gemma3 runs on the fast engine (CPU) only"
+                    .to_owned())
+            }
         };
         model.map_err(|e| e.to_string())
     }
@@ -214,7 +219,11 @@ impl Backend {
                     },
                     Err(e) => e,
                 };
-                Ok((candle(ct, file)?, Some(why)))
+                match candle(ct, file) {
+                    Ok(b) => Ok((b, Some(why))),
+                    Err(e) if e == why => Err(e),
+                    Err(e) => Err(format!("the fast engine cannot run this model ({why}), nor can candle ({e})")),
+                }
             }
         }
     }

@@ -171,6 +171,25 @@ mod tests {
         assert_eq!(t.render(&[]).unwrap(), format!("Today Date: {}", strftime_now("%d %b %Y".into()).unwrap()));
     }
 
+    /// Gemma 3's template (from its `tokenizer_config.json`, as its GGUF
+    /// files carry it): the system prompt folded into the first user turn,
+    /// the assistant called `model`, roles checked to alternate.
+    const GEMMA3: &str = "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n";
+
+    #[test]
+    fn gemma3_template_renders_like_transformers() {
+        let t = ChatTemplate::new(GEMMA3, "<bos>", "<eos>").unwrap();
+        let msg = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
+        let out = t.render(&[msg("system", "Be brief."), msg("user", " Hi "), msg("assistant", "Hello."), msg("user", "Why?")]).unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let e = t.render(&[msg("user", "a"), msg("user", "b")]).unwrap_err();
+        assert!(e.contains("roles must alternate"), "{e}");
+    }
+
     #[test]
     fn raise_exception_becomes_an_error() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();

@@ -765,6 +765,28 @@ pub unsafe fn silu_mul(g: *const f32, up: *const f32, out: *mut f32, n: usize) {
     }
 }
 
+/// `out[i] = gelu(g[i]) · up[i]`, GELU's tanh approximation written as
+/// `x / (1 + e^-z)`, `z = x (A + B x²)` (see [`super::simd::gelu`]). SAFETY:
+/// as [`silu_mul`].
+pub unsafe fn gelu_mul(g: *const f32, up: *const f32, out: *mut f32, n: usize) {
+    let (one, low) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-87.0));
+    let (a, b) = (_mm256_set1_ps(super::simd::GELU_A), _mm256_set1_ps(super::simd::GELU_B));
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_loadu_ps(g.add(i));
+        let z = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(x, x), b, a));
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
+        // As in `silu_mul`: where z < -87 the result is below 1e-35, so zero.
+        let s = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(z, low), _mm256_div_ps(x, _mm256_add_ps(one, e)));
+        _mm256_storeu_ps(out.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up.add(i))));
+        i += 8;
+    }
+    while i < n {
+        *out.add(i) = super::simd::gelu(*g.add(i)) * *up.add(i);
+        i += 1;
+    }
+}
+
 /// Eight consecutive floats at element `i` of `p`, which holds f16 (`F16`)
 /// or f32 elements.
 #[inline(always)]

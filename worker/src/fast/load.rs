@@ -1,4 +1,4 @@
-//! Reading a llama-, qwen2-, qwen3- or phi3-architecture GGUF into the fast path's
+//! Reading a llama-, qwen2-, qwen3-, phi3- or gemma3-architecture GGUF into the fast path's
 //! weights: the hyper-parameters from the metadata (parsed by candle) and each
 //! tensor's raw bytes, read straight from the file at the offsets candle's
 //! parser found and repacked into one [`Arena`] in reading order.
@@ -8,7 +8,9 @@
 //! the fast path cannot run exactly like candle's `quantized_llama`,
 //! `quantized_qwen2`, `quantized_qwen3` or `quantized_phi3` (another architecture, mixture of
 //! experts, an unsupported weight type, odd shapes) is an `Err` naming the
-//! reason, so the caller can fall back to candle.
+//! reason, so the caller can fall back to candle. Gemma 3 follows llama.cpp's
+//! `gemma3` graph instead: candle's `quantized_gemma3` gates with SiLU where
+//! Gemma uses GELU, so the worker runs it on this path only.
 //! Runs once, on the caller's thread and as many loader threads as the model
 //! will compute on: most of a load is the kernel zeroing the arena's fresh
 //! pages as they are first written, then the copy and the repacking, and each
@@ -23,10 +25,12 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use super::arena::{Arena, Bytes};
 use super::matmul::{pack_matrix, Matrix};
 use super::quant::{dequantize_gguf_row, Src, QK};
+pub use super::simd::Act;
 
 /// The transformer families the fast path runs. They share the block
-/// (RMSNorm, grouped-query attention with RoPE, SwiGLU); they differ in
-/// attention's details and in how the file lays the projections out.
+/// (RMSNorm, grouped-query attention with RoPE, a gated feed-forward); they
+/// differ in attention's details, in Gemma's extra norms, scales and
+/// activation, and in how the file lays the projections out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     /// Llama 2-3, SmolLM, Mistral: RoPE on interleaved pairs (the converter
@@ -41,10 +45,15 @@ pub enum Arch {
     /// Phi 3: llama's block with the query, key and value projections in one
     /// tensor and the gate and up projections in another; NeoX RoPE.
     Phi3,
+    /// Gemma 3: Qwen 3's per-head norms and NeoX RoPE, plus embeddings
+    /// scaled by `√dim`, a norm after attention and after the feed-forward,
+    /// GELU (tanh) gating, and sliding-window attention on five layers of
+    /// every six, with their own RoPE base.
+    Gemma3,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3];
+    pub const ALL: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3, Arch::Gemma3];
 
     /// The architecture `general.architecture` names, if rbee runs it.
     pub fn named(name: &str) -> Option<Self> {
@@ -53,7 +62,16 @@ impl Arch {
 
     /// The names of [`Self::ALL`], for messages: "llama, qwen2, ...".
     pub fn names() -> String {
-        Self::ALL.map(Self::key).join(", ")
+        Self::names_where(|_| true)
+    }
+
+    /// The names of the families candle runs here ([`Self::on_candle`]).
+    pub fn candle_names() -> String {
+        Self::names_where(Self::on_candle)
+    }
+
+    fn names_where(keep: impl Fn(Self) -> bool) -> String {
+        Self::ALL.into_iter().filter(|a| keep(*a)).map(Self::key).collect::<Vec<_>>().join(", ")
     }
 
     /// Its `general.architecture` name; GGUF metadata keys start with it.
@@ -63,7 +81,14 @@ impl Arch {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Phi3 => "phi3",
+            Self::Gemma3 => "gemma3",
         }
+    }
+
+    /// Whether candle's model of this family runs it as the file means
+    /// (see the module's notes on Gemma 3).
+    pub fn on_candle(self) -> bool {
+        !matches!(self, Self::Gemma3)
     }
 
     /// Whether RoPE rotates `(j, j + hd/2)` in each head rather than `(2j, 2j + 1)`.
@@ -87,6 +112,30 @@ pub struct Config {
     pub rope_base: f32,
     /// `<arch>.context_length` (0 if absent).
     pub context: usize,
+    /// Each token's embedding is multiplied by this (Gemma: `√dim`; else 1).
+    pub embd_scale: f32,
+    /// Attention scores are `q·k` times this: `1/√head_dim`, except Gemma 3
+    /// 27B's `1/√(dim/heads)` (as llama.cpp, which knows it by its 62 layers).
+    pub attn_scale: f32,
+    /// The feed-forward gate's activation.
+    pub act: Act,
+    /// Positions are multiplied by this before RoPE on full-attention layers:
+    /// `1 / rope.scaling.factor` of linear scaling (Gemma 3 4B and up), else 1.
+    pub rope_scale: f32,
+    /// Sliding-window attention (Gemma 3), `None` for full attention everywhere.
+    pub swa: Option<Swa>,
+    /// Logits become `cap · tanh(logits / cap)` (`final_logit_softcapping`).
+    pub logit_softcap: Option<f32>,
+}
+
+/// Sliding-window attention: layer `i` attends to its last `window`
+/// positions (its own included) where `layers[i]`, and RoPE's base there is
+/// `rope_base` (unscaled); the other layers attend to everything.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Swa {
+    pub window: usize,
+    pub rope_base: f32,
+    pub layers: Vec<bool>,
 }
 
 impl Config {
@@ -116,8 +165,11 @@ pub struct Layer {
     pub down: Matrix,
     /// Biases added to the query, key and value projections (Qwen 2).
     pub qkv_bias: Option<[Vec<f32>; 3]>,
-    /// Weights of the RMSNorm over each query and each key head (Qwen 3).
+    /// Weights of the RMSNorm over each query and each key head (Qwen 3, Gemma 3).
     pub qk_norm: Option<[Vec<f32>; 2]>,
+    /// Weights of the RMSNorms over the attention's and the feed-forward's
+    /// outputs, before each is added to the residual (Gemma 3).
+    pub post_norm: Option<[Vec<f32>; 2]>,
 }
 
 /// All weights, read-only after loading (shared between threads and models).
@@ -156,6 +208,10 @@ fn meta_usize(ct: &Content, key: &str) -> Result<usize, String> {
         .map_err(|e| format!("metadata {key}: {e}"))
 }
 
+fn meta_f32(ct: &Content, key: &str) -> Result<Option<f32>, String> {
+    ct.metadata.get(key).map(|v| v.to_f32().map_err(|e| format!("metadata {key}: {e}"))).transpose()
+}
+
 fn config(ct: &Content) -> Result<Config, String> {
     let name = meta(ct, "general.architecture")?.to_string().map_err(|e| e.to_string())?;
     let arch = Arch::named(name)
@@ -179,6 +235,7 @@ fn config(ct: &Content) -> Result<Config, String> {
     if n_head == 0 || n_kv_head == 0 || head_dim == 0 || n_head % n_kv_head != 0 {
         return Err(format!("inconsistent head counts: dim {dim}, {n_head} heads, {n_kv_head} kv heads"));
     }
+    let n_layer = meta_usize(ct, &key("block_count"))?;
     if let Some(v) = ct.metadata.get(&key("attention.value_length")) {
         if v.to_u32().ok() != Some(head_dim as u32) {
             return Err("value heads narrower or wider than key heads are not supported".to_owned());
@@ -200,9 +257,19 @@ fn config(ct: &Content) -> Result<Config, String> {
         Some(t) => t.shape.dims().first().copied().unwrap_or(0),
         None => meta_usize(ct, &key("feed_forward_length"))?,
     };
+    let gemma = arch == Arch::Gemma3;
+    let rope_scale = match gemma {
+        true => rope_linear_scale(ct, &key)?,
+        false => 1.0,
+    };
+    let swa = match gemma {
+        true => sliding_window(ct, &key, n_layer)?,
+        false => None,
+    };
+    let logit_softcap = meta_f32(ct, &key("final_logit_softcapping"))?.filter(|c| *c > 0.0);
     Ok(Config {
         arch,
-        n_layer: meta_usize(ct, &key("block_count"))?,
+        n_layer,
         dim,
         n_head,
         n_kv_head,
@@ -212,7 +279,70 @@ fn config(ct: &Content) -> Result<Config, String> {
         eps,
         rope_base,
         context: meta_usize(ct, &key("context_length")).unwrap_or(0),
+        embd_scale: if gemma { (dim as f32).sqrt() } else { 1.0 },
+        attn_scale: match gemma && n_layer == GEMMA3_27B_LAYERS {
+            true => 1.0 / ((dim / n_head) as f32).sqrt(),
+            false => 1.0 / (head_dim as f32).sqrt(),
+        },
+        act: if gemma { Act::GeluTanh } else { Act::Silu },
+        rope_scale,
+        swa,
+        logit_softcap,
     })
+}
+
+/// Gemma 3 27B's layer count: llama.cpp scales its queries by `1/√(dim/heads)`
+/// (Gemma's `query_pre_attn_scalar`, which the converter does not write), the
+/// other sizes by `1/√head_dim`.
+const GEMMA3_27B_LAYERS: usize = 62;
+
+/// `1 / rope.scaling.factor` for linear scaling (none: 1); other kinds of
+/// scaling are refused rather than run with the wrong positions.
+fn rope_linear_scale(ct: &Content, key: &dyn Fn(&str) -> String) -> Result<f32, String> {
+    let kind = match ct.metadata.get(&key("rope.scaling.type")) {
+        Some(v) => v.to_string().map_err(|e| format!("metadata {}: {e}", key("rope.scaling.type")))?.clone(),
+        None => "linear".to_owned(),
+    };
+    let factor = meta_f32(ct, &key("rope.scaling.factor"))?.unwrap_or(0.0);
+    match kind.as_str() {
+        "none" => Ok(1.0),
+        _ if factor == 0.0 => Ok(1.0),
+        "linear" if factor.is_finite() && factor > 0.0 => Ok(1.0 / factor),
+        "linear" => Err(format!("{} is {factor}: it must be a positive number", key("rope.scaling.factor"))),
+        other => Err(format!("RoPE scaling {other:?} is not supported yet (linear is)")),
+    }
+}
+
+/// Gemma 3's sliding window, as llama.cpp reads it: `attention.sliding_window`
+/// (absent or 0: none), and which layers use it from
+/// `attention.sliding_window_pattern`: one flag per layer, or a period `n`
+/// (every `n`th layer attends to everything), 6 if absent.
+fn sliding_window(ct: &Content, key: &dyn Fn(&str) -> String, n_layer: usize) -> Result<Option<Swa>, String> {
+    let window = match ct.metadata.get(&key("attention.sliding_window")) {
+        Some(_) => meta_usize(ct, &key("attention.sliding_window"))?,
+        None => 0,
+    };
+    if window == 0 {
+        return Ok(None);
+    }
+    let pattern_key = key("attention.sliding_window_pattern");
+    let layers = match ct.metadata.get(&pattern_key) {
+        Some(Value::Array(flags)) => {
+            let flags: Result<Vec<bool>, _> = flags.iter().map(|f| f.to_bool()).collect();
+            let flags = flags.map_err(|e| format!("metadata {pattern_key}: {e}"))?;
+            if flags.len() != n_layer {
+                return Err(format!("metadata {pattern_key} has {} flags for {n_layer} layers", flags.len()));
+            }
+            flags
+        }
+        Some(_) => {
+            let n = meta_usize(ct, &pattern_key)?;
+            (0..n_layer).map(|i| n == 0 || i % n < n - 1).collect()
+        }
+        None => (0..n_layer).map(|i| i % 6 < 5).collect(),
+    };
+    let rope_base = meta_f32(ct, &key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
+    Ok(Some(Swa { window, rope_base, layers }))
 }
 
 /// Checks tensor `name` has shape `dims` (candle's order: outermost first,
@@ -342,9 +472,16 @@ pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String
                 _ => None,
             },
             qk_norm: match cfg.arch {
-                Arch::Qwen3 => Some([
+                Arch::Qwen3 | Arch::Gemma3 => Some([
                     vector(ct, file, &format!("{p}.attn_q_norm.weight"), hd)?,
                     vector(ct, file, &format!("{p}.attn_k_norm.weight"), hd)?,
+                ]),
+                _ => None,
+            },
+            post_norm: match cfg.arch {
+                Arch::Gemma3 => Some([
+                    vector(ct, file, &format!("{p}.post_attention_norm.weight"), d)?,
+                    vector(ct, file, &format!("{p}.post_ffw_norm.weight"), d)?,
                 ]),
                 _ => None,
             },

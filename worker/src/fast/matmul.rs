@@ -150,28 +150,29 @@ impl Sink for ColMajor<'_> {
     }
 }
 
-/// The gate pass of SwiGLU: `silu(gate) * up` into `out`, reading the up
-/// projection the same task wrote into `up` for these rows.
-struct SwiGlu<'a> {
+/// The gate pass of a gated feed-forward: `act(gate) * up` into `out`,
+/// reading the up projection the same task wrote into `up` for these rows.
+struct Gated<'a> {
     out: &'a Out,
     up: &'a Out,
     rows: usize,
+    act: simd::Act,
 }
 
-impl Sink for SwiGlu<'_> {
+impl Sink for Gated<'_> {
     #[inline(always)]
     fn one(&mut self, r: usize, c: usize, g: f32) {
         let i = c * self.rows + r;
         // SAFETY: the task owns row r of every column in both buffers and
         // wrote `up`'s element before this pass.
-        unsafe { self.out.set(i, simd::silu(g) * self.up.get(i)) }
+        unsafe { self.out.set(i, self.act.one(g) * self.up.get(i)) }
     }
     #[inline(always)]
     fn rows16(&mut self, r0: usize, c: usize, g: &[f32; 16]) {
         let i = c * self.rows + r0;
         let mut h = [0f32; 16];
         // SAFETY: as in `one`, for rows r0..r0 + 16.
-        simd::silu_mul(g, &unsafe { self.up.get16(i) }, &mut h);
+        self.act.mul(g, &unsafe { self.up.get16(i) }, &mut h);
         // SAFETY: as in `one`.
         unsafe { self.out.set16(i, &h) }
     }
@@ -250,13 +251,13 @@ pub fn matmul(pool: &Pool, plan: &mut Plan, mats: &[&Matrix], outs: &mut [&mut [
     });
 }
 
-/// `out = silu(gate · x) * (up · x)` for every column (`x.n × gate.rows`),
+/// `out = act(gate · x) * (up · x)` for every column (`x.n × gate.rows`),
 /// with `up_tmp` (same size) as scratch. Gate and up rows are split together,
 /// so the product is formed in the same task, no second section.
-pub fn matmul_swiglu(
+pub fn matmul_gated(
     pool: &Pool,
     plan: &mut Plan,
-    (gate, up): (&Matrix, &Matrix),
+    (gate, up, act): (&Matrix, &Matrix, simd::Act),
     out: &mut [f32],
     up_tmp: &mut [f32],
     x: Acts<'_>,
@@ -273,7 +274,7 @@ pub fn matmul_swiglu(
         // This task owns rows r0..r1 of every column in both buffers, and
         // reads back only those elements.
         block(up, r0, r1, &x, &mut ColMajor { out: &u, rows });
-        block(gate, r0, r1, &x, &mut SwiGlu { out: &o, up: &u, rows });
+        block(gate, r0, r1, &x, &mut Gated { out: &o, up: &u, rows, act });
     });
 }
 
@@ -323,12 +324,12 @@ mod tests {
                     }
                     // Packed rows (70) hand results over one by one,
                     // interleaved groups (48 rows, where built) 16 at a time.
-                    for (m, o) in [(&a, &oa), (&b, &ob)] {
+                    for ((m, o), act) in [(&a, &oa), (&b, &ob)].into_iter().flat_map(|mo| [(mo, simd::Act::Silu), (mo, simd::Act::GeluTanh)]) {
                         let (mut h, mut tmp) = (vec![0f32; n * m.rows], vec![0f32; n * m.rows]);
-                        matmul_swiglu(&pool, &mut plan, (m, m), &mut h, &mut tmp, x);
+                        matmul_gated(&pool, &mut plan, (m, m, act), &mut h, &mut tmp, x);
                         for (hv, av) in h.iter().zip(o.iter()) {
-                            let want = av / (1.0 + (-av).exp()) * av;
-                            assert!((hv - want).abs() < 1e-4 * (1.0 + want.abs()), "{t:?} swiglu {hv} vs {want}");
+                            let want = act.one(*av) * av;
+                            assert!((hv - want).abs() < 1e-4 * (1.0 + want.abs()), "{t:?} {act:?} {hv} vs {want}");
                         }
                     }
                 }

@@ -1,4 +1,4 @@
-//! The forward pass (llama, qwen2, qwen3, phi3) over any mix of sequences: a prompt (many tokens of
+//! The forward pass (llama, qwen2, qwen3, phi3, gemma3) over any mix of sequences: a prompt (many tokens of
 //! one sequence), a decode step of many sequences (one token each), or both.
 //!
 //! Every token in a step is one "row"; all rows go through each weight matrix
@@ -19,7 +19,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::attention::{attend_partial, block_rows, merge, partial_len, KvView, Queries, MAX_BLOCK_ROWS};
 use super::load::{Config, Weights};
-use super::matmul::{matmul, matmul_swiglu, Acts, Plan};
+use super::matmul::{matmul, matmul_gated, Acts, Plan};
 use super::pool::{default_threads, Pool, PoolKind};
 use super::quant::{Q8Buf, QK};
 use super::simd::quantize_q8;
@@ -112,14 +112,19 @@ struct Scratch {
     h: Vec<f32>,
     h2: Vec<f32>,
     hq: Q8Buf,
-    /// Per row, `head_dim / 2` (cos, sin) pairs for its position.
+    /// Per row, `head_dim / 2` (cos, sin) pairs for its position; then the
+    /// same for sliding-window layers, where the model has them.
     rope: Vec<(f32, f32)>,
+    rope_swa: Vec<(f32, f32)>,
     logits: Vec<f32>,
     /// Attention partial states, `blocks × kv heads × splits × block rows ×
     /// group × (hd + 2)` (see [`row_blocks`]).
     parts: Vec<f32>,
     /// Runs of consecutive rows of one sequence that attend together: (first row, rows).
     blocks: Vec<(usize, usize)>,
+    /// The same for sliding-window layers: one row each, as each row's
+    /// window starts at a different key.
+    blocks_swa: Vec<(usize, usize)>,
     rows: Vec<Row>,
     /// Rows whose logits are wanted, with the output slot each fills.
     outs: Vec<(usize, usize)>,
@@ -139,8 +144,11 @@ pub struct FastModel {
     w: Arc<Weights>,
     pool: Pool,
     s: Scratch,
-    /// `1 / base^(2i / head_dim)`, as candle computes it (over the file's RoPE factors, if any).
+    /// `1 / base^(2i / head_dim)`, as candle computes it (over the file's RoPE
+    /// factors, if any, and times its linear scaling); then the same for
+    /// sliding-window layers (their own base, unscaled), empty without them.
     inv_freq: Vec<f32>,
+    inv_freq_swa: Vec<f32>,
 }
 
 impl FastModel {
@@ -160,9 +168,10 @@ impl FastModel {
     }
 
     fn from_weights(w: Arc<Weights>, config: FastConfig) -> Result<Self, String> {
-        let hd = w.cfg.head_dim;
-        let inv_freq = inv_freq(w.cfg.rope_base, hd, w.rope_factors.as_deref());
-        Ok(Self { w, pool: Pool::new(config.threads, config.pool)?, s: Scratch::default(), inv_freq })
+        let (hd, scale) = (w.cfg.head_dim, w.cfg.rope_scale);
+        let inv_freq = inv_freq(w.cfg.rope_base, hd, w.rope_factors.as_deref()).iter().map(|f| f * scale).collect();
+        let inv_freq_swa = w.cfg.swa.as_ref().map_or_else(Vec::new, |swa| self::inv_freq(swa.rope_base, hd, None));
+        Ok(Self { w, pool: Pool::new(config.threads, config.pool)?, s: Scratch::default(), inv_freq, inv_freq_swa })
     }
 
     /// Another model over the same weights (no copy) with its own threads and scratch.
@@ -285,23 +294,39 @@ impl FastModel {
         let h2 = grow(&mut s.h2, n * ffn);
         let hq = &mut s.hq;
         let rope = grow(&mut s.rope, n * hd / 2);
+        let rope_swa = grow(&mut s.rope_swa, n * self.inv_freq_swa.len());
         let rows = &s.rows;
         let plan = &mut s.plan;
         let most_rows = block_rows(cfg.group());
         row_blocks(rows, most_rows, &mut s.blocks);
-        let blocks = &s.blocks;
+        row_blocks(rows, 1, &mut s.blocks_swa);
+        let window = cfg.swa.as_ref().map_or(usize::MAX, |swa| swa.window);
 
         for (i, r) in rows.iter().enumerate() {
-            w.embd.dequantize_row(r.token as usize, &mut x[i * dim..(i + 1) * dim]);
-            for (j, cs) in rope[i * hd / 2..(i + 1) * hd / 2].iter_mut().enumerate() {
-                let a = r.pos as f32 * self.inv_freq[j];
-                *cs = (a.cos(), a.sin());
+            let xr = &mut x[i * dim..(i + 1) * dim];
+            w.embd.dequantize_row(r.token as usize, xr);
+            if cfg.embd_scale != 1.0 {
+                xr.iter_mut().for_each(|v| *v *= cfg.embd_scale);
+            }
+            for (table, inv) in [(&mut *rope, &self.inv_freq), (&mut *rope_swa, &self.inv_freq_swa)] {
+                for (cs, f) in table[i * inv.len()..(i + 1) * inv.len()].iter_mut().zip(inv) {
+                    let a = r.pos as f32 * f;
+                    *cs = (a.cos(), a.sin());
+                }
             }
         }
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = cfg.attn_scale;
         let group = cfg.group();
-        let splits = key_splits(blocks.len(), rows, cfg.n_kv_head, pool.threads());
+        let splits = key_splits(s.blocks.len(), rows, usize::MAX, cfg.n_kv_head, pool.threads());
+        let splits_swa = key_splits(s.blocks_swa.len(), rows, window, cfg.n_kv_head, pool.threads());
         for (li, l) in w.layers.iter().enumerate() {
+            // Sliding-window layers: their own RoPE, one row per block, and
+            // each row's keys start `window` before its own.
+            let windowed = cfg.swa.as_ref().is_some_and(|swa| swa.layers[li]);
+            let (rope, blocks, splits, window) = match windowed {
+                true => (&*rope_swa, &s.blocks_swa, splits_swa, window),
+                false => (&*rope, &s.blocks, splits, usize::MAX),
+            };
             // Attention block.
             rms_norm(x, &l.attn_norm, cfg.eps, xn, dim);
             quantize_q8(xn, xq);
@@ -345,7 +370,11 @@ impl FastModel {
                 }
                 // Rows of a block are consecutive positions: the last sees the most.
                 let most = keys[len - 1];
-                let range = most * sp / splits..most * (sp + 1) / splits;
+                // A windowed layer's blocks are one row each (`window` is
+                // usize::MAX elsewhere): the row's window is what is split.
+                let first_key = most.saturating_sub(window);
+                let span = most - first_key;
+                let range = first_key + span * sp / splits..first_key + span * (sp + 1) / splits;
                 let sq = &*seqs_ro[rows[first].seq];
                 let kv = KvView { k: &sq.k[li], v: &sq.v[li], kv_dim: kvd };
                 let qs = Queries { q: &q_ro[first * qd + g * group * hd..], stride: qd, keys: &keys[..len] };
@@ -364,17 +393,17 @@ impl FastModel {
             quantize_q8(att, xq);
             let xa = Acts { f: att, q: xq.view(n * qd / QK), n, k: qd };
             matmul(pool, plan, &[&l.wo], &mut [&mut *tmp], xa);
-            x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+            add_residual(x, tmp, l.post_norm.as_ref().map(|[a, _]| a.as_slice()), cfg.eps, xn, dim);
 
             // Feed-forward block.
             rms_norm(x, &l.ffn_norm, cfg.eps, xn, dim);
             quantize_q8(xn, xq);
             let xa = Acts { f: xn, q: xq.view(n * dim / QK), n, k: dim };
-            matmul_swiglu(pool, plan, (&l.gate, &l.up), h, h2, xa);
+            matmul_gated(pool, plan, (&l.gate, &l.up, cfg.act), h, h2, xa);
             quantize_q8(h, hq);
             let ha = Acts { f: h, q: hq.view(n * ffn / QK), n, k: ffn };
             matmul(pool, plan, &[&l.down], &mut [&mut *tmp], ha);
-            x.iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+            add_residual(x, tmp, l.post_norm.as_ref().map(|[_, f]| f.as_slice()), cfg.eps, xn, dim);
         }
 
         // Output head, only for the rows whose logits are wanted.
@@ -388,16 +417,32 @@ impl FastModel {
         let out_m = w.output();
         let logits = grow(&mut s.logits, no * out_m.rows);
         let xa = Acts { f: &xn[..no * dim], q: xq.view(no * dim / QK), n: no, k: dim };
-        matmul(pool, plan, &[out_m], &mut [logits], xa);
+        matmul(pool, plan, &[out_m], &mut [&mut *logits], xa);
+        if let Some(cap) = cfg.logit_softcap {
+            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
     }
 }
 
+/// `x += out`, or `x += rms_norm(out)` with the block's post-norm weights
+/// (Gemma 3), using `scratch` for the normalised rows.
+fn add_residual(x: &mut [f32], out: &[f32], post_norm: Option<&[f32]>, eps: f32, scratch: &mut [f32], dim: usize) {
+    let out = match post_norm {
+        Some(w) => {
+            rms_norm(out, w, eps, scratch, dim);
+            &*scratch
+        }
+        None => out,
+    };
+    x.iter_mut().zip(out).for_each(|(a, b)| *a += b);
+}
+
 /// Key ranges per (block of rows, kv head): 1, unless there are fewer such tasks than
-/// twice the threads and the longest context is long enough (≥ 256 keys per
-/// range) to be worth splitting.
-fn key_splits(blocks: usize, rows: &[Row], n_kv: usize, threads: usize) -> usize {
+/// twice the threads and the longest context (at most `window` keys) is long
+/// enough (≥ 256 keys per range) to be worth splitting.
+fn key_splits(blocks: usize, rows: &[Row], window: usize, n_kv: usize, threads: usize) -> usize {
     let tasks = blocks * n_kv;
-    let longest = rows.iter().map(|r| r.pos + 1).max().unwrap_or(1);
+    let longest = rows.iter().map(|r| r.pos + 1).max().unwrap_or(1).min(window);
     if threads == 1 || tasks >= 2 * threads {
         return 1;
     }

@@ -312,24 +312,58 @@ pub fn exp_shift_sum(s: &mut [f32], m: f32) -> f32 {
 }
 
 /// `x / (1 + e^-x)`, one value at a time (the kernels' tails and packed-row
-/// matrices; [`silu_mul`] runs it vectorized).
+/// matrices; [`Act::mul`] runs it vectorized).
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// `out[i] = silu(g[i]) · up[i]` (SwiGLU's product; see [`silu`]).
-#[inline]
-pub fn silu_mul(g: &[f32], up: &[f32], out: &mut [f32]) {
-    assert!(g.len() == up.len() && g.len() == out.len(), "silu_mul: length mismatch");
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
-    // SAFETY: three slices of one length, checked above.
-    unsafe {
-        super::avx2::silu_mul(g.as_ptr(), up.as_ptr(), out.as_mut_ptr(), g.len())
+/// The feed-forward's gate activation: `act(gate · x) * (up · x)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// SwiGLU: `x · sigmoid(x)`.
+    Silu,
+    /// GeGLU with GELU's tanh approximation (Gemma): `x/2 · (1 + tanh(u))`,
+    /// `u = √(2/π) · (x + 0.044715 x³)`, computed as `x · sigmoid(2u)`.
+    GeluTanh,
+}
+
+/// `2√(2/π)` and `2√(2/π) · 0.044715`: GELU (tanh) is `x · sigmoid(x · (A + B x²))`.
+pub const GELU_A: f32 = 1.595_769;
+pub const GELU_B: f32 = GELU_A * 0.044_715;
+
+/// GELU with the tanh approximation, one value at a time (see [`Act::GeluTanh`]).
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    x / (1.0 + (-x * (GELU_A + GELU_B * x * x)).exp())
+}
+
+impl Act {
+    /// The activation of one value.
+    #[inline(always)]
+    pub fn one(self, x: f32) -> f32 {
+        match self {
+            Act::Silu => silu(x),
+            Act::GeluTanh => gelu(x),
+        }
     }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
-    for ((o, &x), &u) in out.iter_mut().zip(g).zip(up) {
-        *o = silu(x) * u;
+
+    /// `out[i] = act(g[i]) · up[i]`, vectorized where the build can.
+    #[inline]
+    pub fn mul(self, g: &[f32], up: &[f32], out: &mut [f32]) {
+        assert!(g.len() == up.len() && g.len() == out.len(), "act_mul: length mismatch");
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+        // SAFETY: three slices of one length, checked above.
+        unsafe {
+            match self {
+                Act::Silu => super::avx2::silu_mul(g.as_ptr(), up.as_ptr(), out.as_mut_ptr(), g.len()),
+                Act::GeluTanh => super::avx2::gelu_mul(g.as_ptr(), up.as_ptr(), out.as_mut_ptr(), g.len()),
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+        for ((o, &x), &u) in out.iter_mut().zip(g).zip(up) {
+            *o = self.one(x) * u;
+        }
     }
 }
 
@@ -496,19 +530,28 @@ mod tests {
         assert!((sum - want.iter().sum::<f32>()).abs() <= 1e-6 * sum);
     }
 
-    /// SwiGLU's product against an f64 reference, over the range gate
+    /// Both gate products against an f64 reference, over the range gate
     /// values take and far beyond (where e^-x under- or overflows), with a
-    /// ragged tail.
+    /// ragged tail. GELU's tolerance is wider: its exponent `x (A + B x²)` is
+    /// rounded before `exp` (|error| up to ~87 ulp-relative near the cut-off).
     #[test]
-    fn silu_mul_matches_reference() {
+    fn gate_products_match_reference() {
         // The extremes first, so the vector path sees them, not the tail.
         let g: Vec<f32> = [f32::MAX, -f32::MAX, 0.0, -0.0].into_iter().chain((0..1003).map(|i| (i as f32 - 501.0) * 0.25)).collect();
         let up: Vec<f32> = (0..g.len()).map(|i| (i % 7) as f32 * 0.3 - 0.9).collect();
-        let mut out = vec![f32::NAN; g.len()];
-        silu_mul(&g, &up, &mut out);
-        for ((&x, &u), &o) in g.iter().zip(&up).zip(&out) {
-            let want = (x as f64 / (1.0 + (-x as f64).exp()) * u as f64) as f32;
-            assert!((o - want).abs() <= 1e-6 * want.abs() + 1e-30, "silu({x}) * {u}: {o} vs {want}");
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        // `x/2 · (1 + tanh u)` as `x / (1 + e^-2u)`: in f64 the first form
+        // rounds to 0 below x ≈ -8, where the second keeps the tiny value.
+        let gelu = |x: f64| x / (1.0 + (-2.0 * (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).exp());
+        for (act, f, rel) in [(Act::Silu, &silu as &dyn Fn(f64) -> f64, 1e-6), (Act::GeluTanh, &gelu, 2e-5)] {
+            let mut out = vec![f32::NAN; g.len()];
+            act.mul(&g, &up, &mut out);
+            for ((&x, &u), &o) in g.iter().zip(&up).zip(&out) {
+                let want = (f(x as f64) * u as f64) as f32;
+                assert!((o - want).abs() <= rel * want.abs() + 1e-30, "{act:?}({x}) * {u}: {o} vs {want}");
+                let one = act.one(x) * u;
+                assert!((one - want).abs() <= rel * want.abs() + 1e-30, "{act:?} one ({x}) * {u}: {one} vs {want}");
+            }
         }
     }
 }

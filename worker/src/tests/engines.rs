@@ -143,3 +143,56 @@ fn qwen_and_phi3_files_run_on_both_engines() {
         assert!(tf == tc || c[tc] - c[tf] < TIE, "{arch}: top-1 {tf} (fast) vs {tc} (candle)");
     }
 }
+
+/// A gemma3 file runs on the fast engine, which `auto` picks; `--engine
+/// candle` refuses it with the reason (candle's gemma3 would gate with SiLU),
+/// and so does `auto` where the fast engine cannot run it, giving both reasons.
+#[test]
+fn gemma3_runs_on_the_fast_engine_and_candle_refuses_it() {
+    let path = crate::fast::tests::demo_as("gemma3");
+    let candle = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Candle);
+    let mut fast = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Fast).expect("fast");
+    let auto = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Auto);
+    std::fs::remove_file(&path).ok();
+    let err = candle.expect_err("candle refuses gemma3");
+    assert_eq!(err.code, rbee_schemas::error::ErrorCode::ModelLoadFailed);
+    assert!(err.message.contains("GELU") && err.message.contains("fast engine"), "{}", err.message);
+    if crate::backend::fast_cpu_support().is_ok() {
+        assert_eq!(auto.expect("auto").kind(), EngineKind::Fast);
+    }
+    assert_eq!(fast.info().architecture, "gemma3");
+    let prompt = fast.tokenizer().prompt_ids("The bee flew over the meadow").expect("tokenize");
+    let a = fast.logits(&prompt, 0).expect("prompt");
+    let b = fast.logits(&prompt, 0).expect("again");
+    assert_eq!(a, b, "the same prompt twice gives the same logits");
+    assert!(a.iter().all(|v| v.is_finite()));
+
+    // A gemma3 file the fast engine cannot run (an unsupported weight type):
+    // `auto` says why neither engine runs it.
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let path = crate::fast::tests::demo_as("gemma3");
+    let mut f = std::fs::File::open(&path).expect("open");
+    let ct = gguf_file::Content::read(&mut f).expect("gguf");
+    let tensors: Vec<(String, QTensor)> = ct
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            let t = ct.tensor(&mut f, n, &candle_core::Device::Cpu).expect("tensor");
+            match n.as_str() {
+                "blk.0.ffn_down.weight" => {
+                    let d = t.dequantize(&candle_core::Device::Cpu).expect("dequantize");
+                    (n.clone(), QTensor::quantize(&d, GgmlDType::Q2K).expect("Q2_K"))
+                }
+                _ => (n.clone(), t),
+            }
+        })
+        .collect();
+    let meta: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).expect("rewrite"), &meta, &ts).expect("write GGUF");
+    let auto = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Auto);
+    std::fs::remove_file(&path).ok();
+    let err = auto.expect_err("neither engine runs it");
+    assert_eq!(err.code, rbee_schemas::error::ErrorCode::ModelLoadFailed);
+    assert!(err.message.contains("fast engine cannot") && err.message.contains("GELU"), "{}", err.message);
+}
