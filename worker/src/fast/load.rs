@@ -553,3 +553,49 @@ fn fill(slots: &[Slot], arena: &mut Arena, file: &File, threads: usize) -> Resul
             .fold(mine, Result::and)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::VersionedMagic;
+
+    fn content(meta: &[(&str, Value)]) -> Content {
+        let metadata = meta.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        Content { magic: VersionedMagic::GgufV3, metadata, tensor_infos: Default::default(), tensor_data_offset: 0 }
+    }
+
+    /// Gemma 3's window and RoPE scaling read as llama.cpp reads them: the
+    /// window's layers from a period, from flags or by default every sixth
+    /// layer global; linear scaling only.
+    #[test]
+    fn sliding_windows_and_rope_scaling_read_as_llama_cpp_does() {
+        let key = |k: &str| format!("gemma3.{k}");
+        let window = ("gemma3.attention.sliding_window", Value::U32(512));
+        let swa = |meta: &[(&str, Value)], n| sliding_window(&content(meta), &key, n);
+        let by_default = swa(&[window.clone()], 12).unwrap().unwrap();
+        assert_eq!(by_default.layers, [true, true, true, true, true, false].repeat(2));
+        assert_eq!((by_default.window, by_default.rope_base), (512, 10_000.0));
+        let pattern = ("gemma3.attention.sliding_window_pattern", Value::U32(3));
+        let base = ("gemma3.rope.freq_base_swa", Value::F32(1_000.0));
+        let every_third = swa(&[window.clone(), pattern, base], 6).unwrap().unwrap();
+        assert_eq!(every_third.layers, [true, true, false, true, true, false]);
+        assert_eq!(every_third.rope_base, 1_000.0);
+        let flags = Value::Array(vec![Value::Bool(false), Value::Bool(true)]);
+        let flagged = swa(&[window.clone(), ("gemma3.attention.sliding_window_pattern", flags.clone())], 2).unwrap();
+        assert_eq!(flagged.unwrap().layers, [false, true]);
+        let short = swa(&[window, ("gemma3.attention.sliding_window_pattern", flags)], 3).unwrap_err();
+        assert!(short.contains("2 flags for 3 layers"), "{short}");
+        assert_eq!(swa(&[("gemma3.attention.sliding_window", Value::U32(0))], 6).unwrap(), None);
+        assert_eq!(swa(&[], 6).unwrap(), None);
+
+        let scale = |meta: &[(&str, Value)]| rope_linear_scale(&content(meta), &key);
+        let factor = |f: f32| ("gemma3.rope.scaling.factor", Value::F32(f));
+        let kind = |k: &str| ("gemma3.rope.scaling.type", Value::String(k.into()));
+        assert_eq!(scale(&[]).unwrap(), 1.0);
+        assert_eq!(scale(&[factor(8.0)]).unwrap(), 0.125);
+        assert_eq!(scale(&[kind("linear"), factor(8.0)]).unwrap(), 0.125);
+        assert_eq!(scale(&[kind("none"), factor(8.0)]).unwrap(), 1.0);
+        assert!(scale(&[kind("yarn"), factor(4.0)]).unwrap_err().contains("\"yarn\" is not supported"));
+        assert!(scale(&[kind("linear"), factor(-2.0)]).unwrap_err().contains("positive"));
+    }
+}
