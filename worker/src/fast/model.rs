@@ -122,8 +122,8 @@ struct Scratch {
     parts: Vec<f32>,
     /// Runs of consecutive rows of one sequence that attend together: (first row, rows).
     blocks: Vec<(usize, usize)>,
-    /// The same for sliding-window layers: one row each, as each row's
-    /// window starts at a different key.
+    /// The same for sliding-window layers, where a row whose window has
+    /// moved off key 0 is a block of its own (its keys start at its own key).
     blocks_swa: Vec<(usize, usize)>,
     rows: Vec<Row>,
     /// Rows whose logits are wanted, with the output slot each fills.
@@ -298,9 +298,12 @@ impl FastModel {
         let rows = &s.rows;
         let plan = &mut s.plan;
         let most_rows = block_rows(cfg.group());
-        row_blocks(rows, most_rows, &mut s.blocks);
-        row_blocks(rows, 1, &mut s.blocks_swa);
         let window = cfg.swa.as_ref().map_or(usize::MAX, |swa| swa.window);
+        row_blocks(rows, most_rows, usize::MAX, &mut s.blocks);
+        match cfg.swa {
+            Some(_) => row_blocks(rows, most_rows, window, &mut s.blocks_swa),
+            None => s.blocks_swa.clear(),
+        }
 
         for (i, r) in rows.iter().enumerate() {
             let xr = &mut x[i * dim..(i + 1) * dim];
@@ -320,8 +323,9 @@ impl FastModel {
         let splits = key_splits(s.blocks.len(), rows, usize::MAX, cfg.n_kv_head, pool.threads());
         let splits_swa = key_splits(s.blocks_swa.len(), rows, window, cfg.n_kv_head, pool.threads());
         for (li, l) in w.layers.iter().enumerate() {
-            // Sliding-window layers: their own RoPE, one row per block, and
-            // each row's keys start `window` before its own.
+            // Sliding-window layers: their own RoPE, and each row's keys
+            // start `window` before its own (rows past the window's first
+            // reach attend one per block).
             let windowed = cfg.swa.as_ref().is_some_and(|swa| swa.layers[li]);
             let (rope, blocks, splits, window) = match windowed {
                 true => (&*rope_swa, &s.blocks_swa, splits_swa, window),
@@ -370,8 +374,9 @@ impl FastModel {
                 }
                 // Rows of a block are consecutive positions: the last sees the most.
                 let most = keys[len - 1];
-                // A windowed layer's blocks are one row each (`window` is
-                // usize::MAX elsewhere): the row's window is what is split.
+                // On a windowed layer a block whose keys do not start at 0 is
+                // one row (`window` is usize::MAX elsewhere): its window is
+                // what is split.
                 let first_key = most.saturating_sub(window);
                 let span = most - first_key;
                 let range = first_key + span * sp / splits..first_key + span * (sp + 1) / splits;
@@ -443,7 +448,7 @@ fn add_residual(x: &mut [f32], out: &[f32], post_norm: Option<&[f32]>, eps: f32,
 fn key_splits(blocks: usize, rows: &[Row], window: usize, n_kv: usize, threads: usize) -> usize {
     let tasks = blocks * n_kv;
     let longest = rows.iter().map(|r| r.pos + 1).max().unwrap_or(1).min(window);
-    if threads == 1 || tasks >= 2 * threads {
+    if threads == 1 || tasks == 0 || tasks >= 2 * threads {
         return 1;
     }
     (2 * threads).div_ceil(tasks).min(longest / 256).max(1)
@@ -452,14 +457,20 @@ fn key_splits(blocks: usize, rows: &[Row], window: usize, n_kv: usize, threads: 
 /// Groups `rows` into runs of consecutive positions of one sequence (a
 /// prompt's rows), each at most `most` long, into `blocks`. Rows of
 /// a block attend together, so each key is converted once for all of them.
-/// `most` ([`block_rows`]) does not depend on the thread count: how a row's
-/// attention is summed must not either (a model gives the same logits on any
-/// threads).
-fn row_blocks(rows: &[Row], most: usize, blocks: &mut Vec<(usize, usize)>) {
+/// A row at position `window` or later (a sliding-window layer's row whose
+/// keys no longer start at 0) is a block of its own, as its keys start where
+/// no other row's do. `most` ([`block_rows`]) does not depend on the thread
+/// count: how a row's attention is summed must not either (a model gives the
+/// same logits on any threads).
+fn row_blocks(rows: &[Row], most: usize, window: usize, blocks: &mut Vec<(usize, usize)>) {
     blocks.clear();
     for (i, r) in rows.iter().enumerate() {
         match blocks.last_mut() {
-            Some((first, len)) if *len < most && rows[*first].seq == r.seq && rows[*first].pos + *len == r.pos => *len += 1,
+            Some((first, len))
+                if *len < most && r.pos < window && rows[*first].seq == r.seq && rows[*first].pos + *len == r.pos =>
+            {
+                *len += 1
+            }
             _ => blocks.push((i, 1)),
         }
     }
