@@ -744,45 +744,47 @@ pub unsafe fn exp_shift_sum(s: *mut f32, n: usize, m: f32) -> f32 {
     sum
 }
 
-/// `out[i] = g[i] / (1 + e^-g[i]) · up[i]`. SAFETY: `g` and `up` point at
-/// `n` readable floats, `out` at `n` writable ones.
+/// `out[i] = g[i] / (1 + e^-g[i]) · up[i]` (SwiGLU). SAFETY: `g` and `up`
+/// point at `n` readable floats, `out` at `n` writable ones.
 pub unsafe fn silu_mul(g: *const f32, up: *const f32, out: *mut f32, n: usize) {
-    let (one, low) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-87.0));
-    let mut i = 0;
-    while i + 8 <= n {
-        let x = _mm256_loadu_ps(g.add(i));
-        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-        // `exp8` clamps its argument, so far below -87 the quotient would not
-        // tend to 0 as silu does (|silu| < 1e-35 there): zero those lanes.
-        // NaN compares false and passes through.
-        let s = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, low), _mm256_div_ps(x, _mm256_add_ps(one, e)));
-        _mm256_storeu_ps(out.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up.add(i))));
-        i += 8;
-    }
-    while i < n {
-        *out.add(i) = super::simd::silu(*g.add(i)) * *up.add(i);
-        i += 1;
-    }
+    sigmoid_gate_mul(g, up, out, n, |x| x, super::simd::silu)
 }
 
 /// `out[i] = gelu(g[i]) · up[i]`, GELU's tanh approximation written as
 /// `x / (1 + e^-z)`, `z = x (A + B x²)` (see [`super::simd::gelu`]). SAFETY:
 /// as [`silu_mul`].
 pub unsafe fn gelu_mul(g: *const f32, up: *const f32, out: *mut f32, n: usize) {
-    let (one, low) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-87.0));
     let (a, b) = (_mm256_set1_ps(super::simd::GELU_A), _mm256_set1_ps(super::simd::GELU_B));
+    let z = |x| _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(x, x), b, a));
+    sigmoid_gate_mul(g, up, out, n, z, super::simd::gelu)
+}
+
+/// `out[i] = g[i] / (1 + e^-z(g[i])) · up[i]`, eight at a time, `scalar`
+/// for the tail. SAFETY: as [`silu_mul`].
+#[inline(always)]
+unsafe fn sigmoid_gate_mul(
+    g: *const f32,
+    up: *const f32,
+    out: *mut f32,
+    n: usize,
+    z: impl Fn(__m256) -> __m256,
+    scalar: fn(f32) -> f32,
+) {
+    let (one, low) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-87.0));
     let mut i = 0;
     while i + 8 <= n {
         let x = _mm256_loadu_ps(g.add(i));
-        let z = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(x, x), b, a));
-        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
-        // As in `silu_mul`: where z < -87 the result is below 1e-35, so zero.
-        let s = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(z, low), _mm256_div_ps(x, _mm256_add_ps(one, e)));
+        let zx = z(x);
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), zx));
+        // `exp8` clamps its argument, so far below z = -87 the quotient would
+        // not tend to 0 as the activation does (below 1e-35 there): zero those
+        // lanes. NaN compares false and passes through.
+        let s = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(zx, low), _mm256_div_ps(x, _mm256_add_ps(one, e)));
         _mm256_storeu_ps(out.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up.add(i))));
         i += 8;
     }
     while i < n {
-        *out.add(i) = super::simd::gelu(*g.add(i)) * *up.add(i);
+        *out.add(i) = scalar(*g.add(i)) * *up.add(i);
         i += 1;
     }
 }

@@ -266,7 +266,8 @@ fn config(ct: &Content) -> Result<Config, String> {
         true => sliding_window(ct, &key, n_layer)?,
         false => None,
     };
-    let logit_softcap = meta_f32(ct, &key("final_logit_softcapping"))?.filter(|c| *c > 0.0);
+    // As llama.cpp reads it: for the Gemma family only.
+    let logit_softcap = meta_f32(ct, &key("final_logit_softcapping"))?.filter(|c| gemma && *c > 0.0);
     Ok(Config {
         arch,
         n_layer,
