@@ -92,6 +92,19 @@ fn open_gguf(path: &std::path::Path) -> (gguf_file::Content, std::fs::File) {
     (gguf_file::Content::read(&mut f).expect("gguf"), f)
 }
 
+/// A GGUF of `meta` and `tensors` in a temporary file, deleted when the
+/// returned path is dropped, also when a test panics (the demo-sized ones are
+/// ~100 MB each).
+pub(crate) fn temp_gguf(
+    meta: Vec<(&str, &gguf_file::Value)>,
+    tensors: &[(String, candle_core::quantized::QTensor)],
+) -> tempfile::TempPath {
+    let mut f = tempfile::Builder::new().prefix("rbee-test-").suffix(".gguf").tempfile().expect("temp file");
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(f.as_file_mut(), &meta, &ts).expect("write GGUF");
+    f.into_temp_path()
+}
+
 /// candle's model of the file at `path`, picked by its architecture as the
 /// worker picks it, as a function from (tokens, first position) to logits.
 fn candle_of(path: &std::path::Path) -> impl FnMut(&[u32], usize) -> Vec<f32> {
@@ -427,12 +440,8 @@ fn rope_frequency_factors_are_applied() {
         .collect();
     let t = Tensor::new(factors.as_slice(), &Device::Cpu).expect("factors");
     tensors.push((super::load::ROPE_FACTORS.to_owned(), QTensor::quantize(&t, GgmlDType::F32).expect("f32")));
-    let path = std::env::temp_dir().join(format!("rbee-fast-rope-{}.gguf", std::process::id()));
-    let meta: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut std::fs::File::create(&path).expect("temp file"), &meta, &ts).expect("write GGUF");
+    let path = temp_gguf(ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect(), &tensors);
     let (ct, f) = open_gguf(&path);
-    std::fs::remove_file(&path).ok();
 
     let weights = super::load::load(&ct, &f, 2).expect("weights");
     assert_eq!(weights.rope_factors.as_deref(), Some(factors.as_slice()));
@@ -474,7 +483,7 @@ fn long_context_decode_split_over_threads_matches_one_thread() {
 /// The demo model with every `ffn_down` (the only matrices whose rows are a
 /// multiple of 256) re-quantized by candle to `kinds[layer % kinds.len()]`,
 /// written to a temporary GGUF.
-fn requantized_demo(kinds: &[candle_core::quantized::GgmlDType], tag: &str) -> std::path::PathBuf {
+fn requantized_demo(kinds: &[candle_core::quantized::GgmlDType]) -> tempfile::TempPath {
     use candle_core::quantized::QTensor;
     let (ct, mut file) = open_demo();
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
@@ -491,12 +500,7 @@ fn requantized_demo(kinds: &[candle_core::quantized::GgmlDType], tag: &str) -> s
         };
         tensors.push((name.clone(), t));
     }
-    let path = std::env::temp_dir().join(format!("rbee-fast-{tag}-{}.gguf", std::process::id()));
-    let mut out = std::fs::File::create(&path).expect("temp file");
-    let meta: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut out, &meta, &ts).expect("write GGUF");
-    path
+    temp_gguf(ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect(), &tensors)
 }
 
 #[test]
@@ -515,7 +519,7 @@ fn five_bit_weights_match_candle() {
 /// The fast path on [`requantized_demo`] against candle on the same file:
 /// a prompt and five greedy steps, logits within [`REL_TOL`], same top token.
 fn requantized_matches_candle(kinds: &[candle_core::quantized::GgmlDType], tag: &str) {
-    let path = requantized_demo(kinds, tag);
+    let path = requantized_demo(kinds);
     let load = || {
         let mut f = std::fs::File::open(&path).expect("open");
         (gguf_file::Content::read(&mut f).expect("gguf"), f)
@@ -524,7 +528,6 @@ fn requantized_matches_candle(kinds: &[candle_core::quantized::GgmlDType], tag: 
     let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("candle");
     let (ct, f) = load();
     let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
-    std::fs::remove_file(&path).ok();
     let mut seq = model.new_sequence(64);
     let want = candle_logits(&mut reference, &PROMPT, 0);
     let got = model.forward(&mut seq, &PROMPT).expect("prefill");
@@ -549,7 +552,7 @@ fn requantized_matches_candle(kinds: &[candle_core::quantized::GgmlDType], tag: 
 /// head of its own; Gemma 3's with an 8-key sliding window. Not a model that
 /// says anything sensible, but every number the family's extra steps see is
 /// a real one.
-pub(crate) fn demo_as(arch: &str) -> std::path::PathBuf {
+pub(crate) fn demo_as(arch: &str) -> tempfile::TempPath {
     use candle_core::quantized::{GgmlDType, QTensor};
     let (ct, mut file) = open_demo();
     let mut meta: Vec<(String, gguf_file::Value)> = ct
@@ -641,14 +644,7 @@ pub(crate) fn demo_as(arch: &str) -> std::path::PathBuf {
             }
         }
     }
-    // One file per call: tests run at once in one process.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("rbee-fast-{arch}-{}-{call}.gguf", std::process::id()));
-    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut std::fs::File::create(&path).expect("temp file"), &meta, &ts).expect("write GGUF");
-    path
+    temp_gguf(meta.iter().map(|(k, v)| (k.as_str(), v)).collect(), &tensors)
 }
 
 /// Qwen 2, Qwen 3 and Phi 3 (biases, per-head norms, fused projections,
@@ -661,7 +657,6 @@ fn qwen2_qwen3_and_phi3_match_candle_and_the_f32_reference() {
         let path = demo_as(arch);
         let mut reference = candle_of(&path);
         let (ct, f) = open_gguf(&path);
-        std::fs::remove_file(&path).ok();
         let weights = super::load::load(&ct, &f, 2).expect("weights");
         assert_eq!(weights.cfg.arch.key(), arch);
         let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
@@ -703,19 +698,18 @@ struct Shape {
 /// demo model does not have. A `gemma3` one has a sliding window of
 /// `window` keys on its first layer (not its second), RoPE scaled linearly
 /// by 4 on the second, and logits soft-capped at 30.
-fn random_model(shape: &Shape, tag: &str, window: usize) -> std::path::PathBuf {
-    random_model_with(shape, tag, window, 512, Vec::new())
+fn random_model(shape: &Shape, window: usize) -> tempfile::TempPath {
+    random_model_with(shape, window, 512, Vec::new())
 }
 
 /// [`random_model`] with `vocab` tokens and the metadata `more` besides
 /// (e.g. a tokenizer, for llama.cpp to run it).
 fn random_model_with(
     shape: &Shape,
-    tag: &str,
     window: usize,
     vocab: usize,
     more: Vec<(String, gguf_file::Value)>,
-) -> std::path::PathBuf {
+) -> tempfile::TempPath {
     use candle_core::quantized::{GgmlDType, QTensor};
     use gguf_file::Value;
     let Shape { arch, dim, heads, kv_heads, head_dim } = *shape;
@@ -807,11 +801,7 @@ fn random_model_with(
         ]);
     }
     meta.extend(more);
-    let path = std::env::temp_dir().join(format!("rbee-fast-random-{tag}-{}.gguf", std::process::id()));
-    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut std::fs::File::create(&path).expect("temp file"), &meta, &ts).expect("write GGUF");
-    path
+    temp_gguf(meta.iter().map(|(k, v)| (k.as_str(), v)).collect(), &tensors)
 }
 
 /// The head shapes real models have and the demo does not (its group is 3,
@@ -838,13 +828,12 @@ fn other_head_shapes_match_candle() {
     ];
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 512).collect();
     for (tag, shape) in shapes.iter().chain(&f32_only) {
-        let path = random_model(shape, tag, 24);
+        let path = random_model(shape, 24);
         let mut reference = match f32_only.iter().any(|(t, _)| t == tag) {
             true => Box::new(|_: &[u32], _: usize| Vec::new()) as Box<dyn FnMut(&[u32], usize) -> Vec<f32>>,
             false => Box::new(candle_of(&path)),
         };
         let (ct, f) = open_gguf(&path);
-        std::fs::remove_file(&path).ok();
         let weights = super::load::load(&ct, &f, 2).expect("weights");
         let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
         let mut seq = model.new_sequence(64);
@@ -891,9 +880,8 @@ fn gemma3_windows_and_rope_scaling_are_applied() {
     use super::load::{Act, Swa};
     let shape = Shape { arch: "gemma3", dim: 256, heads: 4, kv_heads: 1, head_dim: 256 };
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 512).collect();
-    let path = random_model(&shape, "gemma3-window", 16);
+    let path = random_model(&shape, 16);
     let (ct, f) = open_gguf(&path);
-    std::fs::remove_file(&path).ok();
     let mut weights = super::load::load(&ct, &f, 2).expect("weights");
     let swa = Swa { window: 16, rope_base: 1_000.0, layers: vec![true, false] };
     assert_eq!(weights.cfg.swa.as_ref(), Some(&swa));
@@ -922,9 +910,8 @@ fn gemma3_windows_and_rope_scaling_are_applied() {
 
     // 700 tokens of prompt (three steps of rows), then one decoding step whose
     // windowed layer sees keys 101..701, split in two ranges on two threads.
-    let path = random_model(&shape, "gemma3-long", 600);
+    let path = random_model(&shape, 600);
     let (ct, f) = open_gguf(&path);
-    std::fs::remove_file(&path).ok();
     let weights = super::load::load(&ct, &f, 2).expect("weights");
     let tokens: Vec<u32> = (0..701).map(|i| (i * 37 + 11) % 512).collect();
     let exact = reference_logits(&weights, &tokens);
@@ -953,13 +940,13 @@ fn models_and_sequences_can_move_between_threads() {
 /// A Gemma 3 1B-shaped random model (one kv head for four 256-wide heads, an
 /// 8-key window on the first layer, RoPE scaled by 4 on the second) with the
 /// demo model's tokenizer, so that llama.cpp can run it too.
-fn gemma3_for_llama_cpp() -> std::path::PathBuf {
+fn gemma3_for_llama_cpp() -> tempfile::TempPath {
     let (ct, _) = open_demo();
     let tokenizer = ct.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer."));
     let more = tokenizer.map(|(k, v)| (k.clone(), v.clone())).collect();
     let vocab = ct.tensor_infos["token_embd.weight"].shape.dims()[0];
     let shape = Shape { arch: "gemma3", dim: 256, heads: 4, kv_heads: 1, head_dim: 256 };
-    random_model_with(&shape, "gemma3-llama-cpp", 8, vocab, more)
+    random_model_with(&shape, 8, vocab, more)
 }
 
 /// llama.cpp's own run of [`gemma3_for_llama_cpp`]: its greedy path after the
@@ -973,7 +960,6 @@ fn gemma3_for_llama_cpp() -> std::path::PathBuf {
 fn gemma3_agrees_with_llama_cpp_along_its_greedy_path() {
     let path = gemma3_for_llama_cpp();
     let (ct, f) = open_gguf(&path);
-    std::fs::remove_file(&path).ok();
     let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
     let llama_cpp: [u32; 32] = [
         2007, 48370, 47529, 27926, 23521, 42262, 25170, 42205, 816, 10000, 4160, 27376, 13930, 43078, 23878, 34462,

@@ -117,7 +117,6 @@ fn qwen_and_phi3_files_run_on_both_engines() {
         let path = crate::fast::tests::demo_as(arch);
         let mut fast = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Auto).expect("auto");
         let mut candle = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Candle).expect("candle");
-        std::fs::remove_file(&path).ok();
         if crate::backend::fast_cpu_support().is_ok() {
             assert_eq!(fast.kind(), EngineKind::Fast, "{arch}: {:?}", fast.fallback_reason());
         }
@@ -153,7 +152,6 @@ fn gemma3_runs_on_the_fast_engine_and_candle_refuses_it() {
     let candle = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Candle);
     let mut fast = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Fast).expect("fast");
     let auto = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Auto);
-    std::fs::remove_file(&path).ok();
     let err = candle.expect_err("candle refuses gemma3");
     assert_eq!(err.code, rbee_schemas::error::ErrorCode::ModelLoadFailed);
     assert!(err.message.contains("GELU") && err.message.contains("fast engine"), "{}", err.message);
@@ -191,7 +189,6 @@ fn gemma3_runs_on_the_fast_engine_and_candle_refuses_it() {
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut std::fs::File::create(&path).expect("rewrite"), &meta, &ts).expect("write GGUF");
     let auto = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Auto);
-    std::fs::remove_file(&path).ok();
     let err = auto.expect_err("neither engine runs it");
     assert_eq!(err.code, rbee_schemas::error::ErrorCode::ModelLoadFailed);
     assert!(err.message.contains("fast engine cannot") && err.message.contains("GELU"), "{}", err.message);

@@ -49,8 +49,8 @@ fn prompts() -> &'static [GenerateParams] {
 #[test]
 fn a_model_that_cannot_load_says_why() {
     use candle_core::quantized::gguf_file::{self, Value};
-    let dir = std::env::temp_dir().join(format!("rbee-worker-load-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let gguf = |name: &str, meta: &[(&str, &Value)]| {
         let path = dir.join(name);
         gguf_file::write(&mut std::fs::File::create(&path).unwrap(), meta, &[]).unwrap();
@@ -109,5 +109,4 @@ fn a_model_that_cannot_load_says_why() {
             assert!(e.message.contains("reading ") && e.message.contains(".weight"), "{}", e.message);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
