@@ -1,6 +1,6 @@
 //! The compute behind an [`Engine`](crate::Engine): candle's quantized llama,
 //! qwen2, qwen3 or phi3 (any device) or the fast CPU path ([`crate::fast`], which
-//! also runs gemma3), picked once at load time, and the per-sequence state each keeps.
+//! also runs gemma2 and gemma3), picked once at load time, and the per-sequence state each keeps.
 //!
 //! `auto` takes the fast path when the model is a GGUF it can run
 //! (weight types F32/F16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, see
@@ -112,6 +112,9 @@ impl CandleModel {
             Arch::Qwen3 => quantized_qwen3::ModelWeights::from_gguf(ct, file, device).map(CandleModel::Qwen3),
             // candle's phi3 takes a flash-attention switch: off (not built).
             Arch::Phi3 => quantized_phi3::ModelWeights::from_gguf(false, ct, file, device).map(CandleModel::Phi3),
+            Arch::Gemma2 => {
+                return Err("candle has no quantized Gemma 2 model: gemma2 runs on the fast engine (CPU) only".to_owned())
+            }
             Arch::Gemma3 => {
                 return Err("candle's gemma3 gates the feed-forward with SiLU where Gemma uses GELU, so its answers \
                             would be wrong: gemma3 runs on the fast engine (CPU) only"

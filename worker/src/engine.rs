@@ -1,4 +1,4 @@
-//! The inference engine: one GGUF model (llama, qwen2, qwen3, phi3 or gemma3), its tokenizer
+//! The inference engine: one GGUF model (llama, qwen2, qwen3, phi3, gemma2 or gemma3), its tokenizer
 //! from the same file, and the generation loop for one job.
 //!
 //! The model runs on the fast CPU path or on candle's quantized models

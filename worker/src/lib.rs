@@ -6,8 +6,8 @@
 //! talks to NATS; its hive publishes the events, so each job's event sequence
 //! has exactly one writer.
 //!
-//! Engines: the fast CPU path ([`fast`]) for the llama, qwen2, qwen3, phi3 and
-//! gemma3 GGUFs it supports on AVX2 CPUs, else candle's quantized models of the
+//! Engines: the fast CPU path ([`fast`]) for the llama, qwen2, qwen3, phi3,
+//! gemma2 and gemma3 GGUFs it supports on AVX2 CPUs, else candle's quantized models of the
 //! first four (`--engine auto|fast|candle`, see [`backend`]).
 //!
 //! Threads: the main thread loads the model and then runs the job loop

@@ -60,12 +60,14 @@ pub fn partial_len(hd: usize) -> usize {
 
 /// Query rows for [`attend_partial`]: row `r`'s heads are `q[r * stride..]`
 /// (`group × hd` floats, one head after another), and it sees keys
-/// `0..keys[r]` (its position + 1: causal).
+/// `0..keys[r]` (its position + 1: causal). With `softcap`, each scaled
+/// score `s` becomes `cap · tanh(s / cap)` before the softmax (Gemma 2).
 #[derive(Clone, Copy, Debug)]
 pub struct Queries<'a> {
     pub q: &'a [f32],
     pub stride: usize,
     pub keys: &'a [usize],
+    pub softcap: Option<f32>,
 }
 
 /// Attends each query row's heads to the keys of `range` it may see, and
@@ -99,7 +101,8 @@ pub fn attend_partial(
     let (kf, rest) = block.split_at_mut(KB * hd);
     let (vf, qt) = rest.split_at_mut(KB * hd);
     let nq = rows * group;
-    if (LANES_FROM..=LANES).contains(&nq) && attend_lanes_for(hd) {
+    // The lanes kernel has no soft cap: capped scores take the other path.
+    if (LANES_FROM..=LANES).contains(&nq) && attend_lanes_for(hd) && qs.softcap.is_none() {
         // Queries along the lanes: transposed once, scaled here.
         qt.fill(0.0);
         for r in 0..rows {
@@ -177,6 +180,9 @@ fn attend_rows<E: KvElem>(
         let (ks, vs) = (&keys.k[..(n - 1) * keys.stride + hd], &keys.v[..(n - 1) * keys.stride + hd]);
         for h in 0..group {
             scores(&q[h * hd..(h + 1) * hd], ks, keys.stride, scale, &mut s[h][..n]);
+            if let Some(cap) = qs.softcap {
+                s[h][..n].iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+            }
         }
         for h in 0..group {
             let sh = &mut s[h][..n];
@@ -227,7 +233,7 @@ pub fn attend(q: &[f32], kv: KvView<'_>, kv_off: usize, n_keys: usize, hd: usize
     let pl = partial_len(hd);
     let mut part = [0f32; MAX_GROUP * (super::load::MAX_HEAD_DIM + 2)];
     let part = &mut part[..q.len() / hd * pl];
-    let qs = Queries { q, stride: q.len(), keys: &[n_keys] };
+    let qs = Queries { q, stride: q.len(), keys: &[n_keys], softcap: None };
     attend_partial(qs, kv, kv_off, 0..n_keys, hd, scale, part);
     for (p, o) in part.chunks_exact(pl).zip(out.chunks_exact_mut(hd)) {
         merge(std::iter::once(p), o);
@@ -279,7 +285,7 @@ mod tests {
                 let v: Vec<f16> = rng.vec(last * kv_dim).iter().map(|&x| f16::from_f32(x)).collect();
                 let (kf, vf): (Vec<f32>, Vec<f32>) = (k.iter().map(|x| x.to_f32()).collect(), v.iter().map(|x| x.to_f32()).collect());
                 let kv = KvView { k: &k, v: &v, kv_dim };
-                let qs = Queries { q: &q, stride, keys: &keys };
+                let qs = Queries { q: &q, stride, keys: &keys, softcap: None };
                 let scale = 1.0 / (hd as f32).sqrt();
                 // Three key ranges; the first rows see none of the last one.
                 let cuts = [0, last / 3, last - 2, last];
@@ -328,7 +334,7 @@ mod tests {
             let cuts = [0, n / 3, 2 * n / 3, n];
             let mut parts = vec![0f32; 3 * group * pl];
             for (i, part) in parts.chunks_mut(group * pl).enumerate() {
-                let qs = Queries { q: &q, stride: q.len(), keys: &[n] };
+                let qs = Queries { q: &q, stride: q.len(), keys: &[n], softcap: None };
                 attend_partial(qs, kv, 64, cuts[i]..cuts[i + 1], hd, 1.0 / 8.0, part);
             }
             for h in 0..group {

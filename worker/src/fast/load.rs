@@ -1,4 +1,4 @@
-//! Reading a llama-, qwen2-, qwen3-, phi3- or gemma3-architecture GGUF into the fast path's
+//! Reading a llama-, qwen2-, qwen3-, phi3-, gemma2- or gemma3-architecture GGUF into the fast path's
 //! weights: the hyper-parameters from the metadata (parsed by candle) and each
 //! tensor's raw bytes, read straight from the file at the offsets candle's
 //! parser found and repacked into one [`Arena`] in reading order.
@@ -8,9 +8,10 @@
 //! the fast path cannot run exactly like candle's `quantized_llama`,
 //! `quantized_qwen2`, `quantized_qwen3` or `quantized_phi3` (another architecture, mixture of
 //! experts, an unsupported weight type, odd shapes) is an `Err` naming the
-//! reason, so the caller can fall back to candle. Gemma 3 follows llama.cpp's
-//! `gemma3` graph instead: candle's `quantized_gemma3` gates with SiLU where
-//! Gemma uses GELU, so the worker runs it on this path only.
+//! reason, so the caller can fall back to candle. Gemma 2 and 3 follow
+//! llama.cpp's `gemma2` and `gemma3` graphs instead: candle has no quantized
+//! Gemma 2, and its `quantized_gemma3` gates with SiLU where Gemma uses GELU,
+//! so the worker runs them on this path only.
 //! Runs once, on the caller's thread and as many loader threads as the model
 //! will compute on: most of a load is the kernel zeroing the arena's fresh
 //! pages as they are first written, then the copy and the repacking, and each
@@ -45,6 +46,11 @@ pub enum Arch {
     /// Phi 3: llama's block with the query, key and value projections in one
     /// tensor and the gate and up projections in another; NeoX RoPE.
     Phi3,
+    /// Gemma 2: embeddings scaled by `√dim`, a norm after attention and after
+    /// the feed-forward, GELU (tanh) gating, NeoX RoPE, attention scores and
+    /// logits soft-capped (`cap · tanh(x / cap)`), and a sliding window on
+    /// every other layer.
+    Gemma2,
     /// Gemma 3: Qwen 3's per-head norms and NeoX RoPE, plus embeddings
     /// scaled by `√dim`, a norm after attention and after the feed-forward,
     /// GELU (tanh) gating, and sliding-window attention on five layers of
@@ -53,7 +59,7 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3, Arch::Gemma3];
+    pub const ALL: [Arch; 6] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3, Arch::Gemma2, Arch::Gemma3];
 
     /// The architecture `general.architecture` names, if rbee runs it.
     pub fn named(name: &str) -> Option<Self> {
@@ -81,14 +87,20 @@ impl Arch {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Phi3 => "phi3",
+            Self::Gemma2 => "gemma2",
             Self::Gemma3 => "gemma3",
         }
     }
 
-    /// Whether candle's model of this family runs it as the file means
-    /// (see the module's notes on Gemma 3).
+    /// Whether candle has a model of this family that runs it as the file
+    /// means (see the module's notes on Gemma).
     pub fn on_candle(self) -> bool {
-        !matches!(self, Self::Gemma3)
+        !self.gemma()
+    }
+
+    /// Gemma 2 or 3: the scaled embeddings, post-norms, GELU and soft caps.
+    pub fn gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
     }
 
     /// Whether RoPE rotates `(j, j + hd/2)` in each head rather than `(2j, 2j + 1)`.
@@ -122,19 +134,24 @@ pub struct Config {
     /// Positions are multiplied by this before RoPE on full-attention layers:
     /// `1 / rope.scaling.factor` of linear scaling (Gemma 3 4B and up), else 1.
     pub rope_scale: f32,
-    /// Sliding-window attention (Gemma 3), `None` for full attention everywhere.
+    /// Sliding-window attention (Gemma 2 and 3), `None` for full attention everywhere.
     pub swa: Option<Swa>,
+    /// Attention scores become `cap · tanh(score / cap)` (Gemma 2's
+    /// `attn_logit_softcapping`, on the scaled scores).
+    pub attn_softcap: Option<f32>,
     /// Logits become `cap · tanh(logits / cap)` (`final_logit_softcapping`).
     pub logit_softcap: Option<f32>,
 }
 
 /// Sliding-window attention: layer `i` attends to its last `window`
-/// positions (its own included) where `layers[i]`, and RoPE's base there is
-/// `rope_base` (unscaled); the other layers attend to everything.
+/// positions (its own included) where `layers[i]`, and RoPE's base and
+/// position scale there are `rope_base` and `rope_scale`; the other layers
+/// attend to everything.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Swa {
     pub window: usize,
     pub rope_base: f32,
+    pub rope_scale: f32,
     pub layers: Vec<bool>,
 }
 
@@ -257,17 +274,29 @@ fn config(ct: &Content) -> Result<Config, String> {
         Some(t) => t.shape.dims().first().copied().unwrap_or(0),
         None => meta_usize(ct, &key("feed_forward_length"))?,
     };
-    let gemma = arch == Arch::Gemma3;
+    let gemma = arch.gemma();
     let rope_scale = match gemma {
         true => rope_linear_scale(ct, &key)?,
         false => 1.0,
     };
-    let swa = match gemma {
-        true => sliding_window(ct, &key, n_layer)?,
-        false => None,
+    // As llama.cpp reads them. Gemma 3: no window unless the file says, every
+    // sixth layer global, its own RoPE base (unscaled) on windowed layers.
+    // Gemma 2: a 4096-key window unless the file says, every other layer
+    // global, the same RoPE everywhere; both soft caps on by default.
+    let (swa, attn_softcap, logit_softcap) = match arch {
+        Arch::Gemma3 => {
+            let swa = sliding_window(ct, &key, n_layer, SwaDefaults { window: 0, period: 6, rope_base: 10_000.0, rope_scale: 1.0 })?;
+            (swa, None, meta_f32(ct, &key("final_logit_softcapping"))?)
+        }
+        Arch::Gemma2 => {
+            let swa = sliding_window(ct, &key, n_layer, SwaDefaults { window: 4096, period: 2, rope_base, rope_scale })?;
+            let attn = meta_f32(ct, &key("attn_logit_softcapping"))?.unwrap_or(50.0);
+            (swa, Some(attn), Some(meta_f32(ct, &key("final_logit_softcapping"))?.unwrap_or(30.0)))
+        }
+        _ => (None, None, None),
     };
-    // As llama.cpp reads it: for the Gemma family only.
-    let logit_softcap = meta_f32(ct, &key("final_logit_softcapping"))?.filter(|c| gemma && *c > 0.0);
+    let positive = |cap: Option<f32>| cap.filter(|c| *c > 0.0);
+    let (attn_softcap, logit_softcap) = (positive(attn_softcap), positive(logit_softcap));
     Ok(Config {
         arch,
         n_layer,
@@ -281,21 +310,31 @@ fn config(ct: &Content) -> Result<Config, String> {
         rope_base,
         context: meta_usize(ct, &key("context_length")).unwrap_or(0),
         embd_scale: if gemma { (dim as f32).sqrt() } else { 1.0 },
-        attn_scale: match gemma && n_layer == GEMMA3_27B_LAYERS {
-            true => 1.0 / ((dim / n_head) as f32).sqrt(),
-            false => 1.0 / (head_dim as f32).sqrt(),
+        attn_scale: match (arch, n_layer) {
+            (Arch::Gemma2, GEMMA2_27B_LAYERS) | (Arch::Gemma3, GEMMA3_27B_LAYERS) => 1.0 / ((dim / n_head) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
         },
         act: if gemma { Act::GeluTanh } else { Act::Silu },
         rope_scale,
         swa,
+        attn_softcap,
         logit_softcap,
     })
 }
 
-/// Gemma 3 27B's layer count: llama.cpp scales its queries by `1/√(dim/heads)`
-/// (Gemma's `query_pre_attn_scalar`, which the converter does not write), the
-/// other sizes by `1/√head_dim`.
+/// Gemma 2 and 3 27B's layer counts: llama.cpp scales their queries by
+/// `1/√(dim/heads)` (Gemma's `query_pre_attn_scalar`, which the converter does
+/// not write), the other sizes by `1/√head_dim`.
+const GEMMA2_27B_LAYERS: usize = 46;
 const GEMMA3_27B_LAYERS: usize = 62;
+
+/// What a Gemma file's sliding window is where its metadata is silent.
+struct SwaDefaults {
+    window: usize,
+    period: usize,
+    rope_base: f32,
+    rope_scale: f32,
+}
 
 /// `1 / rope.scaling.factor` for linear scaling (none: 1); other kinds of
 /// scaling are refused rather than run with the wrong positions.
@@ -314,14 +353,19 @@ fn rope_linear_scale(ct: &Content, key: &dyn Fn(&str) -> String) -> Result<f32, 
     }
 }
 
-/// Gemma 3's sliding window, as llama.cpp reads it: `attention.sliding_window`
-/// (absent or 0: none), and which layers use it from
-/// `attention.sliding_window_pattern`: one flag per layer, or a period `n`
-/// (every `n`th layer attends to everything), 6 if absent.
-fn sliding_window(ct: &Content, key: &dyn Fn(&str) -> String, n_layer: usize) -> Result<Option<Swa>, String> {
+/// Gemma's sliding window, as llama.cpp reads it: `attention.sliding_window`
+/// (0: none), and which layers use it from `attention.sliding_window_pattern`:
+/// one flag per layer, or a period `n` (every `n`th layer attends to
+/// everything); `rope.freq_base_swa`; `defaults` where they are absent.
+fn sliding_window(
+    ct: &Content,
+    key: &dyn Fn(&str) -> String,
+    n_layer: usize,
+    defaults: SwaDefaults,
+) -> Result<Option<Swa>, String> {
     let window = match ct.metadata.get(&key("attention.sliding_window")) {
         Some(_) => meta_usize(ct, &key("attention.sliding_window"))?,
-        None => 0,
+        None => defaults.window,
     };
     if window == 0 {
         return Ok(None);
@@ -336,14 +380,16 @@ fn sliding_window(ct: &Content, key: &dyn Fn(&str) -> String, n_layer: usize) ->
             }
             flags
         }
-        Some(_) => {
-            let n = meta_usize(ct, &pattern_key)?;
-            (0..n_layer).map(|i| n == 0 || i % n < n - 1).collect()
-        }
-        None => (0..n_layer).map(|i| i % 6 < 5).collect(),
+        Some(_) => period(meta_usize(ct, &pattern_key)?, n_layer),
+        None => period(defaults.period, n_layer),
     };
-    let rope_base = meta_f32(ct, &key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
-    Ok(Some(Swa { window, rope_base, layers }))
+    let rope_base = meta_f32(ct, &key("rope.freq_base_swa"))?.unwrap_or(defaults.rope_base);
+    Ok(Some(Swa { window, rope_base, rope_scale: defaults.rope_scale, layers }))
+}
+
+/// Every `n`th layer global, the others windowed (`n` = 0: all windowed).
+fn period(n: usize, n_layer: usize) -> Vec<bool> {
+    (0..n_layer).map(|i| n == 0 || i % n < n - 1).collect()
 }
 
 /// Checks tensor `name` has shape `dims` (candle's order: outermost first,
@@ -479,12 +525,12 @@ pub fn load(ct: &Content, file: &File, threads: usize) -> Result<Weights, String
                 ]),
                 _ => None,
             },
-            post_norm: match cfg.arch {
-                Arch::Gemma3 => Some([
+            post_norm: match cfg.arch.gemma() {
+                true => Some([
                     vector(ct, file, &format!("{p}.post_attention_norm.weight"), d)?,
                     vector(ct, file, &format!("{p}.post_ffw_norm.weight"), d)?,
                 ]),
-                _ => None,
+                false => None,
             },
         });
     }
@@ -572,8 +618,9 @@ mod tests {
     fn sliding_windows_and_rope_scaling_read_as_llama_cpp_does() {
         let key = |k: &str| format!("gemma3.{k}");
         let window = ("gemma3.attention.sliding_window", Value::U32(512));
-        let swa = |meta: &[(&str, Value)], n| sliding_window(&content(meta), &key, n);
-        let by_default = swa(&[window.clone()], 12).unwrap().unwrap();
+        let gemma3 = || SwaDefaults { window: 0, period: 6, rope_base: 10_000.0, rope_scale: 1.0 };
+        let swa = |meta: &[(&str, Value)], n| sliding_window(&content(meta), &key, n, gemma3());
+        let by_default = swa(std::slice::from_ref(&window), 12).unwrap().unwrap();
         assert_eq!(by_default.layers, [true, true, true, true, true, false].repeat(2));
         assert_eq!((by_default.window, by_default.rope_base), (512, 10_000.0));
         let pattern = ("gemma3.attention.sliding_window_pattern", Value::U32(3));
@@ -588,6 +635,10 @@ mod tests {
         assert!(short.contains("2 flags for 3 layers"), "{short}");
         assert_eq!(swa(&[("gemma3.attention.sliding_window", Value::U32(0))], 6).unwrap(), None);
         assert_eq!(swa(&[], 6).unwrap(), None);
+        // Gemma 2's defaults: a 4096-key window on every other layer.
+        let gemma2 = SwaDefaults { window: 4096, period: 2, rope_base: 10_000.0, rope_scale: 0.5 };
+        let g2 = sliding_window(&content(&[]), &key, 4, gemma2).unwrap().unwrap();
+        assert_eq!(g2, Swa { window: 4096, rope_base: 10_000.0, rope_scale: 0.5, layers: vec![true, false, true, false] });
 
         let scale = |meta: &[(&str, Value)]| rope_linear_scale(&content(meta), &key);
         let factor = |f: f32| ("gemma3.rope.scaling.factor", Value::F32(f));

@@ -1,4 +1,4 @@
-//! The fast CPU inference path for llama-, qwen2-, qwen3-, phi3- and gemma3-architecture
+//! The fast CPU inference path for llama-, qwen2-, qwen3-, phi3-, gemma2- and gemma3-architecture
 //! GGUF models ([`load::Arch`]).
 //!
 //! candle's `quantized_llama` is general but slow on CPU (scalar Q4_1 dot

@@ -1,4 +1,4 @@
-//! The forward pass (llama, qwen2, qwen3, phi3, gemma3) over any mix of sequences: a prompt (many tokens of
+//! The forward pass (llama, qwen2, qwen3, phi3, gemma2, gemma3) over any mix of sequences: a prompt (many tokens of
 //! one sequence), a decode step of many sequences (one token each), or both.
 //!
 //! Every token in a step is one "row"; all rows go through each weight matrix
@@ -146,7 +146,7 @@ pub struct FastModel {
     s: Scratch,
     /// `1 / base^(2i / head_dim)`, as candle computes it (over the file's RoPE
     /// factors, if any, and times its linear scaling); then the same for
-    /// sliding-window layers (their own base, unscaled), empty without them.
+    /// sliding-window layers (their own base and scaling), empty without them.
     inv_freq: Vec<f32>,
     inv_freq_swa: Vec<f32>,
 }
@@ -170,7 +170,9 @@ impl FastModel {
     fn from_weights(w: Arc<Weights>, config: FastConfig) -> Result<Self, String> {
         let (hd, scale) = (w.cfg.head_dim, w.cfg.rope_scale);
         let inv_freq = inv_freq(w.cfg.rope_base, hd, w.rope_factors.as_deref()).iter().map(|f| f * scale).collect();
-        let inv_freq_swa = w.cfg.swa.as_ref().map_or_else(Vec::new, |swa| self::inv_freq(swa.rope_base, hd, None));
+        let inv_freq_swa = w.cfg.swa.as_ref().map_or_else(Vec::new, |swa| {
+            self::inv_freq(swa.rope_base, hd, None).iter().map(|f| f * swa.rope_scale).collect()
+        });
         Ok(Self { w, pool: Pool::new(config.threads, config.pool)?, s: Scratch::default(), inv_freq, inv_freq_swa })
     }
 
@@ -382,7 +384,8 @@ impl FastModel {
                 let range = first_key + span * sp / splits..first_key + span * (sp + 1) / splits;
                 let sq = &*seqs_ro[rows[first].seq];
                 let kv = KvView { k: &sq.k[li], v: &sq.v[li], kv_dim: kvd };
-                let qs = Queries { q: &q_ro[first * qd + g * group * hd..], stride: qd, keys: &keys[..len] };
+                let q = &q_ro[first * qd + g * group * hd..];
+                let qs = Queries { q, stride: qd, keys: &keys[..len], softcap: cfg.attn_softcap };
                 attend_partial(qs, kv, g * hd, range, hd, scale, &mut out[..len * group * pl]);
             });
             for (b, &(first, len)) in blocks.iter().enumerate() {

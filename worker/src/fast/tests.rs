@@ -247,7 +247,7 @@ fn thread_counts_and_pools_agree() {
     }
 }
 
-/// The forward pass (llama, qwen2, qwen3, phi3, gemma3) in plain f32 over dequantized weights, all
+/// The forward pass (llama, qwen2, qwen3, phi3, gemma2, gemma3) in plain f32 over dequantized weights, all
 /// positions at once: `logits[i]` follows `tokens[..=i]`. The "exact" answer
 /// both quantized-activation paths approximate.
 fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
@@ -275,12 +275,12 @@ fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
             .collect()
     };
     let hd = c.head_dim;
-    // Sliding-window layers: their own base, no factors or scaling.
+    // Sliding-window layers: their own base and scaling, no factors.
     let rope = |v: &mut Vec<f32>, pos: usize, windowed: bool| {
         for head in v.chunks_mut(hd) {
             for j in 0..hd / 2 {
                 let (base, factor, scale) = match (windowed, &c.swa) {
-                    (true, Some(swa)) => (swa.rope_base, 1.0, 1.0),
+                    (true, Some(swa)) => (swa.rope_base, 1.0, swa.rope_scale),
                     _ => (c.rope_base, w.rope_factors.as_ref().map_or(1.0, |f| f[j]), c.rope_scale),
                 };
                 let a = pos as f32 * scale * (1f32 / base.powf((2 * j) as f32 / hd as f32) / factor);
@@ -335,7 +335,8 @@ fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
                     .clone()
                     .map(|j| {
                         let kj = &k[j][g * hd..(g + 1) * hd];
-                        qh.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * c.attn_scale as f64
+                        let s = qh.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * c.attn_scale as f64;
+                        c.attn_softcap.map_or(s, |cap| cap as f64 * (s / cap as f64).tanh())
                     })
                     .collect();
                 let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -695,9 +696,10 @@ struct Shape {
 
 /// A two-layer model of `shape` with random Q8_0 weights (f32 norms and
 /// biases), written to a temporary GGUF: for the head shapes and groups the
-/// demo model does not have. A `gemma3` one has a sliding window of
-/// `window` keys on its first layer (not its second), RoPE scaled linearly
-/// by 4 on the second, and logits soft-capped at 30.
+/// demo model does not have. A `gemma2` or `gemma3` one has a sliding window
+/// of `window` keys on its first layer (not its second), RoPE scaled
+/// linearly by 4 (Gemma 3: on the second only), logits soft-capped at 30,
+/// and (Gemma 2) attention scores at 5.
 fn random_model(shape: &Shape, window: usize) -> tempfile::TempPath {
     random_model_with(shape, window, 512, Vec::new())
 }
@@ -733,10 +735,19 @@ fn random_model_with(
     let m = |_rows: usize, cols: usize| 2.0 * (3.0 / cols as f32).sqrt();
     // Gemma multiplies embeddings by √dim: its are that much smaller, or the
     // blocks' normed outputs would be small beside them.
-    let embd_spread = if arch == "gemma3" { 2.0 / (dim as f32).sqrt() } else { 2.0 };
+    let gemma = arch.starts_with("gemma");
+    let embd_spread = if gemma { 2.0 / (dim as f32).sqrt() } else { 2.0 };
     put("token_embd.weight".into(), &[vocab, dim], draw(vocab * dim, 0.0, embd_spread), GgmlDType::Q8_0);
-    put("output_norm.weight".into(), &[dim], draw(dim, 1.0, 0.2), GgmlDType::F32);
-    put("output.weight".into(), &[vocab, dim], draw(vocab * dim, 0.0, 4.0 * m(vocab, dim)), GgmlDType::Q8_0);
+    // Gemma 2's output head is its (small) embedding: a louder final norm
+    // gives its logits the spread of the other models'.
+    let out_gain = if arch == "gemma2" { 8.0 } else { 1.0 };
+    put("output_norm.weight".into(), &[dim], draw(dim, out_gain, 0.2 * out_gain), GgmlDType::F32);
+    let output = draw(vocab * dim, 0.0, 4.0 * m(vocab, dim));
+    // Gemma 2's output is the embedding, always (llama.cpp refuses a file
+    // with an output.weight of its own).
+    if arch != "gemma2" {
+        put("output.weight".into(), &[vocab, dim], output, GgmlDType::Q8_0);
+    }
     for i in 0..layers {
         let p = format!("blk.{i}");
         // Queries and keys 3× an even spread, so attention is sharp and its
@@ -768,9 +779,12 @@ fn random_model_with(
                 put(format!("{p}.{n}.weight"), &[head_dim], draw(head_dim, 1.0, 1.5), GgmlDType::F32);
             }
         }
-        if arch == "gemma3" {
+        if gemma {
+            // Gemma 2's output head is its embedding: blocks 3× louder than
+            // Gemma 3's keep the last token's own embedding from winning.
+            let gain = if arch == "gemma2" { 3.0 } else { 1.0 };
             for n in ["post_attention_norm", "post_ffw_norm"] {
-                put(format!("{p}.{n}.weight"), &[dim], draw(dim, 1.0, 0.2), GgmlDType::F32);
+                put(format!("{p}.{n}.weight"), &[dim], draw(dim, gain, 0.2 * gain), GgmlDType::F32);
             }
         }
     }
@@ -790,15 +804,22 @@ fn random_model_with(
         (key("rope.freq_base"), Value::F32(10_000.0)),
         (key("context_length"), Value::U32(4096)),
     ];
-    if arch == "gemma3" {
+    if gemma {
         meta.extend([
             (key("attention.sliding_window"), Value::U32(window as u32)),
             (key("attention.sliding_window_pattern"), Value::Array(vec![Value::Bool(true), Value::Bool(false)])),
-            (key("rope.freq_base_swa"), Value::F32(1_000.0)),
             (key("rope.scaling.type"), Value::String("linear".into())),
             (key("rope.scaling.factor"), Value::F32(4.0)),
             (key("final_logit_softcapping"), Value::F32(30.0)),
         ]);
+    }
+    match arch {
+        // Gemma 3's windowed layers have a RoPE of their own; Gemma 2's are
+        // the global layers' (scaled by 4 here too).
+        "gemma3" => meta.push((key("rope.freq_base_swa"), Value::F32(1_000.0))),
+        // Gemma 2's files say 50; lower, so that random scores feel it.
+        "gemma2" => meta.push((key("attn_logit_softcapping"), Value::F32(5.0))),
+        _ => {}
     }
     meta.extend(more);
     temp_gguf(meta.iter().map(|(k, v)| (k.as_str(), v)).collect(), &tensors)
@@ -809,15 +830,17 @@ fn random_model_with(
 /// 2.5 0.5B) and 8 (TinyLlama), heads wider than `dim / heads` (Qwen 3),
 /// fused projections with 96-wide heads (Phi 3 mini), and llama heads
 /// wider than `dim / heads` (Mistral Nemo), and Gemma 3 1B's (one kv head
-/// for four 256-wide query heads, wider than `dim / heads`). The fast path
-/// against candle on the same random file, a prompt and three steps, and
-/// against the f32 reference (only that for the last two: candle's llama
-/// takes the head width to be `dim / heads`, candle's gemma3 gates with SiLU).
+/// for four 256-wide query heads, wider than `dim / heads`) and Gemma 2's
+/// (256-wide heads, soft-capped scores). The fast path against candle on the
+/// same random file, a prompt and three steps, and against the f32 reference
+/// (only that for the last three: candle's llama takes the head width to be
+/// `dim / heads`, candle's gemma3 gates with SiLU, candle has no Gemma 2).
 #[test]
 fn other_head_shapes_match_candle() {
     let f32_only = [
         ("nemo-heads", Shape { arch: "llama", dim: 320, heads: 4, kv_heads: 2, head_dim: 128 }),
         ("gemma3-256", Shape { arch: "gemma3", dim: 384, heads: 4, kv_heads: 1, head_dim: 256 }),
+        ("gemma2-256", Shape { arch: "gemma2", dim: 256, heads: 4, kv_heads: 2, head_dim: 256 }),
     ];
     let shapes = [
         ("mha-128", Shape { arch: "llama", dim: 512, heads: 4, kv_heads: 4, head_dim: 128 }),
@@ -883,7 +906,7 @@ fn gemma3_windows_and_rope_scaling_are_applied() {
     let path = random_model(&shape, 16);
     let (ct, f) = open_gguf(&path);
     let mut weights = super::load::load(&ct, &f, 2).expect("weights");
-    let swa = Swa { window: 16, rope_base: 1_000.0, layers: vec![true, false] };
+    let swa = Swa { window: 16, rope_base: 1_000.0, rope_scale: 1.0, layers: vec![true, false] };
     assert_eq!(weights.cfg.swa.as_ref(), Some(&swa));
     assert_eq!((weights.cfg.rope_scale, weights.cfg.act, weights.cfg.embd_scale), (0.25, Act::GeluTanh, 16.0));
     assert_eq!(weights.cfg.attn_scale, 1.0 / 16.0);
@@ -938,49 +961,71 @@ fn models_and_sequences_can_move_between_threads() {
 
 
 /// A Gemma 3 1B-shaped random model (one kv head for four 256-wide heads, an
-/// 8-key window on the first layer, RoPE scaled by 4 on the second) with the
-/// demo model's tokenizer, so that llama.cpp can run it too.
-fn gemma3_for_llama_cpp() -> tempfile::TempPath {
+/// 8-key window on the first layer, RoPE scaled by 4 on the second), or a
+/// Gemma 2 one (two kv heads), with the demo model's tokenizer, so that
+/// llama.cpp can run it too.
+pub(crate) fn gemma_for_llama_cpp(arch: &'static str) -> tempfile::TempPath {
     let (ct, _) = open_demo();
     let tokenizer = ct.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer."));
     let more = tokenizer.map(|(k, v)| (k.clone(), v.clone())).collect();
     let vocab = ct.tensor_infos["token_embd.weight"].shape.dims()[0];
-    let shape = Shape { arch: "gemma3", dim: 256, heads: 4, kv_heads: 1, head_dim: 256 };
+    let kv_heads = if arch == "gemma2" { 2 } else { 1 };
+    let shape = Shape { arch, dim: 256, heads: 4, kv_heads, head_dim: 256 };
     random_model_with(&shape, 8, vocab, more)
 }
 
-/// llama.cpp's own run of [`gemma3_for_llama_cpp`]: its greedy path after the
+/// llama.cpp's own runs of [`gemma_for_llama_cpp`]: its greedy path after the
 /// ChatML prompt (`scripts/llama-cpp-greedy.cpp`, llama-cpp-python 0.3.36's
-/// vendored llama.cpp, 2 threads). Teacher-forcing those 32 tokens, every
-/// one must be within 0.5 logits of the fast path's own best choice (its
-/// margins over the runner-up were as small as 0.04, so greedy text alone
-/// would part at a near tie); and at least 3 in 4 must be its best. An
-/// independent check of Gemma 3's graph, which candle cannot give.
+/// vendored llama.cpp, 2 threads), and its margin over the runner-up at each
+/// step. An independent check of Gemma 2's and 3's graphs, which candle cannot
+/// give: see [`agrees_with_llama_cpp`].
 #[test]
 fn gemma3_agrees_with_llama_cpp_along_its_greedy_path() {
-    let path = gemma3_for_llama_cpp();
-    let (ct, f) = open_gguf(&path);
-    let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
     let llama_cpp: [u32; 32] = [
         2007, 48370, 47529, 27926, 23521, 42262, 25170, 42205, 816, 10000, 4160, 27376, 13930, 43078, 23878, 34462,
         49095, 12537, 28443, 35024, 16351, 7941, 20355, 19144, 44635, 6318, 44937, 32416, 34636, 14137, 40002, 13055,
     ];
-    // llama.cpp's margin of its token over the runner-up at each step.
     let margins: [f32; 32] = [
         0.0855, 0.1943, 0.2472, 1.0288, 0.0398, 0.6034, 0.6354, 0.4475, 0.1634, 1.3249, 2.2730, 0.3269, 0.3029, 1.4582,
         0.1662, 0.6752, 0.0287, 0.4968, 0.2911, 1.6898, 2.0761, 0.2585, 0.6953, 0.1649, 0.3866, 2.0928, 0.6349, 0.0684,
         0.3554, 0.0825, 0.7758, 1.3094,
     ];
+    agrees_with_llama_cpp("gemma3", &llama_cpp, &margins);
+}
+
+#[test]
+fn gemma2_agrees_with_llama_cpp_along_its_greedy_path() {
+    let llama_cpp: [u32; 32] = [
+        48593, 40694, 44625, 12088, 2344, 42290, 24288, 42381, 11484, 42419, 35025, 47678, 10518, 22284, 31658, 5662,
+        10493, 40056, 23396, 4599, 19440, 39210, 17220, 39065, 21723, 6807, 30615, 45727, 9450, 9450, 15497, 24840,
+    ];
+    let margins: [f32; 32] = [
+        0.4624, 1.2733, 1.7729, 0.3394, 0.7868, 0.7271, 1.0019, 0.9633, 0.4115, 0.1432, 2.1677, 0.6813, 0.3062, 1.4511,
+        0.2570, 0.1184, 0.3194, 0.0959, 1.9494, 0.5797, 0.3661, 1.1675, 2.2490, 0.3863, 2.3841, 1.1563, 0.0202, 2.2304,
+        0.3817, 0.2374, 0.1978, 1.5931,
+    ];
+    agrees_with_llama_cpp("gemma2", &llama_cpp, &margins);
+}
+
+/// Teacher-forcing llama.cpp's greedy tokens on [`gemma_for_llama_cpp`]`(arch)`:
+/// every one must be within 0.5 logits of the fast path's own best choice
+/// (margins over the runner-up go down to 0.02, so greedy text alone would
+/// part at a near tie), at least 3 in 4 its best; where they are, the margin
+/// over the runner-up must be llama.cpp's within rounding noise, and the
+/// margins in all its (no scale between the two: the soft caps).
+fn agrees_with_llama_cpp(arch: &'static str, llama_cpp: &[u32; 32], margins: &[f32; 32]) {
+    let path = gemma_for_llama_cpp(arch);
+    let (ct, f) = open_gguf(&path);
+    let mut model = FastModel::load_with(&ct, &f, FastConfig { threads: 2, pool: PoolKind::Spin }).expect("fast");
     let mut seq = model.new_sequence(64);
     let mut logits = model.forward(&mut seq, &PROMPT).expect("prefill");
     let (mut worst, mut same, mut worst_margin, mut sums) = (0f32, 0, 0f32, (0f32, 0f32));
-    for (i, (&want, &margin)) in llama_cpp.iter().zip(&margins).enumerate() {
+    for (i, (&want, &margin)) in llama_cpp.iter().zip(margins).enumerate() {
         let best = argmax(&logits);
         let gap = logits[best] - logits[want as usize];
-        assert!(gap <= 0.5, "step {i}: llama.cpp's token {want} is {gap} logits below the fast path's best ({best})");
+        assert!(gap <= 0.5, "{arch} step {i}: llama.cpp's token {want} is {gap} logits below the fast path's best ({best})");
         worst = worst.max(gap);
         same += usize::from(best == want as usize);
-        // The same margin here, where the top token is the same.
         if best == want as usize {
             let second = logits.iter().enumerate().filter(|(j, _)| *j != best).fold(f32::MIN, |m, (_, &v)| m.max(v));
             worst_margin = worst_margin.max((logits[best] - second - margin).abs());
@@ -990,13 +1035,12 @@ fn gemma3_agrees_with_llama_cpp_along_its_greedy_path() {
     }
     let ratio = sums.0 / sums.1;
     eprintln!(
-        "gemma3 vs llama.cpp: {same} of 32 the same top-1, largest gap {worst:.3}; margins within {worst_margin:.4} \
+        "{arch} vs llama.cpp: {same} of 32 the same top-1, largest gap {worst:.3}; margins within {worst_margin:.4} \
          logits, {ratio:.4} × llama.cpp's in all"
     );
-    assert!(same >= 24, "only {same} of 32 steps chose llama.cpp's token");
+    assert!(same >= 24, "{arch}: only {same} of 32 steps chose llama.cpp's token");
     // Each margin within the two paths' rounding noise (8-bit activations in
-    // both: up to 0.13 measured), and no scale in all (the soft cap).
-    assert!(worst_margin <= 0.2, "a margin over the runner-up differs from llama.cpp's by {worst_margin} logits");
-    assert!((ratio - 1.0).abs() <= 0.03, "the margins are {ratio} × llama.cpp's in all");
+    // both: up to 0.13 measured), and no scale in all.
+    assert!(worst_margin <= 0.2, "{arch}: a margin differs from llama.cpp's by {worst_margin} logits");
+    assert!((ratio - 1.0).abs() <= 0.03, "{arch}: the margins are {ratio} × llama.cpp's in all");
 }
-

@@ -145,9 +145,10 @@ fn qwen_and_phi3_files_run_on_both_engines() {
 
 /// A gemma3 file runs on the fast engine, which `auto` picks; `--engine
 /// candle` refuses it with the reason (candle's gemma3 would gate with SiLU),
-/// and so does `auto` where the fast engine cannot run it, giving both reasons.
+/// and so does `auto` where the fast engine cannot run it, giving both
+/// reasons. So too a gemma2 file (candle has no Gemma 2).
 #[test]
-fn gemma3_runs_on_the_fast_engine_and_candle_refuses_it() {
+fn gemma_runs_on_the_fast_engine_and_candle_refuses_it() {
     let path = crate::fast::tests::demo_as("gemma3");
     let candle = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Candle);
     let mut fast = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Fast).expect("fast");
@@ -192,4 +193,12 @@ fn gemma3_runs_on_the_fast_engine_and_candle_refuses_it() {
     let err = auto.expect_err("neither engine runs it");
     assert_eq!(err.code, rbee_schemas::error::ErrorCode::ModelLoadFailed);
     assert!(err.message.contains("fast engine cannot") && err.message.contains("GELU"), "{}", err.message);
+
+    // Gemma 2, which candle has no model of: the fast engine or nothing.
+    let path = crate::fast::tests::gemma_for_llama_cpp("gemma2");
+    let err = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Candle).expect_err("candle");
+    assert!(err.message.contains("no quantized Gemma 2"), "{}", err.message);
+    let mut fast = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Fast).expect("fast");
+    assert_eq!(fast.info().architecture, "gemma2");
+    assert!(fast.logits(&[1, 2, 3], 0).expect("logits").iter().all(|v| v.is_finite()));
 }
