@@ -169,8 +169,8 @@ fn gemma_runs_on_the_fast_engine_and_candle_refuses_it() {
     // A gemma3 file the fast engine cannot run (an unsupported weight type):
     // `auto` says why neither engine runs it.
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-    let path = crate::fast::tests::demo_as("gemma3");
-    let mut f = std::fs::File::open(&path).expect("open");
+    let gemma3 = crate::fast::tests::demo_as("gemma3");
+    let mut f = std::fs::File::open(&gemma3).expect("open");
     let ct = gguf_file::Content::read(&mut f).expect("gguf");
     let tensors: Vec<(String, QTensor)> = ct
         .tensor_infos
@@ -186,9 +186,7 @@ fn gemma_runs_on_the_fast_engine_and_candle_refuses_it() {
             }
         })
         .collect();
-    let meta: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut std::fs::File::create(&path).expect("rewrite"), &meta, &ts).expect("write GGUF");
+    let path = crate::fast::tests::temp_gguf(ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect(), &tensors);
     let auto = Engine::load_with(&path, candle_core::Device::Cpu, EngineChoice::Auto);
     let err = auto.expect_err("neither engine runs it");
     assert_eq!(err.code, rbee_schemas::error::ErrorCode::ModelLoadFailed);
