@@ -225,6 +225,11 @@ fn meta_usize(ct: &Content, key: &str) -> Result<usize, String> {
         .map_err(|e| format!("metadata {key}: {e}"))
 }
 
+/// `key` as a count if the file has it; `Err` if it has it as something else.
+fn meta_usize_opt(ct: &Content, key: &str) -> Result<Option<usize>, String> {
+    ct.metadata.get(key).map(|_| meta_usize(ct, key)).transpose()
+}
+
 fn meta_f32(ct: &Content, key: &str) -> Result<Option<f32>, String> {
     ct.metadata.get(key).map(|v| v.to_f32().map_err(|e| format!("metadata {key}: {e}"))).transpose()
 }
@@ -244,8 +249,8 @@ fn config(ct: &Content) -> Result<Config, String> {
     let eps = meta(ct, &key("attention.layer_norm_rms_epsilon"))?.to_f32().map_err(|e| e.to_string())?;
     let rope_base = ct.metadata.get(&key("rope.freq_base")).and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
     // Qwen 3 says how wide a head is; the others have `dim / heads`.
-    let head_dim = match ct.metadata.get(&key("attention.key_length")) {
-        Some(_) => meta_usize(ct, &key("attention.key_length"))?,
+    let head_dim = match meta_usize_opt(ct, &key("attention.key_length"))? {
+        Some(width) => width,
         None if n_head > 0 && dim % n_head == 0 => dim / n_head,
         None => 0,
     };
@@ -258,10 +263,7 @@ fn config(ct: &Content) -> Result<Config, String> {
             return Err("value heads narrower or wider than key heads are not supported".to_owned());
         }
     }
-    let rope_dim = match ct.metadata.get(&key("rope.dimension_count")) {
-        Some(_) => meta_usize(ct, &key("rope.dimension_count"))?,
-        None => head_dim,
-    };
+    let rope_dim = meta_usize_opt(ct, &key("rope.dimension_count"))?.unwrap_or(head_dim);
     if rope_dim != head_dim {
         return Err(format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"));
     }
@@ -363,10 +365,7 @@ fn sliding_window(
     n_layer: usize,
     defaults: SwaDefaults,
 ) -> Result<Option<Swa>, String> {
-    let window = match ct.metadata.get(&key("attention.sliding_window")) {
-        Some(_) => meta_usize(ct, &key("attention.sliding_window"))?,
-        None => defaults.window,
-    };
+    let window = meta_usize_opt(ct, &key("attention.sliding_window"))?.unwrap_or(defaults.window);
     if window == 0 {
         return Ok(None);
     }

@@ -168,11 +168,10 @@ impl FastModel {
     }
 
     fn from_weights(w: Arc<Weights>, config: FastConfig) -> Result<Self, String> {
-        let (hd, scale) = (w.cfg.head_dim, w.cfg.rope_scale);
-        let inv_freq = inv_freq(w.cfg.rope_base, hd, w.rope_factors.as_deref()).iter().map(|f| f * scale).collect();
-        let inv_freq_swa = w.cfg.swa.as_ref().map_or_else(Vec::new, |swa| {
-            self::inv_freq(swa.rope_base, hd, None).iter().map(|f| f * swa.rope_scale).collect()
-        });
+        let hd = w.cfg.head_dim;
+        let inv_freq = inv_freq(w.cfg.rope_base, hd, w.rope_factors.as_deref(), w.cfg.rope_scale);
+        let inv_freq_swa =
+            w.cfg.swa.as_ref().map_or_else(Vec::new, |swa| self::inv_freq(swa.rope_base, hd, None, swa.rope_scale));
         Ok(Self { w, pool: Pool::new(config.threads, config.pool)?, s: Scratch::default(), inv_freq, inv_freq_swa })
     }
 
@@ -518,10 +517,11 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], dim: usize) {
 }
 
 /// Each rotary pair's angle per position: `base^(−2j/hd)`, divided by the
-/// file's factor for pair `j` where it has them (as ggml's `rope` does).
-fn inv_freq(base: f32, hd: usize, factors: Option<&[f32]>) -> Vec<f32> {
+/// file's factor for pair `j` where it has them (as ggml's `rope` does), times
+/// `scale` (linear RoPE scaling: positions count `scale` each).
+fn inv_freq(base: f32, hd: usize, factors: Option<&[f32]>, scale: f32) -> Vec<f32> {
     (0..hd / 2)
-        .map(|j| 1f32 / base.powf((2 * j) as f32 / hd as f32) / factors.map_or(1.0, |f| f[j]))
+        .map(|j| 1f32 / base.powf((2 * j) as f32 / hd as f32) / factors.map_or(1.0, |f| f[j]) * scale)
         .collect()
 }
 
