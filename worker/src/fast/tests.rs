@@ -355,18 +355,11 @@ fn reference_logits(w: &super::load::Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
         x.iter_mut().zip(&o).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(p, q)| *p += q));
         let xn = norm(&x, &l.ffn_norm);
         let (g, u) = (mm(&l.gate, &xn), mm(&l.up, &xn));
-        // In f64: SiLU, or GELU in its tanh form (the kernels use its sigmoid form).
-        let act = |a: f32| -> f64 {
-            let a = a as f64;
-            match c.act {
-                super::load::Act::Silu => a / (1.0 + (-a).exp()),
-                super::load::Act::GeluTanh => {
-                    0.5 * a * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a * a * a)).tanh())
-                }
-            }
-        };
-        let hsw: Vec<Vec<f32>> =
-            g.iter().zip(&u).map(|(g, u)| g.iter().zip(u).map(|(a, b)| (act(*a) * *b as f64) as f32).collect()).collect();
+        let hsw: Vec<Vec<f32>> = g
+            .iter()
+            .zip(&u)
+            .map(|(g, u)| g.iter().zip(u).map(|(a, b)| (c.act.reference(*a as f64) * *b as f64) as f32).collect())
+            .collect();
         let mut d = mm(&l.down, &hsw);
         if let Some([_, post]) = &l.post_norm {
             d = norm(&d, post);
@@ -980,31 +973,38 @@ pub(crate) fn gemma_for_llama_cpp(arch: &'static str) -> tempfile::TempPath {
 /// step. An independent check of Gemma 2's and 3's graphs, which candle cannot
 /// give: see [`agrees_with_llama_cpp`].
 #[test]
-fn gemma3_agrees_with_llama_cpp_along_its_greedy_path() {
-    let llama_cpp: [u32; 32] = [
-        2007, 48370, 47529, 27926, 23521, 42262, 25170, 42205, 816, 10000, 4160, 27376, 13930, 43078, 23878, 34462,
-        49095, 12537, 28443, 35024, 16351, 7941, 20355, 19144, 44635, 6318, 44937, 32416, 34636, 14137, 40002, 13055,
+fn gemma_agrees_with_llama_cpp_along_its_greedy_path() {
+    let runs: [(&str, [u32; 32], [f32; 32]); 2] = [
+        (
+            "gemma3",
+            [
+                2007, 48370, 47529, 27926, 23521, 42262, 25170, 42205, 816, 10000, 4160, 27376, 13930, 43078, 23878,
+                34462, 49095, 12537, 28443, 35024, 16351, 7941, 20355, 19144, 44635, 6318, 44937, 32416, 34636, 14137,
+                40002, 13055,
+            ],
+            [
+                0.0855, 0.1943, 0.2472, 1.0288, 0.0398, 0.6034, 0.6354, 0.4475, 0.1634, 1.3249, 2.2730, 0.3269, 0.3029,
+                1.4582, 0.1662, 0.6752, 0.0287, 0.4968, 0.2911, 1.6898, 2.0761, 0.2585, 0.6953, 0.1649, 0.3866, 2.0928,
+                0.6349, 0.0684, 0.3554, 0.0825, 0.7758, 1.3094,
+            ],
+        ),
+        (
+            "gemma2",
+            [
+                48593, 40694, 44625, 12088, 2344, 42290, 24288, 42381, 11484, 42419, 35025, 47678, 10518, 22284, 31658,
+                5662, 10493, 40056, 23396, 4599, 19440, 39210, 17220, 39065, 21723, 6807, 30615, 45727, 9450, 9450, 15497,
+                24840,
+            ],
+            [
+                0.4624, 1.2733, 1.7729, 0.3394, 0.7868, 0.7271, 1.0019, 0.9633, 0.4115, 0.1432, 2.1677, 0.6813, 0.3062,
+                1.4511, 0.2570, 0.1184, 0.3194, 0.0959, 1.9494, 0.5797, 0.3661, 1.1675, 2.2490, 0.3863, 2.3841, 1.1563,
+                0.0202, 2.2304, 0.3817, 0.2374, 0.1978, 1.5931,
+            ],
+        ),
     ];
-    let margins: [f32; 32] = [
-        0.0855, 0.1943, 0.2472, 1.0288, 0.0398, 0.6034, 0.6354, 0.4475, 0.1634, 1.3249, 2.2730, 0.3269, 0.3029, 1.4582,
-        0.1662, 0.6752, 0.0287, 0.4968, 0.2911, 1.6898, 2.0761, 0.2585, 0.6953, 0.1649, 0.3866, 2.0928, 0.6349, 0.0684,
-        0.3554, 0.0825, 0.7758, 1.3094,
-    ];
-    agrees_with_llama_cpp("gemma3", &llama_cpp, &margins);
-}
-
-#[test]
-fn gemma2_agrees_with_llama_cpp_along_its_greedy_path() {
-    let llama_cpp: [u32; 32] = [
-        48593, 40694, 44625, 12088, 2344, 42290, 24288, 42381, 11484, 42419, 35025, 47678, 10518, 22284, 31658, 5662,
-        10493, 40056, 23396, 4599, 19440, 39210, 17220, 39065, 21723, 6807, 30615, 45727, 9450, 9450, 15497, 24840,
-    ];
-    let margins: [f32; 32] = [
-        0.4624, 1.2733, 1.7729, 0.3394, 0.7868, 0.7271, 1.0019, 0.9633, 0.4115, 0.1432, 2.1677, 0.6813, 0.3062, 1.4511,
-        0.2570, 0.1184, 0.3194, 0.0959, 1.9494, 0.5797, 0.3661, 1.1675, 2.2490, 0.3863, 2.3841, 1.1563, 0.0202, 2.2304,
-        0.3817, 0.2374, 0.1978, 1.5931,
-    ];
-    agrees_with_llama_cpp("gemma2", &llama_cpp, &margins);
+    for (arch, llama_cpp, margins) in &runs {
+        agrees_with_llama_cpp(arch, llama_cpp, margins);
+    }
 }
 
 /// Teacher-forcing llama.cpp's greedy tokens on [`gemma_for_llama_cpp`]`(arch)`:
